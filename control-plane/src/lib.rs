@@ -1,0 +1,1 @@
+//! Wharf control plane. Not built yet: see the control-plane issue. No binary is shipped until it works.

@@ -1,0 +1,12 @@
+//! Wharf's domain types: what a repo is, how content is addressed and named.
+//!
+//! Plain Rust, free of proto, etcd and HTTP types: the data plane, the control plane and `regctl`
+//! all speak these, and convert at their own edges.
+
+mod digest;
+mod reference;
+mod repo;
+
+pub use digest::{Digest, DigestError, DigestHasher};
+pub use reference::{NameError, Reference, normalize_name, validate_name};
+pub use repo::{Credentials, Repo, RepoError, RepoKey, RepoKind, Secret};

@@ -1,0 +1,230 @@
+//! A repo: one repoKey mapped to one upstream registry.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// `[a-z0-9]+(?:[._-][a-z0-9]+)*`, at most 64 characters.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct RepoKey(String);
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RepoError {
+    #[error("repoKey {0:?} is invalid: it must match [a-z0-9]+([._-][a-z0-9]+)* and be at most 64 characters")]
+    Key(String),
+    #[error("unknown repo kind {0:?}: expected one of dockerhub, ghcr, quay, ecr, gcr, acr, generic")]
+    Kind(String),
+    #[error("repo {key}: upstream {upstream:?} is invalid: {why}")]
+    Upstream { key: String, upstream: String, why: String },
+    #[error("repo {key}: kind {kind} has no default upstream; set `upstream`")]
+    NoUpstream { key: String, kind: RepoKind },
+    #[error("repo {key}: tag TTL {ttl:?} is out of range (0s to 30d)")]
+    TagTtl { key: String, ttl: Duration },
+}
+
+impl RepoKey {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for RepoKey {
+    type Err = RepoError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let alnum = |c: &str| !c.is_empty() && c.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+        if s.len() <= 64 && s.split(['.', '_', '-']).all(alnum) {
+            Ok(Self(s.to_owned()))
+        } else {
+            Err(RepoError::Key(s.chars().take(80).collect()))
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for RepoKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl fmt::Display for RepoKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for RepoKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+/// Which registry dialect the upstream speaks: decides defaults and naming rules.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum RepoKind {
+    Dockerhub,
+    Ghcr,
+    Quay,
+    Ecr,
+    Gcr,
+    Acr,
+    #[default]
+    Generic,
+}
+
+impl RepoKind {
+    /// The upstream used when a repo does not name one.
+    pub fn default_upstream(self) -> Option<&'static str> {
+        match self {
+            RepoKind::Dockerhub => Some("https://registry-1.docker.io"),
+            RepoKind::Ghcr => Some("https://ghcr.io"),
+            RepoKind::Quay => Some("https://quay.io"),
+            RepoKind::Gcr => Some("https://gcr.io"),
+            RepoKind::Ecr | RepoKind::Acr | RepoKind::Generic => None,
+        }
+    }
+
+    /// Docker Hub puts single-segment names under `library/`.
+    pub fn implicit_library(self) -> bool {
+        self == RepoKind::Dockerhub
+    }
+}
+
+impl fmt::Display for RepoKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RepoKind::Dockerhub => "dockerhub",
+            RepoKind::Ghcr => "ghcr",
+            RepoKind::Quay => "quay",
+            RepoKind::Ecr => "ecr",
+            RepoKind::Gcr => "gcr",
+            RepoKind::Acr => "acr",
+            RepoKind::Generic => "generic",
+        })
+    }
+}
+
+impl FromStr for RepoKind {
+    type Err = RepoError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "dockerhub" => RepoKind::Dockerhub,
+            "ghcr" => RepoKind::Ghcr,
+            "quay" => RepoKind::Quay,
+            "ecr" => RepoKind::Ecr,
+            "gcr" => RepoKind::Gcr,
+            "acr" => RepoKind::Acr,
+            "generic" => RepoKind::Generic,
+            other => return Err(RepoError::Kind(other.chars().take(40).collect())),
+        })
+    }
+}
+
+/// A secret string: never printed by `Debug` or `Display`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// Static credentials Wharf uses towards one upstream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Credentials {
+    pub username: String,
+    pub password: Secret,
+}
+
+/// One repoKey and the upstream it maps to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Repo {
+    pub key: RepoKey,
+    pub kind: RepoKind,
+    /// Scheme, host and optional port, no trailing slash (`https://ghcr.io`).
+    pub upstream: String,
+    /// How long a tag's digest is trusted before it is revalidated upstream.
+    pub tag_ttl: Duration,
+    pub credentials: Option<Credentials>,
+}
+
+impl Repo {
+    pub const DEFAULT_TAG_TTL: Duration = Duration::from_secs(300);
+    pub const MAX_TAG_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+
+    /// Builds a repo, filling the kind's default upstream and checking every field.
+    pub fn new(
+        key: RepoKey,
+        kind: RepoKind,
+        upstream: Option<&str>,
+        tag_ttl: Duration,
+        credentials: Option<Credentials>,
+    ) -> Result<Self, RepoError> {
+        let upstream = match upstream.or(kind.default_upstream()) {
+            Some(u) => u.trim_end_matches('/').to_owned(),
+            None => return Err(RepoError::NoUpstream { key: key.to_string(), kind }),
+        };
+        let bad = |why: &str| RepoError::Upstream { key: key.to_string(), upstream: upstream.clone(), why: why.into() };
+        let rest = upstream
+            .strip_prefix("https://")
+            .or_else(|| upstream.strip_prefix("http://"))
+            .ok_or_else(|| bad("must start with http:// or https://"))?;
+        if rest.is_empty() || rest.contains(['/', '?', '#', '@', ' ']) {
+            return Err(bad("must be scheme://host[:port] with no path, query or user info"));
+        }
+        if tag_ttl > Self::MAX_TAG_TTL {
+            return Err(RepoError::TagTtl { key: key.to_string(), ttl: tag_ttl });
+        }
+        Ok(Self { key, kind, upstream, tag_ttl, credentials })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repo_keys() {
+        for ok in ["a", "dockerhub", "my-corp.registry_2", &"a".repeat(64)] {
+            assert!(ok.parse::<RepoKey>().is_ok(), "{ok}");
+        }
+        for bad in ["", "A", "a..b", "-a", "a-", "a/b", "a b", &"a".repeat(65), ".."] {
+            assert!(bad.parse::<RepoKey>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn repo_defaults_and_checks() {
+        let key: RepoKey = "hub".parse().unwrap();
+        let r = Repo::new(key.clone(), RepoKind::Dockerhub, None, Repo::DEFAULT_TAG_TTL, None).unwrap();
+        assert_eq!(r.upstream, "https://registry-1.docker.io");
+        assert!(matches!(
+            Repo::new(key.clone(), RepoKind::Generic, None, Repo::DEFAULT_TAG_TTL, None),
+            Err(RepoError::NoUpstream { .. })
+        ));
+        for bad in ["ftp://x", "http://", "https://x/path", "https://u:p@x"] {
+            assert!(Repo::new(key.clone(), RepoKind::Generic, Some(bad), Repo::DEFAULT_TAG_TTL, None).is_err(), "{bad}");
+        }
+        assert!(Repo::new(key, RepoKind::Generic, Some("http://x"), Duration::from_secs(31 * 86400), None).is_err());
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let c = Credentials { username: "bot".into(), password: Secret::new("hunter2") };
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+}

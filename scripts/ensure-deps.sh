@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs what Wharf's build and tests need and finds missing, and says what it did.
+# Usage: scripts/ensure-deps.sh [run|test|bench]
+set -euo pipefail
+want=${1:-test}
+
+need=()
+have() { command -v "$1" >/dev/null 2>&1; }
+have docker-registry || need+=(docker-registry)
+if [ "$want" != run ]; then
+  have skopeo || need+=(skopeo)
+fi
+if [ "$want" = bench ]; then
+  have nginx || need+=(nginx-light)
+  have wrk || need+=(wrk)
+  have curl || need+=(curl)
+fi
+
+if [ ${#need[@]} -gt 0 ]; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  echo "ensure-deps: installing missing packages: ${need[*]}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+  echo "ensure-deps: installed ${need[*]}"
+else
+  echo "ensure-deps: all tools present (docker-registry, skopeo as needed)"
+fi
+
+if ! cargo nextest --version >/dev/null 2>&1 && [ "$want" = test ]; then
+  echo "ensure-deps: installing cargo-nextest (cargo install --locked cargo-nextest)"
+  cargo install --locked cargo-nextest
+fi
