@@ -1,0 +1,986 @@
+//! An in-process fake registry (axum on 127.0.0.1:0) for what a real one can't do on demand: token and
+//! Basic auth, blob redirects to a second host, faults switched on and off while it runs, and a record
+//! of every request it received.
+//!
+//! Faults are rules matched against each request's path (a substring, e.g. a digest or
+//! `/manifests/v1`), optionally only for some methods, optionally only a number of times.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::image::{Blob, TestImage};
+
+/// How the fake upstream authenticates `/v2/...` requests.
+#[derive(Clone, Debug, Default)]
+pub enum AuthMode {
+    /// No authentication.
+    #[default]
+    None,
+    /// HTTP Basic on every request: `WWW-Authenticate: Basic realm="fake"`.
+    Basic { username: String, password: String },
+    /// Token auth: `WWW-Authenticate: Bearer realm="http://<addr>/token",service="fake",scope=...`.
+    /// With `credentials`, the token endpoint demands them (Basic, or the OAuth2 password grant);
+    /// without, it gives tokens to anyone. `expires_in` is put in the token answer and enforced.
+    Bearer {
+        credentials: Option<(String, String)>,
+        expires_in: Option<u64>,
+    },
+}
+
+/// Where blob GETs go.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RedirectMode {
+    /// Served directly.
+    #[default]
+    None,
+    /// 307 to the second host (`127.0.0.2:<port>`), which rejects requests carrying `Authorization`
+    /// with 400 (like S3).
+    OtherHost,
+    /// 307 with a relative `Location` on the same host.
+    Relative,
+}
+
+/// A misbehaviour of the upstream, for the requests a [`FaultRule`] matches.
+#[derive(Clone, Debug)]
+pub enum Fault {
+    /// Answer `status` with an OCI error body (and `Retry-After` when given).
+    Status {
+        status: u16,
+        retry_after: Option<String>,
+    },
+    /// Declare the full `Content-Length`, send half the body, then drop the connection.
+    ResetMidBody,
+    /// Send bytes of the right length whose content differs (the digest header still claims the
+    /// requested digest).
+    WrongBytes,
+    /// Declare the full `Content-Length`, send all but the last 16 bytes, then drop the connection.
+    ShortBody,
+    /// Honest framing but 16 bytes too few: `Content-Length` = size - 16.
+    Truncated,
+    /// Honest framing but 16 bytes too many: the blob followed by 16 junk bytes.
+    Extended,
+    /// Accept the request and never answer (no header).
+    HangBeforeHeaders,
+    /// Send the headers and half the body, then nothing (the connection stays open).
+    HangMidBody,
+    /// Send the body in `chunk`-byte pieces with `delay` before each.
+    Slow { chunk: usize, delay: Duration },
+    /// Send the first `after` bytes, then wait until [`FakeUpstream::release`] is called.
+    Pause { after: usize },
+}
+
+/// A fault applied to requests whose path contains `pattern`.
+#[derive(Clone, Debug)]
+pub struct FaultRule {
+    pub pattern: String,
+    /// Only these methods; all when `None`.
+    pub methods: Option<Vec<Method>>,
+    pub fault: Fault,
+    /// Only this many times; always when `None`.
+    pub times: Option<usize>,
+}
+
+/// Which listener received a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Listener {
+    Main,
+    Redirect,
+}
+
+/// One request the fake received.
+#[derive(Clone, Debug)]
+pub struct RecordedRequest {
+    pub listener: Listener,
+    pub method: Method,
+    pub path: String,
+    pub query: Option<String>,
+    pub headers: HeaderMap,
+    /// The request body (only read for POST).
+    pub body: Bytes,
+    pub at: Instant,
+    /// Body bytes sent in the answer so far.
+    pub sent: Arc<AtomicU64>,
+    /// Whether the answer's body was sent completely.
+    pub completed: Arc<AtomicBool>,
+}
+
+impl RecordedRequest {
+    /// A header's value.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// The `(user, password)` of a Basic `Authorization` header.
+    pub fn basic_auth(&self) -> Option<(String, String)> {
+        parse_basic(self.header("authorization")?)
+    }
+
+    /// The values of query parameter `key`.
+    pub fn query_values(&self, key: &str) -> Vec<String> {
+        form_values(self.query.as_deref().unwrap_or(""), key)
+    }
+
+    /// The values of form field `key` in a urlencoded body.
+    pub fn form_values(&self, key: &str) -> Vec<String> {
+        form_values(&String::from_utf8_lossy(&self.body), key)
+    }
+
+    /// The answer's body was sent completely.
+    pub fn is_completed(&self) -> bool {
+        self.completed.load(Ordering::SeqCst)
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    blobs: HashMap<String, Bytes>,
+    manifests: HashMap<(String, String), (String, Bytes)>,
+    auth: AuthMode,
+    redirect: RedirectMode,
+    faults: Vec<FaultRule>,
+    requests: Vec<RecordedRequest>,
+    tokens: HashMap<String, IssuedToken>,
+    token_seq: u64,
+}
+
+#[derive(Clone, Debug)]
+struct IssuedToken {
+    scopes: Vec<String>,
+    expires: Option<Instant>,
+}
+
+struct Shared {
+    inner: Mutex<Inner>,
+    gate: watch::Sender<bool>,
+    addr: SocketAddr,
+    redirect_addr: SocketAddr,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[derive(Clone)]
+struct Ctx {
+    shared: Arc<Shared>,
+    listener: Listener,
+}
+
+/// A running fake registry: a main listener on `127.0.0.1:<port>` and a redirect target on
+/// `127.0.0.2:<port>` (another host). Stops when dropped.
+pub struct FakeUpstream {
+    shared: Arc<Shared>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for FakeUpstream {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl FakeUpstream {
+    /// Starts a fake registry without authentication.
+    pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(AuthMode::None).await
+    }
+
+    /// Starts a fake registry with `auth`.
+    pub async fn start_with(auth: AuthMode) -> anyhow::Result<Self> {
+        let main = TcpListener::bind("127.0.0.1:0").await?;
+        let redirect = match TcpListener::bind("127.0.0.2:0").await {
+            Ok(l) => l,
+            // Loopback aliases are not everywhere: fall back to another port on 127.0.0.1.
+            Err(_) => TcpListener::bind("127.0.0.1:0").await?,
+        };
+        let (gate, _) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            inner: Mutex::new(Inner {
+                auth,
+                ..Inner::default()
+            }),
+            gate,
+            addr: main.local_addr()?,
+            redirect_addr: redirect.local_addr()?,
+        });
+        let mut tasks = Vec::new();
+        for (listener, which) in [(main, Listener::Main), (redirect, Listener::Redirect)] {
+            let router = Router::new().fallback(handle).with_state(Ctx {
+                shared: shared.clone(),
+                listener: which,
+            });
+            tasks.push(tokio::spawn(async move {
+                let _ = axum::serve(listener, router).await;
+            }));
+        }
+        Ok(Self { shared, tasks })
+    }
+
+    /// The main listener's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.shared.addr
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.shared.addr)
+    }
+
+    /// The redirect target's address (another host).
+    pub fn redirect_addr(&self) -> SocketAddr {
+        self.shared.redirect_addr
+    }
+
+    /// Changes the authentication mode.
+    pub fn set_auth(&self, auth: AuthMode) {
+        self.shared.lock().auth = auth;
+    }
+
+    /// Changes where blob GETs go.
+    pub fn set_redirect(&self, mode: RedirectMode) {
+        self.shared.lock().redirect = mode;
+    }
+
+    /// Adds a blob; returns its digest.
+    pub fn add_blob(&self, data: impl Into<Bytes>) -> String {
+        let data = data.into();
+        let digest = crate::sha256_digest(&data);
+        self.shared.lock().blobs.insert(digest.clone(), data);
+        digest
+    }
+
+    /// Adds a manifest under `name:tag` (when `tag` is given) and `name@digest`; returns the digest.
+    pub fn put_manifest(
+        &self,
+        name: &str,
+        tag: Option<&str>,
+        media_type: &str,
+        data: impl Into<Bytes>,
+    ) -> String {
+        let data = data.into();
+        let digest = crate::sha256_digest(&data);
+        let mut inner = self.shared.lock();
+        let entry = (media_type.to_string(), data);
+        if let Some(tag) = tag {
+            inner
+                .manifests
+                .insert((name.to_string(), tag.to_string()), entry.clone());
+        }
+        inner
+            .manifests
+            .insert((name.to_string(), digest.clone()), entry);
+        digest
+    }
+
+    /// Adds `image`'s manifest (under `name:<image.tag>`) and its blobs.
+    pub fn put_image(&self, name: &str, image: &TestImage) {
+        for b in image.blobs() {
+            self.add_blob(b.data.clone());
+        }
+        self.put_manifest(
+            name,
+            Some(&image.tag),
+            crate::image::OCI_MANIFEST,
+            image.manifest.data.clone(),
+        );
+    }
+
+    /// Adds a blob of `size` random bytes; returns it.
+    pub fn add_random_blob(&self, size: usize) -> Blob {
+        let b = Blob::random(size);
+        self.add_blob(b.data.clone());
+        b
+    }
+
+    /// Applies `fault` to every request whose path contains `pattern`.
+    pub fn set_fault(&self, pattern: &str, fault: Fault) {
+        self.add_fault(FaultRule {
+            pattern: pattern.to_string(),
+            methods: None,
+            fault,
+            times: None,
+        });
+    }
+
+    /// Adds a fault rule (rules are tried in order; the first match applies).
+    pub fn add_fault(&self, rule: FaultRule) {
+        self.shared.lock().faults.push(rule);
+    }
+
+    /// Removes every fault rule.
+    pub fn clear_faults(&self) {
+        self.shared.lock().faults.clear();
+    }
+
+    /// Lets every body paused by [`Fault::Pause`] go on (and later ones not pause).
+    pub fn release(&self) {
+        self.shared.gate.send_replace(true);
+    }
+
+    /// Makes [`Fault::Pause`] pause again.
+    pub fn close_gate(&self) {
+        self.shared.gate.send_replace(false);
+    }
+
+    /// Makes every issued token invalid (as if expired or revoked).
+    pub fn revoke_tokens(&self) {
+        self.shared.lock().tokens.clear();
+    }
+
+    /// Every request received so far, on both listeners.
+    pub fn requests(&self) -> Vec<RecordedRequest> {
+        self.shared.lock().requests.clone()
+    }
+
+    /// Requests with `method` whose path contains `path_contains`, on the main listener.
+    pub fn requests_matching(&self, method: &str, path_contains: &str) -> Vec<RecordedRequest> {
+        self.requests()
+            .into_iter()
+            .filter(|r| {
+                r.listener == Listener::Main
+                    && r.method.as_str() == method
+                    && r.path.contains(path_contains)
+            })
+            .collect()
+    }
+
+    /// How many `method` requests on the main listener had a path containing `path_contains`.
+    pub fn count(&self, method: &str, path_contains: &str) -> usize {
+        self.requests_matching(method, path_contains).len()
+    }
+
+    /// Requests to the token endpoint.
+    pub fn token_requests(&self) -> Vec<RecordedRequest> {
+        self.requests()
+            .into_iter()
+            .filter(|r| r.listener == Listener::Main && r.path == "/token")
+            .collect()
+    }
+
+    /// Requests the redirect target (the other host) received.
+    pub fn redirect_requests(&self) -> Vec<RecordedRequest> {
+        self.requests()
+            .into_iter()
+            .filter(|r| r.listener == Listener::Redirect)
+            .collect()
+    }
+
+    /// A one-line summary of every request, for assertion messages.
+    pub fn describe_requests(&self) -> String {
+        self.requests()
+            .iter()
+            .map(|r| {
+                format!(
+                    "{:?} {} {}{} auth={:?}",
+                    r.listener,
+                    r.method,
+                    r.path,
+                    r.query
+                        .as_deref()
+                        .map(|q| format!("?{q}"))
+                        .unwrap_or_default(),
+                    r.header("authorization").map(|a| a
+                        .split(' ')
+                        .next()
+                        .unwrap_or("")
+                        .to_string())
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+fn parse_basic(value: &str) -> Option<(String, String)> {
+    let b64 = value.strip_prefix("Basic ")?;
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .ok()?;
+    let raw = String::from_utf8(raw).ok()?;
+    let (u, p) = raw.split_once(':')?;
+    Some((u.to_string(), p.to_string()))
+}
+
+fn form_values(encoded: &str, key: &str) -> Vec<String> {
+    url::form_urlencoded::parse(encoded.as_bytes())
+        .filter(|(k, _)| k == key)
+        .map(|(_, v)| v.into_owned())
+        .collect()
+}
+
+fn oci_error(status: StatusCode, code: &str, message: &str) -> Response {
+    let body = serde_json::json!({"errors": [{"code": code, "message": message, "detail": null}]});
+    (
+        status,
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (
+                header::HeaderName::from_static("docker-distribution-api-version"),
+                "registry/2.0",
+            ),
+        ],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+/// What a request asks for.
+enum Target {
+    Ping,
+    Token,
+    Manifest { name: String, reference: String },
+    Blob { name: String, digest: String },
+    Tags { name: String },
+    Redirected { digest: String },
+    Unknown,
+}
+
+fn parse_target(path: &str) -> Target {
+    if path == "/v2/" || path == "/v2" {
+        return Target::Ping;
+    }
+    if path == "/token" {
+        return Target::Token;
+    }
+    if let Some(d) = path.strip_prefix("/redirected/") {
+        return Target::Redirected {
+            digest: d.to_string(),
+        };
+    }
+    let Some(rest) = path.strip_prefix("/v2/") else {
+        return Target::Unknown;
+    };
+    if let Some(name) = rest.strip_suffix("/tags/list") {
+        return Target::Tags {
+            name: name.to_string(),
+        };
+    }
+    if let Some((name, reference)) = rest.rsplit_once("/manifests/") {
+        return Target::Manifest {
+            name: name.to_string(),
+            reference: reference.to_string(),
+        };
+    }
+    if let Some((name, digest)) = rest.rsplit_once("/blobs/") {
+        return Target::Blob {
+            name: name.to_string(),
+            digest: digest.to_string(),
+        };
+    }
+    Target::Unknown
+}
+
+async fn handle(State(ctx): State<Ctx>, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let body = if parts.method == Method::POST {
+        axum::body::to_bytes(body, 1 << 20)
+            .await
+            .unwrap_or_default()
+    } else {
+        Bytes::new()
+    };
+    let record = RecordedRequest {
+        listener: ctx.listener,
+        method: parts.method.clone(),
+        path: parts.uri.path().to_string(),
+        query: parts.uri.query().map(str::to_string),
+        headers: parts.headers.clone(),
+        body,
+        at: Instant::now(),
+        sent: Arc::new(AtomicU64::new(0)),
+        completed: Arc::new(AtomicBool::new(false)),
+    };
+    ctx.shared.lock().requests.push(record.clone());
+    let mut resp = route(&ctx, &record).await;
+    resp.headers_mut().insert(
+        "docker-distribution-api-version",
+        HeaderValue::from_static("registry/2.0"),
+    );
+    resp
+}
+
+async fn route(ctx: &Ctx, req: &RecordedRequest) -> Response {
+    let shared = &ctx.shared;
+    let target = parse_target(&req.path);
+    if ctx.listener == Listener::Redirect {
+        let Target::Redirected { digest } = target else {
+            return StatusCode::NOT_FOUND.into_response();
+        };
+        if req.headers.contains_key(header::AUTHORIZATION) {
+            // What S3 answers when a signed URL also gets an Authorization header.
+            return (
+                StatusCode::BAD_REQUEST,
+                "InvalidArgument: Only one auth mechanism allowed",
+            )
+                .into_response();
+        }
+        return serve_blob(shared, req, &digest).await;
+    }
+    match target {
+        Target::Token => token_endpoint(shared, req),
+        Target::Ping => match check_auth(shared, req, None) {
+            Ok(()) => (
+                [(header::CONTENT_TYPE, "application/json")],
+                "{}".to_string(),
+            )
+                .into_response(),
+            Err(r) => *r,
+        },
+        Target::Redirected { digest } => serve_blob(shared, req, &digest).await,
+        Target::Unknown => oci_error(StatusCode::NOT_FOUND, "UNSUPPORTED", "unknown path"),
+        Target::Tags { name } => {
+            if let Err(r) = check_auth(shared, req, Some(&name)) {
+                return *r;
+            }
+            if req.method != Method::GET && req.method != Method::HEAD {
+                return oci_error(StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED", "read-only");
+            }
+            let mut tags: Vec<String> = shared
+                .lock()
+                .manifests
+                .keys()
+                .filter(|(n, r)| n == &name && !r.starts_with("sha256:"))
+                .map(|(_, r)| r.clone())
+                .collect();
+            tags.sort();
+            let body = serde_json::json!({"name": name, "tags": tags}).to_string();
+            ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+        }
+        Target::Manifest { name, reference } => {
+            if let Err(r) = check_auth(shared, req, Some(&name)) {
+                return *r;
+            }
+            if req.method != Method::GET && req.method != Method::HEAD {
+                return oci_error(StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED", "read-only");
+            }
+            let found = shared.lock().manifests.get(&(name, reference)).cloned();
+            let Some((media_type, data)) = found else {
+                return oci_error(
+                    StatusCode::NOT_FOUND,
+                    "MANIFEST_UNKNOWN",
+                    "manifest unknown",
+                );
+            };
+            let digest = crate::sha256_digest(&data);
+            let fault = take_fault(shared, req);
+            let mut headers = HeaderMap::new();
+            headers.insert(header::CONTENT_TYPE, hv(&media_type));
+            headers.insert("docker-content-digest", hv(&digest));
+            headers.insert(header::ETAG, hv(&format!("\"{digest}\"")));
+            respond(shared, req, StatusCode::OK, headers, data, fault, None).await
+        }
+        Target::Blob { name, digest } => {
+            if let Err(r) = check_auth(shared, req, Some(&name)) {
+                return *r;
+            }
+            if req.method != Method::GET && req.method != Method::HEAD {
+                return oci_error(StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED", "read-only");
+            }
+            let redirect = shared.lock().redirect;
+            if req.method == Method::GET && redirect != RedirectMode::None {
+                if !shared.lock().blobs.contains_key(&digest) {
+                    return oci_error(StatusCode::NOT_FOUND, "BLOB_UNKNOWN", "blob unknown");
+                }
+                let location = match redirect {
+                    RedirectMode::OtherHost => format!(
+                        "http://{}/redirected/{digest}?X-Amz-Signature=fake",
+                        shared.redirect_addr
+                    ),
+                    _ => format!("/redirected/{digest}?X-Amz-Signature=fake"),
+                };
+                return (
+                    StatusCode::TEMPORARY_REDIRECT,
+                    [(header::LOCATION, location)],
+                )
+                    .into_response();
+            }
+            serve_blob(shared, req, &digest).await
+        }
+    }
+}
+
+fn hv(s: &str) -> HeaderValue {
+    HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+}
+
+async fn serve_blob(shared: &Arc<Shared>, req: &RecordedRequest, digest: &str) -> Response {
+    let data = shared.lock().blobs.get(digest).cloned();
+    let Some(data) = data else {
+        return oci_error(StatusCode::NOT_FOUND, "BLOB_UNKNOWN", "blob unknown");
+    };
+    let fault = take_fault(shared, req);
+    let mut headers = HeaderMap::new();
+    headers.insert(header::CONTENT_TYPE, hv("application/octet-stream"));
+    headers.insert("docker-content-digest", hv(digest));
+    headers.insert(header::ETAG, hv(&format!("\"{digest}\"")));
+    headers.insert(header::ACCEPT_RANGES, hv("bytes"));
+    let range = if fault.is_none() {
+        req.header("range")
+            .and_then(|r| parse_range(r, data.len() as u64))
+    } else {
+        None
+    };
+    respond(shared, req, StatusCode::OK, headers, data, fault, range).await
+}
+
+async fn respond(
+    shared: &Arc<Shared>,
+    req: &RecordedRequest,
+    status: StatusCode,
+    headers: HeaderMap,
+    data: Bytes,
+    fault: Option<Fault>,
+    range: Option<(u64, u64)>,
+) -> Response {
+    if let Some(Fault::HangBeforeHeaders) = fault {
+        std::future::pending::<()>().await;
+    }
+    build_response(shared, req, status, headers, data, fault, range)
+}
+
+/// One step of a scripted body.
+enum Step {
+    Send(Bytes),
+    Sleep(Duration),
+    WaitGate,
+    Fail,
+    Hang,
+}
+
+fn build_response(
+    shared: &Arc<Shared>,
+    req: &RecordedRequest,
+    status: StatusCode,
+    mut headers: HeaderMap,
+    data: Bytes,
+    fault: Option<Fault>,
+    range: Option<(u64, u64)>,
+) -> Response {
+    if let Some(Fault::Status {
+        status,
+        retry_after,
+    }) = &fault
+    {
+        let status = StatusCode::from_u16(*status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let code = if status == StatusCode::TOO_MANY_REQUESTS {
+            "TOOMANYREQUESTS"
+        } else {
+            "UNKNOWN"
+        };
+        let mut r = oci_error(status, code, "injected fault");
+        if let Some(ra) = retry_after {
+            r.headers_mut().insert(header::RETRY_AFTER, hv(ra));
+        }
+        req.completed.store(true, Ordering::SeqCst);
+        return r;
+    }
+    let mut status = status;
+    let mut data = data;
+    if let Some((start, end)) = range {
+        let total = data.len();
+        data = data.slice(start as usize..=end as usize);
+        status = StatusCode::PARTIAL_CONTENT;
+        headers.insert(
+            header::CONTENT_RANGE,
+            hv(&format!("bytes {start}-{end}/{total}")),
+        );
+    }
+    let len = data.len();
+    let half = len / 2;
+    let (declared, steps): (usize, Vec<Step>) = match fault {
+        None | Some(Fault::Status { .. }) | Some(Fault::HangBeforeHeaders) => {
+            (len, vec![Step::Send(data)])
+        }
+        Some(Fault::ResetMidBody) => (len, vec![Step::Send(data.slice(..half)), Step::Fail]),
+        Some(Fault::WrongBytes) => {
+            let mut v = data.to_vec();
+            for b in v.iter_mut().skip(len / 3).take(64) {
+                *b ^= 0x5a;
+            }
+            if v.is_empty() {
+                v.push(0);
+            }
+            (v.len(), vec![Step::Send(Bytes::from(v))])
+        }
+        Some(Fault::ShortBody) => {
+            let cut = len.saturating_sub(16);
+            (len, vec![Step::Send(data.slice(..cut)), Step::Fail])
+        }
+        Some(Fault::Truncated) => {
+            let cut = len.saturating_sub(16);
+            (cut, vec![Step::Send(data.slice(..cut))])
+        }
+        Some(Fault::Extended) => {
+            let mut v = data.to_vec();
+            v.extend_from_slice(&crate::random_bytes(16));
+            (v.len(), vec![Step::Send(Bytes::from(v))])
+        }
+        Some(Fault::HangMidBody) => (len, vec![Step::Send(data.slice(..half)), Step::Hang]),
+        Some(Fault::Slow { chunk, delay }) => {
+            let chunk = chunk.max(1);
+            let mut steps = Vec::new();
+            let mut off = 0;
+            while off < len {
+                let end = (off + chunk).min(len);
+                steps.push(Step::Sleep(delay));
+                steps.push(Step::Send(data.slice(off..end)));
+                off = end;
+            }
+            (len, steps)
+        }
+        Some(Fault::Pause { after }) => {
+            let after = after.min(len);
+            let mut steps = vec![Step::Send(data.slice(..after)), Step::WaitGate];
+            // The rest in 64 KiB pieces, so that a follower can see progress.
+            let mut off = after;
+            while off < len {
+                let end = (off + 65536).min(len);
+                steps.push(Step::Send(data.slice(off..end)));
+                off = end;
+            }
+            (len, steps)
+        }
+    };
+    headers.insert(header::CONTENT_LENGTH, hv(&declared.to_string()));
+    if req.method == Method::HEAD {
+        req.completed.store(true, Ordering::SeqCst);
+        let mut r = Response::new(Body::empty());
+        *r.status_mut() = status;
+        *r.headers_mut() = headers;
+        return r;
+    }
+    let sent = req.sent.clone();
+    let completed = req.completed.clone();
+    let gate = shared.gate.subscribe();
+    let steps: std::collections::VecDeque<Step> = steps.into();
+    let stream = futures_util::stream::unfold(
+        (steps, gate, sent, completed),
+        |(mut steps, mut gate, sent, completed)| async move {
+            loop {
+                let Some(step) = steps.pop_front() else {
+                    completed.store(true, Ordering::SeqCst);
+                    return None;
+                };
+                match step {
+                    Step::Send(b) => {
+                        sent.fetch_add(b.len() as u64, Ordering::SeqCst);
+                        if steps.is_empty() {
+                            completed.store(true, Ordering::SeqCst);
+                        }
+                        return Some((Ok(b), (steps, gate, sent, completed)));
+                    }
+                    Step::Sleep(d) => tokio::time::sleep(d).await,
+                    Step::WaitGate => {
+                        let _ = gate.wait_for(|open| *open).await;
+                    }
+                    Step::Fail => {
+                        return Some((
+                            Err(io::Error::new(
+                                io::ErrorKind::ConnectionReset,
+                                "injected reset",
+                            )),
+                            (steps, gate, sent, completed),
+                        ));
+                    }
+                    Step::Hang => std::future::pending::<()>().await,
+                }
+            }
+        },
+    );
+    let mut r = Response::new(Body::from_stream(stream));
+    *r.status_mut() = status;
+    *r.headers_mut() = headers;
+    r
+}
+
+fn take_fault(shared: &Arc<Shared>, req: &RecordedRequest) -> Option<Fault> {
+    let mut inner = shared.lock();
+    let idx = inner.faults.iter().position(|f| {
+        req.path.contains(&f.pattern) && f.methods.as_ref().is_none_or(|m| m.contains(&req.method))
+    })?;
+    let fault = inner.faults[idx].fault.clone();
+    if let Some(times) = inner.faults[idx].times.as_mut() {
+        *times -= 1;
+        if *times == 0 {
+            inner.faults.remove(idx);
+        }
+    }
+    Some(fault)
+}
+
+/// `bytes=a-b` / `bytes=a-` / `bytes=-n` → inclusive (start, end), for a satisfiable single range.
+fn parse_range(value: &str, len: u64) -> Option<(u64, u64)> {
+    let spec = value.strip_prefix("bytes=")?;
+    let (a, b) = spec.split_once('-')?;
+    if len == 0 {
+        return None;
+    }
+    if a.is_empty() {
+        let n: u64 = b.parse().ok()?;
+        return (n > 0).then(|| (len.saturating_sub(n), len - 1));
+    }
+    let start: u64 = a.parse().ok()?;
+    let end: u64 = if b.is_empty() {
+        len - 1
+    } else {
+        b.parse::<u64>().ok()?.min(len - 1)
+    };
+    (start <= end).then_some((start, end))
+}
+
+fn challenge(shared: &Shared, auth: &AuthMode, name: Option<&str>) -> Response {
+    let value = match auth {
+        AuthMode::Basic { .. } => "Basic realm=\"fake\"".to_string(),
+        _ => {
+            let mut v = format!(
+                "Bearer realm=\"http://{}/token\",service=\"fake\"",
+                shared.addr
+            );
+            if let Some(n) = name {
+                v.push_str(&format!(",scope=\"repository:{n}:pull\""));
+            }
+            v
+        }
+    };
+    let mut r = oci_error(
+        StatusCode::UNAUTHORIZED,
+        "UNAUTHORIZED",
+        "authentication required",
+    );
+    r.headers_mut().insert(header::WWW_AUTHENTICATE, hv(&value));
+    r
+}
+
+fn check_auth(
+    shared: &Arc<Shared>,
+    req: &RecordedRequest,
+    name: Option<&str>,
+) -> Result<(), Box<Response>> {
+    let inner = shared.lock();
+    let auth = inner.auth.clone();
+    match &auth {
+        AuthMode::None => Ok(()),
+        AuthMode::Basic { username, password } => {
+            if req.basic_auth() == Some((username.clone(), password.clone())) {
+                Ok(())
+            } else {
+                Err(Box::new(challenge(shared, &auth, name)))
+            }
+        }
+        AuthMode::Bearer { .. } => {
+            let token = req
+                .header("authorization")
+                .and_then(|h| h.strip_prefix("Bearer "))
+                .map(str::trim);
+            let ok = token.and_then(|t| inner.tokens.get(t)).is_some_and(|t| {
+                t.expires.is_none_or(|e| Instant::now() < e)
+                    && name.is_none_or(|n| {
+                        t.scopes.iter().any(|s| {
+                            let mut parts = s.rsplitn(2, ':');
+                            let actions = parts.next().unwrap_or("");
+                            let rest = parts.next().unwrap_or("");
+                            rest == format!("repository:{n}")
+                                && actions.split(',').any(|a| a == "pull" || a == "*")
+                        })
+                    })
+            });
+            if ok {
+                Ok(())
+            } else {
+                Err(Box::new(challenge(shared, &auth, name)))
+            }
+        }
+    }
+}
+
+fn token_endpoint(shared: &Arc<Shared>, req: &RecordedRequest) -> Response {
+    let auth = shared.lock().auth.clone();
+    let AuthMode::Bearer {
+        credentials,
+        expires_in,
+    } = auth
+    else {
+        return oci_error(StatusCode::NOT_FOUND, "UNSUPPORTED", "no token service");
+    };
+    let (scopes, user_pass) = if req.method == Method::POST {
+        let grant = req.form_values("grant_type");
+        if grant.first().map(String::as_str) != Some("password") {
+            return (StatusCode::BAD_REQUEST, "unsupported grant_type").into_response();
+        }
+        let scopes: Vec<String> = req
+            .form_values("scope")
+            .iter()
+            .flat_map(|s| s.split(' ').map(str::to_string).collect::<Vec<_>>())
+            .collect();
+        let up = req
+            .form_values("username")
+            .first()
+            .cloned()
+            .zip(req.form_values("password").first().cloned());
+        (scopes, up)
+    } else if req.method == Method::GET {
+        (req.query_values("scope"), req.basic_auth())
+    } else {
+        return StatusCode::METHOD_NOT_ALLOWED.into_response();
+    };
+    if let Some(expected) = &credentials
+        && user_pass.as_ref() != Some(expected)
+    {
+        return (
+            StatusCode::UNAUTHORIZED,
+            [(header::CONTENT_TYPE, "application/json")],
+            r#"{"details":"incorrect username or password"}"#,
+        )
+            .into_response();
+    }
+    let mut inner = shared.lock();
+    inner.token_seq += 1;
+    let token = format!("tok-{}-{}", inner.token_seq, crate::random_name(""));
+    inner.tokens.insert(
+        token.clone(),
+        IssuedToken {
+            scopes,
+            expires: expires_in.map(|s| Instant::now() + Duration::from_secs(s)),
+        },
+    );
+    let mut body = serde_json::json!({"token": token, "access_token": token});
+    if let Some(e) = expires_in {
+        body["expires_in"] = e.into();
+    }
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_ranges() {
+        assert_eq!(parse_range("bytes=0-9", 100), Some((0, 9)));
+        assert_eq!(parse_range("bytes=10-", 100), Some((10, 99)));
+        assert_eq!(parse_range("bytes=-5", 100), Some((95, 99)));
+        assert_eq!(parse_range("bytes=100-", 100), None);
+        assert_eq!(parse_range("nonsense", 100), None);
+    }
+}
