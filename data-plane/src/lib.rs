@@ -1,0 +1,19 @@
+//! Wharf's data plane: the OCI distribution pull API over a verified, single-flight disk cache.
+//!
+//! - [`config`]: the repos this node serves (standalone TOML), swapped atomically.
+//! - [`store`]: the content-addressed disk cache (blobs, manifests, tags, links), its in-memory index.
+//! - [`flight`]: one upstream fetch per digest, streamed to every waiting client as it arrives.
+//! - [`upstream`]: the registry client (token and Basic auth, redirects, timeouts, retries).
+//! - [`registry`]: the `/v2/` HTTP API, errors as OCI error JSON, one log line per request.
+//! - [`server`]: `run(listener, state, shutdown)`.
+
+pub mod config;
+pub mod error;
+pub mod flight;
+pub mod range;
+pub mod registry;
+pub mod server;
+pub mod store;
+pub mod upstream;
+
+pub use server::{AppState, run};

@@ -1,0 +1,367 @@
+//! Single-flight blob fetches: one upstream GET per digest per node at a time.
+//!
+//! The fetch runs in its own task, so a client that disconnects does not stop it. It writes into a
+//! staging file while hashing, and publishes how many bytes are on disk through a `watch` channel.
+//! Every client of that digest (the first included) reads the staging file on its own through
+//! positional reads, up to what has been written: a slow client holds nothing but its own read
+//! position, so it never slows the fetch or the other clients, and no blob is held in memory.
+//! On a digest match the file is fsynced and renamed into `blobs/`; otherwise it is removed and
+//! every client's body ends in an error, never in a complete-looking wrong body.
+
+use std::collections::HashMap;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+use http::{Method, StatusCode};
+use serde_json::Value;
+use tokio::sync::watch;
+use wharf_core::{Digest, DigestHasher, Repo};
+
+use crate::store::Store;
+use crate::upstream::{Upstream, UpstreamError, UpstreamRequest};
+
+/// Where a fetch is.
+#[derive(Debug, Clone)]
+pub enum Progress {
+    /// Waiting for the upstream's response head.
+    Connecting,
+    /// `written` bytes are in the staging file; `total` from the upstream's `Content-Length`.
+    Streaming {
+        written: u64,
+        total: Option<u64>,
+    },
+    /// Verified and in `blobs/`.
+    Done {
+        size: u64,
+    },
+    Failed(FetchFailure),
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum FetchFailure {
+    #[error(transparent)]
+    Upstream(UpstreamError),
+    #[error("upstream answered {status}")]
+    Status {
+        status: StatusCode,
+        retry_after: Option<String>,
+        detail: Value,
+    },
+    #[error("upstream sent {got} bytes, expected {expected}")]
+    Length { got: u64, expected: u64 },
+    #[error("upstream sent bytes whose digest is {actual}, not the requested {expected}")]
+    Mismatch { expected: Digest, actual: Digest },
+    #[error("upstream body failed after {after} bytes: {source}")]
+    Body { after: u64, source: UpstreamError },
+    #[error("cache write failed: {0}")]
+    Io(String),
+}
+
+/// A fetch in progress, shared by all its clients.
+pub struct Flight {
+    file: Arc<std::fs::File>,
+    progress: watch::Receiver<Progress>,
+}
+
+impl Flight {
+    /// Waits until the upstream answered (or the fetch failed), and returns where it is.
+    pub async fn head(&self) -> Progress {
+        let mut rx = self.progress.clone();
+        let result = rx
+            .wait_for(|p| !matches!(p, Progress::Connecting))
+            .await
+            .map(|p| p.clone());
+        result.unwrap_or_else(|_| Progress::Failed(FetchFailure::Io("fetch task ended".into())))
+    }
+
+    /// Bytes written so far.
+    pub fn written(&self) -> u64 {
+        match &*self.progress.borrow() {
+            Progress::Streaming { written, .. } => *written,
+            Progress::Done { size } => *size,
+            _ => 0,
+        }
+    }
+
+    /// The body from `start` to `end` (exclusive; `None`: to the end), as the fetch writes it.
+    pub fn body(
+        &self,
+        start: u64,
+        end: Option<u64>,
+    ) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
+        read_file(self.file.clone(), start, end, Some(self.progress.clone()))
+    }
+}
+
+/// Joining a fetch may find the blob already cached (the fetch just finished).
+pub enum Joined {
+    Cached,
+    Flight {
+        flight: Arc<Flight>,
+        coalesced: bool,
+    },
+}
+
+/// Everything a fetch needs.
+pub struct FetchContext {
+    pub store: Arc<Store>,
+    pub upstream: Arc<Upstream>,
+    pub repo: Arc<Repo>,
+    pub name: String,
+    pub digest: Digest,
+}
+
+/// The fetches in progress on this node, by digest.
+#[derive(Default)]
+pub struct Flights {
+    map: Mutex<HashMap<Digest, Arc<Flight>>>,
+}
+
+const READ_CHUNK: usize = 256 * 1024;
+/// Upstream chunks already received are written in one go, up to this many.
+const WRITE_BATCH: usize = 64;
+
+impl Flights {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<Digest, Arc<Flight>>> {
+        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.map().len()
+    }
+
+    /// Joins the fetch of `ctx.digest`, or starts it.
+    pub fn join_or_start(self: &Arc<Self>, ctx: FetchContext) -> Result<Joined, FetchFailure> {
+        let mut map = self.map();
+        if let Some(f) = map.get(&ctx.digest) {
+            return Ok(Joined::Flight {
+                flight: f.clone(),
+                coalesced: true,
+            });
+        }
+        // A fetch commits to the index before it leaves this map: checked under the map's lock,
+        // the index cannot miss a blob that was fetched a moment ago.
+        if ctx.store.blob_size(&ctx.digest).is_some() {
+            return Ok(Joined::Cached);
+        }
+        let (path, file) = ctx
+            .store
+            .staging_file(&ctx.digest)
+            .map_err(|e| FetchFailure::Io(e.to_string()))?;
+        let file = Arc::new(file);
+        let (tx, rx) = watch::channel(Progress::Connecting);
+        let flight = Arc::new(Flight {
+            file: file.clone(),
+            progress: rx,
+        });
+        map.insert(ctx.digest.clone(), flight.clone());
+        drop(map);
+        tokio::spawn(self.clone().run(ctx, path, file, tx));
+        Ok(Joined::Flight {
+            flight,
+            coalesced: false,
+        })
+    }
+
+    async fn run(
+        self: Arc<Self>,
+        ctx: FetchContext,
+        path: PathBuf,
+        file: Arc<std::fs::File>,
+        tx: watch::Sender<Progress>,
+    ) {
+        let started = Instant::now();
+        let result = match fetch_into(&ctx, &file, &tx).await {
+            Ok(size) => {
+                let (store, f, p, d) = (
+                    ctx.store.clone(),
+                    file.clone(),
+                    path.clone(),
+                    ctx.digest.clone(),
+                );
+                let committed =
+                    tokio::task::spawn_blocking(move || store.commit_blob(&p, &f, &d, size))
+                        .await
+                        .map_err(|e| FetchFailure::Io(e.to_string()))
+                        .and_then(|r| r.map_err(|e| FetchFailure::Io(e.to_string())));
+                if let Err(e) = ctx.store.link(&ctx.repo.key, &ctx.name, [&ctx.digest]) {
+                    tracing::warn!(error = %e, "could not record the blob's repository link");
+                }
+                committed.map(|()| size)
+            }
+            Err(e) => Err(e),
+        };
+        if result.is_err() {
+            let _ = tokio::fs::remove_file(&path).await;
+        }
+        self.map().remove(&ctx.digest);
+        let duration_ms = started.elapsed().as_millis() as u64;
+        match result {
+            Ok(size) => {
+                tracing::info!(repo_key = %ctx.repo.key, name = %ctx.name, digest = %ctx.digest, bytes = size, duration_ms, "blob fetched and verified");
+                tx.send_replace(Progress::Done { size });
+            }
+            Err(error) => {
+                tracing::warn!(repo_key = %ctx.repo.key, name = %ctx.name, digest = %ctx.digest, %error, duration_ms, "blob fetch failed; nothing cached");
+                tx.send_replace(Progress::Failed(error));
+            }
+        }
+    }
+}
+
+async fn fetch_into(
+    ctx: &FetchContext,
+    file: &Arc<std::fs::File>,
+    tx: &watch::Sender<Progress>,
+) -> Result<u64, FetchFailure> {
+    let req = UpstreamRequest {
+        repo: &ctx.repo,
+        name: &ctx.name,
+        method: Method::GET,
+        path: format!("blobs/{}", ctx.digest),
+        query: None,
+        headers: Default::default(),
+        retry: true,
+    };
+    let resp = ctx
+        .upstream
+        .send(&req)
+        .await
+        .map_err(FetchFailure::Upstream)?;
+    if resp.status != StatusCode::OK {
+        let status = resp.status;
+        let retry_after = resp
+            .header_str(http::header::RETRY_AFTER)
+            .map(str::to_owned);
+        return Err(FetchFailure::Status {
+            status,
+            retry_after,
+            detail: resp.error_detail().await,
+        });
+    }
+    let total = resp.content_length();
+    tx.send_replace(Progress::Streaming { written: 0, total });
+    let mut hasher = DigestHasher::new();
+    let mut written = 0u64;
+    let mut chunks = std::pin::pin!(resp.into_stream().ready_chunks(WRITE_BATCH));
+    while let Some(batch) = chunks.next().await {
+        let mut bufs = Vec::with_capacity(batch.len());
+        let mut failed = None;
+        for c in batch {
+            match c {
+                Ok(b) => bufs.push(b),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        let n: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        if let Some(expected) = total
+            && written + n > expected
+        {
+            return Err(FetchFailure::Length {
+                got: written + n,
+                expected,
+            });
+        }
+        let f = file.clone();
+        let offset = written;
+        hasher = tokio::task::spawn_blocking(move || -> std::io::Result<DigestHasher> {
+            let mut at = offset;
+            for b in &bufs {
+                f.write_all_at(b, at)?;
+                hasher.update(b);
+                at += b.len() as u64;
+            }
+            Ok(hasher)
+        })
+        .await
+        .map_err(|e| FetchFailure::Io(e.to_string()))?
+        .map_err(|e| FetchFailure::Io(e.to_string()))?;
+        written += n;
+        tx.send_replace(Progress::Streaming { written, total });
+        if let Some(source) = failed {
+            return Err(FetchFailure::Body {
+                after: written,
+                source,
+            });
+        }
+    }
+    if let Some(expected) = total
+        && written != expected
+    {
+        return Err(FetchFailure::Length {
+            got: written,
+            expected,
+        });
+    }
+    let actual = hasher.finish();
+    if actual != ctx.digest {
+        return Err(FetchFailure::Mismatch {
+            expected: ctx.digest.clone(),
+            actual,
+        });
+    }
+    Ok(written)
+}
+
+/// Streams `file[start..end]` with positional reads. With `progress`, the file is still being
+/// written: reads stop at what is written, wait for more, and fail when the fetch fails.
+pub fn read_file(
+    file: Arc<std::fs::File>,
+    start: u64,
+    end: Option<u64>,
+    progress: Option<watch::Receiver<Progress>>,
+) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
+    futures_util::stream::try_unfold(
+        (file, start, end, progress),
+        |(file, pos, mut end, mut progress)| async move {
+            loop {
+                let available = match &mut progress {
+                    None => end.unwrap_or(pos),
+                    Some(rx) => match &*rx.borrow_and_update() {
+                        Progress::Connecting => 0,
+                        Progress::Streaming { written, .. } => *written,
+                        Progress::Done { size } => {
+                            end = Some(end.map_or(*size, |e| e.min(*size)));
+                            *size
+                        }
+                        Progress::Failed(e) => return Err(std::io::Error::other(e.to_string())),
+                    },
+                };
+                let limit = end.map_or(available, |e| e.min(available));
+                if pos < limit {
+                    let len = (limit - pos).min(READ_CHUNK as u64) as usize;
+                    let f = file.clone();
+                    let buf = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
+                        let mut buf = vec![0u8; len];
+                        f.read_exact_at(&mut buf, pos)?;
+                        Ok(buf)
+                    })
+                    .await
+                    .map_err(std::io::Error::other)??;
+                    return Ok(Some((
+                        Bytes::from(buf),
+                        (file, pos + len as u64, end, progress),
+                    )));
+                }
+                if end.is_some_and(|e| pos >= e) {
+                    return Ok(None);
+                }
+                match &mut progress {
+                    None => return Ok(None),
+                    Some(rx) => {
+                        if rx.changed().await.is_err() {
+                            return Err(std::io::Error::other("fetch ended unexpectedly"));
+                        }
+                    }
+                }
+            }
+        },
+    )
+}

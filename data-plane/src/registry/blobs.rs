@@ -1,0 +1,286 @@
+//! Blobs: hits stream the verified file; misses join the one fetch of their digest; `Range`,
+//! `If-None-Match` and HEAD as CDNs and lazy-pulling clients expect.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::response::Response;
+use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use wharf_core::Digest;
+
+use super::{
+    Ctx, RequestLog, content_headers, fetch_error, not_modified, not_modified_response,
+    upstream_error, upstream_status,
+};
+use crate::error::RegistryError;
+use crate::flight::{FetchContext, Joined, Progress, read_file};
+use crate::range::{self, Resolved};
+use crate::upstream::{Upstream, UpstreamRequest};
+
+const IMMUTABLE: &str = "public, max-age=31536000, immutable";
+const OCTETS: &str = "application/octet-stream";
+/// A range starting this far past what a fetch has written is fetched upstream on its own, so a
+/// client reading a footer first does not wait for the whole blob.
+const FAR_AHEAD: u64 = 8 * 1024 * 1024;
+
+pub async fn get(
+    ctx: &Ctx,
+    digest: Digest,
+    log: &mut RequestLog,
+) -> Result<Response, RegistryError> {
+    let store = &ctx.state.store;
+    if let Some(size) = store.blob_size(&digest) {
+        authorize_cached(ctx, &digest, log).await?;
+        log.cache = "hit";
+        return serve_file(ctx, &digest, size);
+    }
+    if ctx.head {
+        return head_upstream(ctx, &digest, log).await;
+    }
+    let fetch = FetchContext {
+        store: store.clone(),
+        upstream: ctx.state.upstream.clone(),
+        repo: ctx.repo.clone(),
+        name: ctx.name.clone(),
+        digest: digest.clone(),
+    };
+    log.upstream_url = format!("{}/v2/{}/blobs/{}", ctx.repo.upstream, ctx.name, digest);
+    let (flight, coalesced) = match ctx
+        .state
+        .flights
+        .join_or_start(fetch)
+        .map_err(|e| fetch_error(&e))?
+    {
+        Joined::Cached => {
+            let size = store
+                .blob_size(&digest)
+                .ok_or_else(|| RegistryError::internal("blob vanished from the cache"))?;
+            log.cache = "hit";
+            return serve_file(ctx, &digest, size);
+        }
+        Joined::Flight { flight, coalesced } => (flight, coalesced),
+    };
+    log.cache = if coalesced { "coalesced" } else { "miss" };
+    let total = match flight.head().await {
+        Progress::Failed(f) => return Err(fetch_error(&f)),
+        Progress::Streaming { total, .. } => total,
+        Progress::Done { size } => Some(size),
+        Progress::Connecting => None,
+    };
+    let etag = format!("\"{digest}\"");
+    if not_modified(&ctx.headers, &etag) {
+        return Ok(not_modified_response(&digest, OCTETS, IMMUTABLE));
+    }
+    let range = total.and_then(|t| Some((range_header(&ctx.headers)?.resolve(t), t)));
+    let mut r = match range {
+        Some((Resolved::Unsatisfiable, total)) => return Ok(unsatisfiable(&digest, total)),
+        Some((Resolved::Partial { start, end }, total)) => {
+            if start > flight.written() + FAR_AHEAD
+                && let Some(r) = ranged_upstream(ctx, &digest, start, end, total, log).await?
+            {
+                return Ok(r);
+            }
+            partial(
+                Body::from_stream(flight.body(start, Some(end))),
+                start,
+                end,
+                total,
+            )
+        }
+        None => {
+            let mut r = Response::new(Body::from_stream(flight.body(0, None)));
+            if let Some(t) = total {
+                r.headers_mut()
+                    .insert(header::CONTENT_LENGTH, HeaderValue::from(t));
+            }
+            r
+        }
+    };
+    blob_headers(r.headers_mut(), &digest);
+    Ok(r)
+}
+
+/// A repo may serve a cached blob only when that repo and name were seen to hold it: a digest
+/// learnt elsewhere must not open another repository's content. Otherwise ask the upstream.
+async fn authorize_cached(
+    ctx: &Ctx,
+    digest: &Digest,
+    log: &mut RequestLog,
+) -> Result<(), RegistryError> {
+    let store = &ctx.state.store;
+    if store.is_linked(&ctx.repo.key, &ctx.name, digest) {
+        return Ok(());
+    }
+    let req = blob_request(ctx, digest, Method::HEAD, HeaderMap::new());
+    log.upstream_url = Upstream::url_for(&req);
+    let resp = ctx
+        .state
+        .upstream
+        .send(&req)
+        .await
+        .map_err(|e| upstream_error(&e))?;
+    if resp.status != StatusCode::OK {
+        let status = resp.status;
+        return Err(upstream_status(
+            status,
+            resp.error_detail().await,
+            "blob",
+            None,
+        ));
+    }
+    store
+        .link(&ctx.repo.key, &ctx.name, [digest])
+        .map_err(|e| RegistryError::internal(e.to_string()))
+}
+
+fn blob_request<'a>(
+    ctx: &'a Ctx,
+    digest: &Digest,
+    method: Method,
+    headers: HeaderMap,
+) -> UpstreamRequest<'a> {
+    UpstreamRequest {
+        repo: &ctx.repo,
+        name: &ctx.name,
+        method,
+        path: format!("blobs/{digest}"),
+        query: None,
+        headers,
+        retry: true,
+    }
+}
+
+fn range_header(headers: &HeaderMap) -> Option<range::RangeSpec> {
+    range::parse(headers.get(header::RANGE)?.to_str().ok()?)
+}
+
+fn blob_headers(h: &mut HeaderMap, digest: &Digest) {
+    content_headers(h, digest, OCTETS, IMMUTABLE);
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+}
+
+fn partial(body: Body, start: u64, end: u64, total: u64) -> Response {
+    let mut r = Response::new(body);
+    *r.status_mut() = StatusCode::PARTIAL_CONTENT;
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(end - start));
+    if let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{}/{total}", end - 1)) {
+        h.insert(header::CONTENT_RANGE, v);
+    }
+    r
+}
+
+fn unsatisfiable(digest: &Digest, total: u64) -> Response {
+    let e = RegistryError::new(
+        StatusCode::RANGE_NOT_SATISFIABLE,
+        "RANGE_INVALID",
+        format!("requested range is outside the blob's {total} bytes"),
+    );
+    let mut r = axum::response::IntoResponse::into_response(e);
+    if let Ok(v) = HeaderValue::from_str(&format!("bytes */{total}")) {
+        r.headers_mut().insert(header::CONTENT_RANGE, v);
+    }
+    r.headers_mut()
+        .insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    let _ = digest;
+    r
+}
+
+/// A cache hit: the verified file, whole or a range.
+fn serve_file(ctx: &Ctx, digest: &Digest, size: u64) -> Result<Response, RegistryError> {
+    let etag = format!("\"{digest}\"");
+    if not_modified(&ctx.headers, &etag) {
+        return Ok(not_modified_response(digest, OCTETS, IMMUTABLE));
+    }
+    let (start, end, ranged) = match range_header(&ctx.headers).map(|r| r.resolve(size)) {
+        Some(Resolved::Unsatisfiable) => return Ok(unsatisfiable(digest, size)),
+        Some(Resolved::Partial { start, end }) => (start, end, true),
+        None => (0, size, false),
+    };
+    let body = if ctx.head {
+        Body::empty()
+    } else {
+        let path = ctx.state.store.blob_path(digest);
+        // Opened now: an eviction after this point cannot take the bytes from under the client.
+        let file = std::fs::File::open(&path)
+            .map_err(|e| RegistryError::internal(format!("cached blob unreadable: {e}")))?;
+        Body::from_stream(read_file(Arc::new(file), start, Some(end), None))
+    };
+    let mut r = if ranged {
+        partial(body, start, end, size)
+    } else {
+        let mut r = Response::new(body);
+        r.headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+        r
+    };
+    blob_headers(r.headers_mut(), digest);
+    Ok(r)
+}
+
+/// HEAD of a blob not cached: asked upstream, nothing fetched.
+async fn head_upstream(
+    ctx: &Ctx,
+    digest: &Digest,
+    log: &mut RequestLog,
+) -> Result<Response, RegistryError> {
+    let req = blob_request(ctx, digest, Method::HEAD, HeaderMap::new());
+    log.upstream_url = Upstream::url_for(&req);
+    log.cache = "miss";
+    let resp = ctx
+        .state
+        .upstream
+        .send(&req)
+        .await
+        .map_err(|e| upstream_error(&e))?;
+    if resp.status != StatusCode::OK {
+        let status = resp.status;
+        let retry_after = resp.header_str(header::RETRY_AFTER).map(str::to_owned);
+        return Err(upstream_status(
+            status,
+            resp.error_detail().await,
+            "blob",
+            retry_after,
+        ));
+    }
+    let mut r = Response::new(Body::empty());
+    if let Some(len) = resp.content_length() {
+        r.headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    }
+    blob_headers(r.headers_mut(), digest);
+    Ok(r)
+}
+
+/// A range far ahead of the fetch, asked of the upstream directly and passed through uncached.
+/// `None` when the upstream ignores the range: the caller serves it from the fetch instead.
+async fn ranged_upstream(
+    ctx: &Ctx,
+    digest: &Digest,
+    start: u64,
+    end: u64,
+    total: u64,
+    log: &mut RequestLog,
+) -> Result<Option<Response>, RegistryError> {
+    let mut headers = HeaderMap::new();
+    if let Ok(v) = HeaderValue::from_str(&format!("bytes={start}-{}", end - 1)) {
+        headers.insert(header::RANGE, v);
+    }
+    let req = blob_request(ctx, digest, Method::GET, headers);
+    let resp = ctx
+        .state
+        .upstream
+        .send(&req)
+        .await
+        .map_err(|e| upstream_error(&e))?;
+    let expected = format!("bytes {start}-{}/{total}", end - 1);
+    if resp.status != StatusCode::PARTIAL_CONTENT
+        || resp.header_str(header::CONTENT_RANGE) != Some(expected.as_str())
+    {
+        return Ok(None);
+    }
+    log.cache = "bypass";
+    let mut r = partial(Body::from_stream(resp.into_stream()), start, end, total);
+    blob_headers(r.headers_mut(), digest);
+    Ok(Some(r))
+}

@@ -1,0 +1,140 @@
+//! One structured log line per request, written when the response body ends (or is dropped), so it
+//! carries the bytes really sent and the full duration.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::response::Response;
+use bytes::Bytes;
+use http::Method;
+use http_body::{Body as HttpBody, Frame, SizeHint};
+
+/// What the log line of one request says.
+#[derive(Debug, Default, Clone)]
+pub struct RequestLog {
+    pub method: String,
+    pub path: String,
+    pub repo_key: String,
+    pub name: String,
+    pub kind: &'static str,
+    pub reference: String,
+    /// Set when the upstream was contacted (no credentials, no query).
+    pub upstream_url: String,
+    /// hit, miss, coalesced, stale, revalidated, bypass.
+    pub cache: &'static str,
+    pub error: Option<String>,
+}
+
+impl RequestLog {
+    pub fn new(method: &Method, path: &str) -> Self {
+        Self {
+            method: method.to_string(),
+            path: path.chars().take(512).collect(),
+            ..Default::default()
+        }
+    }
+
+    /// Wraps the response body so that the line is written when it ends.
+    pub fn wrap(self, resp: Response, started: Instant) -> Response {
+        let status = resp.status().as_u16();
+        let (parts, body) = resp.into_parts();
+        let declared = parts
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse().ok());
+        let body = LoggedBody {
+            inner: body,
+            bytes: 0,
+            declared,
+            status,
+            started,
+            log: Some(self),
+        };
+        Response::from_parts(parts, Body::new(body))
+    }
+
+    fn emit(&self, status: u16, bytes: u64, started: Instant, complete: bool) {
+        let duration_ms = (started.elapsed().as_secs_f64() * 1e6).round() / 1e3;
+        tracing::info!(
+            method = %self.method,
+            path = %self.path,
+            repo_key = %self.repo_key,
+            name = %self.name,
+            kind = self.kind,
+            reference = %self.reference,
+            upstream_url = %self.upstream_url,
+            cache = self.cache,
+            status,
+            bytes,
+            duration_ms,
+            complete,
+            error = self.error.as_deref().unwrap_or(""),
+            "request"
+        );
+    }
+}
+
+struct LoggedBody {
+    inner: Body,
+    bytes: u64,
+    /// hyper stops polling once `Content-Length` bytes went out: that is complete too.
+    declared: Option<u64>,
+    status: u16,
+    started: Instant,
+    log: Option<RequestLog>,
+}
+
+impl LoggedBody {
+    fn finish(&mut self, complete: bool, error: Option<String>) {
+        if let Some(mut log) = self.log.take() {
+            if error.is_some() {
+                log.error = error;
+            }
+            log.emit(self.status, self.bytes, self.started, complete);
+        }
+    }
+}
+
+impl HttpBody for LoggedBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    self.bytes += d.len() as u64;
+                }
+            }
+            Poll::Ready(Some(Err(e))) => {
+                let msg = format!("response body aborted: {e}");
+                self.finish(false, Some(msg));
+            }
+            Poll::Ready(None) => self.finish(true, None),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for LoggedBody {
+    fn drop(&mut self) {
+        // Ends here without having reached its end: the client went away, or a HEAD.
+        let complete = self.inner.is_end_stream() || self.declared == Some(self.bytes);
+        self.finish(complete, None);
+    }
+}

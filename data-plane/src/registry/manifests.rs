@@ -1,0 +1,378 @@
+//! Manifests: cached by digest after their bytes matched it; tags trusted for the repo's tag TTL,
+//! then revalidated with a HEAD; served stale with a `Warning` when the upstream fails.
+
+use axum::body::Body;
+use axum::response::Response;
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use serde_json::Value;
+use wharf_core::{Digest, Reference};
+
+use super::{
+    Ctx, RequestLog, content_headers, not_modified, not_modified_response, upstream_error,
+    upstream_status,
+};
+use crate::error::RegistryError;
+use crate::store::{TagEntry, now_secs};
+use crate::upstream::{Upstream, UpstreamRequest};
+
+/// What Wharf asks for when the client names no type: every manifest type in use.
+pub const DEFAULT_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
+/// distribution's limit; a larger "manifest" is refused rather than held in memory.
+pub const MAX_MANIFEST: usize = 4 * 1024 * 1024;
+const IMMUTABLE: &str = "public, max-age=31536000, immutable";
+
+/// A manifest ready to serve.
+struct Manifest {
+    digest: Digest,
+    media_type: String,
+    bytes: Bytes,
+}
+
+pub async fn get(
+    ctx: &Ctx,
+    reference: Reference,
+    log: &mut RequestLog,
+) -> Result<Response, RegistryError> {
+    let store = &ctx.state.store;
+    match &reference {
+        Reference::Digest(d) => {
+            if store.is_linked(&ctx.repo.key, &ctx.name, d)
+                && let Some(m) = cached(ctx, d)?
+            {
+                log.cache = "hit";
+                return Ok(respond(ctx, m, IMMUTABLE, None));
+            }
+            let m = fetch(ctx, &reference, log).await?;
+            log.cache = "miss";
+            Ok(respond(ctx, m, IMMUTABLE, None))
+        }
+        Reference::Tag(tag) => {
+            let cache_control = format!("public, max-age={}", ctx.repo.tag_ttl.as_secs().min(60));
+            let entry = store.get_tag(&ctx.repo.key, &ctx.name, tag);
+            let hit = match &entry {
+                Some(e) => match e.digest.parse::<Digest>() {
+                    Ok(d) => cached(ctx, &d)?,
+                    Err(_) => None,
+                },
+                None => None,
+            };
+            if let (Some(entry), Some(m)) = (entry, hit) {
+                let age = now_secs().saturating_sub(entry.fetched_at);
+                if age < ctx.repo.tag_ttl.as_secs() {
+                    log.cache = "hit";
+                    return Ok(respond(ctx, m, &cache_control, None));
+                }
+                match revalidate(ctx, tag, &m.digest, log).await {
+                    Revalidated::Same => {
+                        let e = TagEntry {
+                            fetched_at: now_secs(),
+                            ..entry
+                        };
+                        store
+                            .put_tag(&ctx.repo.key, &ctx.name, tag, &e)
+                            .map_err(|e| RegistryError::internal(e.to_string()))?;
+                        log.cache = "revalidated";
+                        return Ok(respond(ctx, m, &cache_control, None));
+                    }
+                    Revalidated::Stale(why) => {
+                        tracing::warn!(repo_key = %ctx.repo.key, name = %ctx.name, tag, reason = %why, "upstream failed revalidation; serving the cached tag stale");
+                        log.cache = "stale";
+                        return Ok(respond(ctx, m, &cache_control, Some(&why)));
+                    }
+                    Revalidated::Gone(e) => {
+                        store.remove_tag(&ctx.repo.key, &ctx.name, tag);
+                        return Err(e);
+                    }
+                    Revalidated::Error(e) => return Err(e),
+                    Revalidated::Changed => {}
+                }
+            }
+            let m = fetch(ctx, &reference, log).await?;
+            log.cache = "miss";
+            Ok(respond(ctx, m, &cache_control, None))
+        }
+    }
+}
+
+/// A cached manifest the client accepts.
+fn cached(ctx: &Ctx, d: &Digest) -> Result<Option<Manifest>, RegistryError> {
+    match ctx.state.store.get_manifest(d) {
+        Ok(Some((media_type, bytes))) if accepts(&ctx.headers, &media_type) => Ok(Some(Manifest {
+            digest: d.clone(),
+            media_type,
+            bytes,
+        })),
+        Ok(_) => Ok(None),
+        Err(e) => {
+            tracing::error!(error = %e, "cached manifest unreadable; fetching it again");
+            Ok(None)
+        }
+    }
+}
+
+/// Whether the client's `Accept` admits `media_type` (no `Accept`: anything).
+fn accepts(headers: &HeaderMap, media_type: &str) -> bool {
+    let mut any = false;
+    for v in headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+    {
+        for t in v.split(',') {
+            any = true;
+            let t = t.split(';').next().unwrap_or("").trim();
+            if t == "*/*" || t.eq_ignore_ascii_case(media_type) {
+                return true;
+            }
+            if let Some(prefix) = t.strip_suffix("/*")
+                && media_type.split('/').next() == Some(prefix)
+            {
+                return true;
+            }
+        }
+    }
+    !any
+}
+
+/// The client's `Accept`, or every manifest type when it sent none.
+fn forward_accept(headers: &HeaderMap) -> HeaderMap {
+    let mut out = HeaderMap::new();
+    for v in headers.get_all(header::ACCEPT) {
+        out.append(header::ACCEPT, v.clone());
+    }
+    if out.is_empty() {
+        out.insert(header::ACCEPT, HeaderValue::from_static(DEFAULT_ACCEPT));
+    }
+    out
+}
+
+enum Revalidated {
+    Same,
+    Changed,
+    Stale(String),
+    Gone(RegistryError),
+    Error(RegistryError),
+}
+
+async fn revalidate(ctx: &Ctx, tag: &str, cached: &Digest, log: &mut RequestLog) -> Revalidated {
+    let req = UpstreamRequest {
+        repo: &ctx.repo,
+        name: &ctx.name,
+        method: Method::HEAD,
+        path: format!("manifests/{tag}"),
+        query: None,
+        headers: forward_accept(&ctx.headers),
+        retry: false,
+    };
+    log.upstream_url = Upstream::url_for(&req);
+    match ctx.state.upstream.send(&req).await {
+        Err(e) => Revalidated::Stale(e.to_string()),
+        Ok(r) if r.status == StatusCode::OK => {
+            match r
+                .header_str("docker-content-digest")
+                .and_then(|d| d.parse::<Digest>().ok())
+            {
+                Some(d) if d == *cached => Revalidated::Same,
+                _ => Revalidated::Changed,
+            }
+        }
+        Ok(r) if r.status.is_server_error() || r.status == StatusCode::TOO_MANY_REQUESTS => {
+            Revalidated::Stale(format!("upstream answered {}", r.status.as_u16()))
+        }
+        Ok(r) if r.status == StatusCode::NOT_FOUND => {
+            let detail = serde_json::json!({ "upstream_status": 404, "upstream_url": r.url });
+            Revalidated::Gone(upstream_status(
+                StatusCode::NOT_FOUND,
+                detail,
+                "manifest",
+                None,
+            ))
+        }
+        Ok(r) => {
+            let status = r.status;
+            Revalidated::Error(upstream_status(
+                status,
+                r.error_detail().await,
+                "manifest",
+                None,
+            ))
+        }
+    }
+}
+
+/// GETs a manifest upstream, checks its bytes, caches it and links what it references.
+async fn fetch(
+    ctx: &Ctx,
+    reference: &Reference,
+    log: &mut RequestLog,
+) -> Result<Manifest, RegistryError> {
+    let req = UpstreamRequest {
+        repo: &ctx.repo,
+        name: &ctx.name,
+        method: Method::GET,
+        path: format!("manifests/{reference}"),
+        query: None,
+        headers: forward_accept(&ctx.headers),
+        retry: true,
+    };
+    log.upstream_url = Upstream::url_for(&req);
+    let resp = ctx
+        .state
+        .upstream
+        .send(&req)
+        .await
+        .map_err(|e| upstream_error(&e))?;
+    if resp.status != StatusCode::OK {
+        let status = resp.status;
+        let retry_after = resp.header_str(header::RETRY_AFTER).map(str::to_owned);
+        return Err(upstream_status(
+            status,
+            resp.error_detail().await,
+            "manifest",
+            retry_after,
+        ));
+    }
+    let url = resp.url.clone();
+    let header_type = resp
+        .header_str(header::CONTENT_TYPE)
+        .map(|t| t.split(';').next().unwrap_or("").trim().to_owned());
+    let header_digest = resp.header_str("docker-content-digest").map(str::to_owned);
+    let bytes = resp
+        .bytes_limited(MAX_MANIFEST)
+        .await
+        .map_err(|e| upstream_error(&e))?;
+    let digest = Digest::of(&bytes);
+    let wrong = |claimed: &str| {
+        RegistryError::new(
+            StatusCode::BAD_GATEWAY,
+            "MANIFEST_INVALID",
+            format!("upstream sent a manifest whose digest is {digest}, not {claimed}; nothing was cached"),
+        )
+        .with_detail(serde_json::json!({ "upstream_url": url }))
+    };
+    if let Reference::Digest(d) = reference
+        && *d != digest
+    {
+        return Err(wrong(&d.to_string()));
+    }
+    if let Some(h) = header_digest.as_deref()
+        && h != digest.to_string()
+    {
+        return Err(wrong(h));
+    }
+    let json: Option<Value> = serde_json::from_slice(&bytes).ok();
+    let media_type = header_type
+        .filter(|t| !t.is_empty() && t != "application/json" && t != "text/plain")
+        .or_else(|| {
+            json.as_ref()
+                .and_then(|j| j.get("mediaType")?.as_str().map(str::to_owned))
+        })
+        .unwrap_or_else(|| "application/vnd.oci.image.manifest.v1+json".to_owned());
+    let store = &ctx.state.store;
+    let internal = |e: crate::store::StoreError| RegistryError::internal(e.to_string());
+    store
+        .put_manifest(&digest, &media_type, &bytes)
+        .map_err(internal)?;
+    let mut linked = vec![digest.clone()];
+    if let Some(j) = &json {
+        linked.extend(referenced(j));
+    }
+    store
+        .link(&ctx.repo.key, &ctx.name, &linked)
+        .map_err(internal)?;
+    if let Reference::Tag(tag) = reference {
+        let entry = TagEntry {
+            digest: digest.to_string(),
+            media_type: media_type.clone(),
+            fetched_at: now_secs(),
+        };
+        store
+            .put_tag(&ctx.repo.key, &ctx.name, tag, &entry)
+            .map_err(internal)?;
+    }
+    Ok(Manifest {
+        digest,
+        media_type,
+        bytes,
+    })
+}
+
+/// The digests a manifest or index references: config, layers, child manifests, subject, blobs.
+fn referenced(j: &Value) -> Vec<Digest> {
+    let one = |v: &Value| {
+        v.get("digest")
+            .and_then(Value::as_str)
+            .and_then(|d| d.parse::<Digest>().ok())
+    };
+    let mut out: Vec<Digest> = ["config", "subject"]
+        .iter()
+        .filter_map(|k| j.get(*k))
+        .filter_map(one)
+        .collect();
+    for list in ["layers", "manifests", "blobs"] {
+        if let Some(items) = j.get(list).and_then(Value::as_array) {
+            out.extend(items.iter().filter_map(one));
+        }
+    }
+    out
+}
+
+fn respond(ctx: &Ctx, m: Manifest, cache_control: &str, stale: Option<&str>) -> Response {
+    let etag = format!("\"{}\"", m.digest);
+    if not_modified(&ctx.headers, &etag) {
+        return not_modified_response(&m.digest, &m.media_type, cache_control);
+    }
+    let len = m.bytes.len();
+    let mut r = Response::new(if ctx.head {
+        Body::empty()
+    } else {
+        Body::from(m.bytes)
+    });
+    let h = r.headers_mut();
+    content_headers(h, &m.digest, &m.media_type, cache_control);
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    if let Some(why) = stale {
+        let why: String = why
+            .chars()
+            .filter(|c| *c != '"' && *c != '\\' && !c.is_control())
+            .take(200)
+            .collect();
+        if let Ok(v) = HeaderValue::from_str(&format!("110 wharf \"Response is stale: {why}\"")) {
+            h.insert(header::WARNING, v);
+        }
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_matching() {
+        let mut h = HeaderMap::new();
+        assert!(accepts(&h, "application/vnd.oci.image.index.v1+json"));
+        h.append(
+            header::ACCEPT,
+            HeaderValue::from_static("application/vnd.oci.image.manifest.v1+json; q=0.5"),
+        );
+        assert!(accepts(&h, "application/vnd.oci.image.manifest.v1+json"));
+        assert!(!accepts(&h, "application/vnd.oci.image.index.v1+json"));
+        h.append(header::ACCEPT, HeaderValue::from_static("application/*"));
+        assert!(accepts(&h, "application/vnd.oci.image.index.v1+json"));
+    }
+
+    #[test]
+    fn references_of_an_image_and_an_index() {
+        let d = |n: u8| Digest::of(&[n]);
+        let image = serde_json::json!({
+            "config": {"digest": d(1).to_string()},
+            "layers": [{"digest": d(2).to_string()}, {"digest": "sha256:bad"}],
+            "subject": {"digest": d(3).to_string()},
+        });
+        assert_eq!(referenced(&image), vec![d(1), d(3), d(2)]);
+        let index = serde_json::json!({"manifests": [{"digest": d(4).to_string()}]});
+        assert_eq!(referenced(&index), vec![d(4)]);
+    }
+}

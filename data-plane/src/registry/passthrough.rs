@@ -1,0 +1,89 @@
+//! Tag lists and referrers: passed through uncached, with `n`/`last` kept and `Link` rewritten to
+//! point back at this node.
+
+use axum::body::Body;
+use axum::response::Response;
+use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+
+use super::{Ctx, RequestLog, upstream_error, upstream_status};
+use crate::error::RegistryError;
+use crate::upstream::{Upstream, UpstreamRequest};
+
+pub async fn get(ctx: &Ctx, path: String, log: &mut RequestLog) -> Result<Response, RegistryError> {
+    let mut headers = HeaderMap::new();
+    for v in ctx.headers.get_all(header::ACCEPT) {
+        headers.append(header::ACCEPT, v.clone());
+    }
+    let req = UpstreamRequest {
+        repo: &ctx.repo,
+        name: &ctx.name,
+        method: if ctx.head { Method::HEAD } else { Method::GET },
+        path,
+        query: ctx.query.clone(),
+        headers,
+        retry: true,
+    };
+    log.upstream_url = Upstream::url_for(&req);
+    log.cache = "bypass";
+    let resp = ctx
+        .state
+        .upstream
+        .send(&req)
+        .await
+        .map_err(|e| upstream_error(&e))?;
+    if resp.status != StatusCode::OK {
+        let status = resp.status;
+        let retry_after = resp.header_str(header::RETRY_AFTER).map(str::to_owned);
+        return Err(upstream_status(
+            status,
+            resp.error_detail().await,
+            "repository",
+            retry_after,
+        ));
+    }
+    let mut out = HeaderMap::new();
+    for k in [header::CONTENT_TYPE, header::CONTENT_LENGTH] {
+        if let Some(v) = resp.headers.get(&k) {
+            out.insert(k, v.clone());
+        }
+    }
+    if let Some(link) = resp
+        .header_str(header::LINK)
+        .and_then(|l| rewrite_link(l, ctx))
+        && let Ok(v) = HeaderValue::from_str(&link)
+    {
+        out.insert(header::LINK, v);
+    }
+    if let Some(v) = resp.headers.get("oci-filters-applied") {
+        out.insert("oci-filters-applied", v.clone());
+    }
+    out.insert(
+        "docker-distribution-api-version",
+        HeaderValue::from_static("registry/2.0"),
+    );
+    let mut r = Response::new(if ctx.head {
+        Body::empty()
+    } else {
+        Body::from_stream(resp.into_stream())
+    });
+    *r.headers_mut() = out;
+    Ok(r)
+}
+
+/// `</v2/library/alpine/tags/list?n=2&last=b>; rel="next"` (or absolute, on the upstream's host)
+/// becomes `</v2/<repoKey>/<client name>/tags/list?n=2&last=b>; rel="next"`.
+fn rewrite_link(link: &str, ctx: &Ctx) -> Option<String> {
+    let open = link.find('<')?;
+    let close = link[open..].find('>')? + open;
+    let target = &link[open + 1..close];
+    let path = target.strip_prefix(&ctx.repo.upstream).unwrap_or(target);
+    let rest = path.strip_prefix(&format!("/v2/{}/", ctx.name))?;
+    Some(format!(
+        "{}</v2/{}/{}/{}>{}",
+        &link[..open],
+        ctx.repo.key,
+        ctx.client_name,
+        rest,
+        &link[close + 1..]
+    ))
+}

@@ -1,0 +1,60 @@
+use super::*;
+
+fn p(s: &str) -> Result<RegistryPath, RegistryError> {
+    parse_path(s)
+}
+
+#[test]
+fn parses_paths() {
+    let d = Digest::of(b"x");
+    let r = p(&format!("hub/library/alpine/blobs/{d}")).unwrap();
+    assert_eq!(
+        (r.repo_key.as_str(), r.name.as_str(), r.target),
+        ("hub", "library/alpine", Target::Blob(d.clone()))
+    );
+    let r = p("hub/alpine/manifests/3.20").unwrap();
+    assert_eq!(r.target, Target::Manifest(Reference::Tag("3.20".into())));
+    assert_eq!(p("lab/a/b/c/tags/list").unwrap().name, "a/b/c");
+    assert_eq!(
+        p(&format!("lab/x/referrers/{d}")).unwrap().target,
+        Target::Referrers(d)
+    );
+    // A repository may be named "manifests" or "blobs".
+    assert_eq!(p("lab/blobs/manifests/v1").unwrap().name, "blobs");
+}
+
+#[test]
+fn rejects_bad_paths() {
+    let cases = [
+        ("lab/../etc/manifests/v1", "NAME_INVALID"),
+        ("lab/a/../../manifests/v1", "NAME_INVALID"),
+        ("lab/%2e%2e/manifests/v1", "NAME_INVALID"),
+        ("lab/a%2fb/manifests/v1", "NAME_INVALID"),
+        ("lab/Upper/manifests/v1", "NAME_INVALID"),
+        ("lab/a//b/manifests/v1", "NAME_INVALID"),
+        ("Lab/a/manifests/v1", "NAME_INVALID"),
+        ("lab/a/manifests/..", "TAG_INVALID"),
+        ("lab/a/blobs/sha512:abcd", "DIGEST_INVALID"),
+        ("lab/a/blobs/sha256:abcd", "DIGEST_INVALID"),
+        ("lab/a/blobs/notadigest", "DIGEST_INVALID"),
+        ("lab/a/manifests/sha256:zz", "DIGEST_INVALID"),
+        ("lab/a/other/x", "NOT_FOUND"),
+        ("lab/manifests/v1", "NOT_FOUND"),
+    ];
+    for (path, code) in cases {
+        assert_eq!(p(path).map(|_| ()).unwrap_err().code, code, "{path}");
+    }
+    let huge = format!("lab/a/manifests/{}", "t".repeat(300));
+    assert_eq!(p(&huge).unwrap_err().code, "TAG_INVALID");
+}
+
+#[test]
+fn if_none_match() {
+    let mut h = HeaderMap::new();
+    h.insert(
+        header::IF_NONE_MATCH,
+        HeaderValue::from_static("\"a\", W/\"b\""),
+    );
+    assert!(not_modified(&h, "\"b\""));
+    assert!(!not_modified(&h, "\"c\""));
+}

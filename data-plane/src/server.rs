@@ -1,0 +1,56 @@
+//! The node's HTTP server: `run(listener, state, shutdown)`.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::routing::any;
+use tokio::net::TcpListener;
+
+use crate::config::Config;
+use crate::flight::Flights;
+use crate::registry;
+use crate::store::Store;
+use crate::upstream::Upstream;
+
+/// Everything a request needs, shared by all of them.
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub store: Arc<Store>,
+    pub upstream: Arc<Upstream>,
+    pub flights: Arc<Flights>,
+}
+
+impl AppState {
+    pub fn new(config: Arc<Config>, store: Arc<Store>, upstream: Arc<Upstream>) -> Self {
+        Self {
+            config,
+            store,
+            upstream,
+            flights: Arc::default(),
+        }
+    }
+}
+
+/// The registry API's routes.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v2", any(registry::handle))
+        .route("/v2/", any(registry::handle))
+        .route("/v2/{*rest}", any(registry::handle))
+        .fallback(registry::fallback)
+        .with_state(state)
+}
+
+/// Serves the registry API on `listener` until `shutdown` resolves, then stops accepting and
+/// waits for in-flight responses (the caller bounds that wait with its grace period).
+pub async fn run(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}

@@ -1,0 +1,481 @@
+//! The content-addressed disk cache and its in-memory index.
+//!
+//! ```text
+//! <cache-dir>/
+//!   blobs/sha256/<2 hex>/<hex>             verified blobs, shared by all repos
+//!   manifests/sha256/<2 hex>/<hex>         verified manifests, media type in <hex>.type
+//!   repos/<repoKey>/<name>/_tags/<tag>     tag cache: digest, media type, fetched-at (JSON)
+//!   repos/<repoKey>/<name>/_links/<hex>    empty: this repo and name were seen to hold <hex>
+//!   staging/                               partial downloads; emptied at start-up
+//! ```
+//!
+//! Nothing enters `blobs/` or `manifests/` but by an atomic rename after its bytes matched its
+//! digest and were fsynced. `_tags` and `_links` sit under a `_` folder because name components
+//! cannot start with `_`, so `a/b` (name) and `a` + tag `b` never collide.
+
+use std::collections::{HashMap, HashSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use wharf_core::{Digest, RepoKey};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cache I/O on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cache entry {path} is corrupt: {why}")]
+    Corrupt { path: PathBuf, why: String },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Size and last access of one cached entry, for eviction and metrics.
+#[derive(Debug)]
+pub struct Entry {
+    pub size: u64,
+    /// Seconds since the epoch; refreshed in memory on every hit, never written per hit.
+    pub last_access: AtomicU64,
+}
+
+/// What the tag cache knows about one tag.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TagEntry {
+    pub digest: String,
+    pub media_type: String,
+    /// Seconds since the epoch when upstream last confirmed this digest.
+    pub fetched_at: u64,
+}
+
+#[derive(Default)]
+struct Index {
+    blobs: HashMap<Digest, Entry>,
+    manifests: HashMap<Digest, Entry>,
+    links: HashSet<(RepoKey, String, Digest)>,
+}
+
+/// The disk cache of one node.
+pub struct Store {
+    root: PathBuf,
+    index: Mutex<Index>,
+}
+
+pub fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Store {
+    /// Opens (creating) a cache dir: empties `staging/` and rebuilds the index from the folder,
+    /// reading metadata only, never blob contents.
+    pub fn open(root: impl Into<PathBuf>) -> Result<Self, StoreError> {
+        let root = root.into();
+        for d in ["blobs/sha256", "manifests/sha256", "repos", "staging"] {
+            let p = root.join(d);
+            std::fs::create_dir_all(&p).map_err(io(&p))?;
+        }
+        let staging = root.join("staging");
+        let mut removed = 0usize;
+        for e in std::fs::read_dir(&staging).map_err(io(&staging))? {
+            let path = e.map_err(io(&staging))?.path();
+            let r = if path.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+            r.map_err(io(&path))?;
+            removed += 1;
+        }
+        if removed > 0 {
+            tracing::info!(
+                removed,
+                "emptied staging: partial downloads from an earlier run"
+            );
+        }
+        let mut index = Index::default();
+        scan_content(&root.join("blobs/sha256"), &mut index.blobs)?;
+        scan_content(&root.join("manifests/sha256"), &mut index.manifests)?;
+        scan_links(&root.join("repos"), &mut index.links)?;
+        tracing::info!(
+            blobs = index.blobs.len(),
+            manifests = index.manifests.len(),
+            links = index.links.len(),
+            "cache index rebuilt"
+        );
+        Ok(Self {
+            root,
+            index: Mutex::new(index),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn index(&self) -> std::sync::MutexGuard<'_, Index> {
+        self.index.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn content_path(&self, kind: &str, d: &Digest) -> PathBuf {
+        self.root
+            .join(kind)
+            .join("sha256")
+            .join(&d.hex()[..2])
+            .join(d.hex())
+    }
+
+    pub fn blob_path(&self, d: &Digest) -> PathBuf {
+        self.content_path("blobs", d)
+    }
+
+    /// The size of a cached blob, refreshing its last access.
+    pub fn blob_size(&self, d: &Digest) -> Option<u64> {
+        let idx = self.index();
+        let e = idx.blobs.get(d)?;
+        e.last_access.store(now_secs(), Ordering::Relaxed);
+        Some(e.size)
+    }
+
+    /// Number of cached blobs and manifests, and their total size.
+    pub fn usage(&self) -> (usize, u64) {
+        let idx = self.index();
+        let n = idx.blobs.len() + idx.manifests.len();
+        let size = idx
+            .blobs
+            .values()
+            .chain(idx.manifests.values())
+            .map(|e| e.size)
+            .sum();
+        (n, size)
+    }
+
+    /// A new, empty file in `staging/`.
+    pub fn staging_file(&self, d: &Digest) -> Result<(PathBuf, std::fs::File), StoreError> {
+        let path =
+            self.root
+                .join("staging")
+                .join(format!("{}.{:016x}", d.hex(), rand::random::<u64>()));
+        let f = std::fs::OpenOptions::new()
+            .create_new(true)
+            .write(true)
+            .read(true)
+            .open(&path)
+            .map_err(io(&path))?;
+        Ok((path, f))
+    }
+
+    /// Moves a verified staging file into `blobs/`: fsync, atomic rename, fsync of the folder.
+    /// Blocking: call from a blocking context.
+    pub fn commit_blob(
+        &self,
+        staging: &Path,
+        file: &std::fs::File,
+        d: &Digest,
+        size: u64,
+    ) -> Result<(), StoreError> {
+        let dest = self.blob_path(d);
+        commit(staging, file, &dest)?;
+        self.index().blobs.insert(
+            d.clone(),
+            Entry {
+                size,
+                last_access: AtomicU64::new(now_secs()),
+            },
+        );
+        Ok(())
+    }
+
+    /// Stores a verified manifest and its media type.
+    pub fn put_manifest(
+        &self,
+        d: &Digest,
+        media_type: &str,
+        bytes: &[u8],
+    ) -> Result<(), StoreError> {
+        let dest = self.content_path("manifests", d);
+        let (staging, mut f) = self.staging_file(d)?;
+        let result = (|| {
+            f.write_all(bytes).map_err(io(&staging))?;
+            write_atomic(
+                &self.root.join("staging"),
+                &dest.with_extension("type"),
+                media_type.as_bytes(),
+            )?;
+            commit(&staging, &f, &dest)
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&staging);
+        }
+        result?;
+        self.index().manifests.insert(
+            d.clone(),
+            Entry {
+                size: bytes.len() as u64,
+                last_access: AtomicU64::new(now_secs()),
+            },
+        );
+        Ok(())
+    }
+
+    /// A cached manifest and its media type.
+    pub fn get_manifest(&self, d: &Digest) -> Result<Option<(String, Bytes)>, StoreError> {
+        {
+            let idx = self.index();
+            match idx.manifests.get(d) {
+                Some(e) => e.last_access.store(now_secs(), Ordering::Relaxed),
+                None => return Ok(None),
+            }
+        }
+        let path = self.content_path("manifests", d);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                self.index().manifests.remove(d);
+                return Ok(None);
+            }
+            Err(e) => return Err(io(&path)(e)),
+        };
+        let tpath = path.with_extension("type");
+        let media_type = std::fs::read_to_string(&tpath).map_err(io(&tpath))?;
+        if Digest::of(&bytes) != *d {
+            self.index().manifests.remove(d);
+            let _ = std::fs::remove_file(&path);
+            return Err(StoreError::Corrupt {
+                path,
+                why: "bytes do not match the digest; removed".into(),
+            });
+        }
+        Ok(Some((media_type, Bytes::from(bytes))))
+    }
+
+    fn repo_dir(&self, repo: &RepoKey, name: &str) -> PathBuf {
+        // repo and name are validated (grammar: no '..', no '_' prefix), so this stays in the cache dir.
+        self.root.join("repos").join(repo.as_str()).join(name)
+    }
+
+    pub fn get_tag(&self, repo: &RepoKey, name: &str, tag: &str) -> Option<TagEntry> {
+        let path = self.repo_dir(repo, name).join("_tags").join(tag);
+        let text = std::fs::read(&path).ok()?;
+        serde_json::from_slice(&text).ok()
+    }
+
+    pub fn put_tag(
+        &self,
+        repo: &RepoKey,
+        name: &str,
+        tag: &str,
+        entry: &TagEntry,
+    ) -> Result<(), StoreError> {
+        let dir = self.repo_dir(repo, name).join("_tags");
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let bytes = serde_json::to_vec(entry).map_err(|e| StoreError::Corrupt {
+            path: dir.clone(),
+            why: e.to_string(),
+        })?;
+        write_atomic(&self.root.join("staging"), &dir.join(tag), &bytes)
+    }
+
+    pub fn remove_tag(&self, repo: &RepoKey, name: &str, tag: &str) {
+        let _ = std::fs::remove_file(self.repo_dir(repo, name).join("_tags").join(tag));
+    }
+
+    /// Whether this repo and name were seen to hold `d` (a manifest referencing it, or upstream).
+    pub fn is_linked(&self, repo: &RepoKey, name: &str, d: &Digest) -> bool {
+        self.index()
+            .links
+            .contains(&(repo.clone(), name.to_owned(), d.clone()))
+    }
+
+    /// Records that this repo and name hold these digests.
+    pub fn link<'a>(
+        &self,
+        repo: &RepoKey,
+        name: &str,
+        digests: impl IntoIterator<Item = &'a Digest>,
+    ) -> Result<(), StoreError> {
+        let dir = self.repo_dir(repo, name).join("_links");
+        let mut created = false;
+        for d in digests {
+            if !self
+                .index()
+                .links
+                .insert((repo.clone(), name.to_owned(), d.clone()))
+            {
+                continue;
+            }
+            if !created {
+                std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+                created = true;
+            }
+            let p = dir.join(d.hex());
+            std::fs::File::create(&p).map_err(io(&p))?;
+        }
+        Ok(())
+    }
+}
+
+/// fsync `file`, rename `staging` to `dest` (creating its folder), fsync the folder.
+fn commit(staging: &Path, file: &std::fs::File, dest: &Path) -> Result<(), StoreError> {
+    file.sync_all().map_err(io(staging))?;
+    let dir = dest.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    std::fs::rename(staging, dest).map_err(io(dest))?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir))
+}
+
+fn write_atomic(staging_dir: &Path, dest: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    let tmp = staging_dir.join(format!("w.{:016x}", rand::random::<u64>()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+        f.write_all(bytes).map_err(io(&tmp))?;
+        commit(&tmp, &f, dest)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+fn scan_content(dir: &Path, into: &mut HashMap<Digest, Entry>) -> Result<(), StoreError> {
+    for shard in std::fs::read_dir(dir).map_err(io(dir))? {
+        let shard = shard.map_err(io(dir))?.path();
+        let Ok(entries) = std::fs::read_dir(&shard) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let Some(d) = name
+                .to_str()
+                .and_then(|n| format!("sha256:{n}").parse::<Digest>().ok())
+            else {
+                continue; // media-type files and strays
+            };
+            let Ok(meta) = e.metadata() else { continue };
+            let last = meta
+                .accessed()
+                .or_else(|_| meta.modified())
+                .ok()
+                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                .map_or(0, |t| t.as_secs());
+            into.insert(
+                d,
+                Entry {
+                    size: meta.len(),
+                    last_access: AtomicU64::new(last),
+                },
+            );
+        }
+    }
+    Ok(())
+}
+
+fn scan_links(
+    repos: &Path,
+    into: &mut HashSet<(RepoKey, String, Digest)>,
+) -> Result<(), StoreError> {
+    for repo in std::fs::read_dir(repos).map_err(io(repos))?.flatten() {
+        let Some(key) = repo
+            .file_name()
+            .to_str()
+            .and_then(|k| k.parse::<RepoKey>().ok())
+        else {
+            continue;
+        };
+        let mut stack = vec![repo.path()];
+        while let Some(dir) = stack.pop() {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let path = e.path();
+                if e.file_name() == "_links" {
+                    let name = dir
+                        .strip_prefix(repo.path())
+                        .ok()
+                        .and_then(|n| n.to_str())
+                        .unwrap_or_default()
+                        .to_owned();
+                    for l in std::fs::read_dir(&path).into_iter().flatten().flatten() {
+                        if let Some(d) = l
+                            .file_name()
+                            .to_str()
+                            .and_then(|h| format!("sha256:{h}").parse::<Digest>().ok())
+                        {
+                            into.insert((key.clone(), name.clone(), d));
+                        }
+                    }
+                } else if e.file_name() != "_tags" && e.file_type().is_ok_and(|t| t.is_dir()) {
+                    stack.push(path);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manifests_tags_links_survive_reopen_and_staging_is_emptied() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = Digest::of(b"{}");
+        let repo: RepoKey = "lab".parse().unwrap();
+        {
+            let s = Store::open(dir.path()).unwrap();
+            s.put_manifest(&d, "application/vnd.oci.image.manifest.v1+json", b"{}")
+                .unwrap();
+            let t = TagEntry {
+                digest: d.to_string(),
+                media_type: "x".into(),
+                fetched_at: 1,
+            };
+            s.put_tag(&repo, "a/b", "v1", &t).unwrap();
+            s.link(&repo, "a/b", [&d]).unwrap();
+            let (path, _f) = s.staging_file(&d).unwrap();
+            assert!(path.exists());
+        }
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("staging"))
+                .unwrap()
+                .count(),
+            0
+        );
+        let (mt, bytes) = s.get_manifest(&d).unwrap().unwrap();
+        assert_eq!(
+            (mt.as_str(), &bytes[..]),
+            ("application/vnd.oci.image.manifest.v1+json", &b"{}"[..])
+        );
+        assert_eq!(s.get_tag(&repo, "a/b", "v1").unwrap().digest, d.to_string());
+        assert!(s.is_linked(&repo, "a/b", &d));
+        assert!(!s.is_linked(&repo, "a", &d));
+    }
+
+    #[test]
+    fn corrupt_manifest_is_not_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = Digest::of(b"{}");
+        let s = Store::open(dir.path()).unwrap();
+        s.put_manifest(&d, "t", b"{}").unwrap();
+        std::fs::write(s.content_path("manifests", &d), b"{x}").unwrap();
+        assert!(s.get_manifest(&d).is_err());
+        assert!(s.get_manifest(&d).unwrap().is_none());
+    }
+}

@@ -1,0 +1,381 @@
+//! The upstream registry client: token and Basic auth from the registry's challenge, tokens cached
+//! per (realm, service, scope, user) until they expire, redirects followed without sending
+//! `Authorization` to another host, timeouts on connect, first byte and between body chunks, and
+//! retries with backoff for connection errors, 5xx and 429 (honouring `Retry-After`).
+//!
+//! Retries happen only here, before a response is handed out: once a body streams, nothing is
+//! retried, so a client never receives bytes twice.
+
+mod auth;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use serde_json::{Value, json};
+use wharf_core::Repo;
+
+use self::auth::{Challenge, TokenCache};
+
+/// Timeouts and retry policy towards upstreams.
+#[derive(Debug, Clone)]
+pub struct UpstreamOptions {
+    pub connect_timeout: Duration,
+    /// From sending a request to receiving the response head.
+    pub first_byte_timeout: Duration,
+    /// Longest silence between two body chunks.
+    pub idle_timeout: Duration,
+    /// Extra attempts after a connection error, a timeout, a 5xx or a 429.
+    pub retries: u32,
+    pub retry_backoff: Duration,
+    /// A 429 whose `Retry-After` asks for longer than this is returned to the client, not waited on.
+    pub max_retry_after: Duration,
+}
+
+impl Default for UpstreamOptions {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(10),
+            first_byte_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(30),
+            retries: 2,
+            retry_backoff: Duration::from_millis(200),
+            max_retry_after: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("upstream {url} is unreachable: {message}")]
+    Unreachable { url: String, message: String },
+    #[error("upstream {url} timed out ({phase})")]
+    Timeout { url: String, phase: &'static str },
+    #[error("upstream token endpoint {url} answered {status}: {message}")]
+    Token {
+        url: String,
+        status: u16,
+        message: String,
+    },
+    #[error("upstream {url}: {message}")]
+    Protocol { url: String, message: String },
+}
+
+impl UpstreamError {
+    fn retryable(&self) -> bool {
+        matches!(
+            self,
+            UpstreamError::Unreachable { .. } | UpstreamError::Timeout { .. }
+        )
+    }
+}
+
+/// One request to an upstream registry, below `/v2/<name>/`.
+pub struct UpstreamRequest<'a> {
+    pub repo: &'a Repo,
+    /// The upstream's name for the repository (Docker Hub's `library/` already applied).
+    pub name: &'a str,
+    pub method: Method,
+    /// `manifests/<ref>`, `blobs/<digest>`, `tags/list`, `referrers/<digest>`.
+    pub path: String,
+    pub query: Option<String>,
+    /// Headers to forward (`Accept`, `Range`, ...).
+    pub headers: HeaderMap,
+    /// Whether 5xx, 429 and connection errors are retried (revalidation prefers a quick answer).
+    pub retry: bool,
+}
+
+/// An upstream response whose body has not been read yet.
+pub struct UpstreamResponse {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    /// The URL that answered, query stripped (signed URLs carry credentials there).
+    pub url: String,
+    inner: reqwest::Response,
+    idle_timeout: Duration,
+}
+
+impl UpstreamResponse {
+    pub fn content_length(&self) -> Option<u64> {
+        self.headers
+            .get(header::CONTENT_LENGTH)?
+            .to_str()
+            .ok()?
+            .parse()
+            .ok()
+    }
+
+    pub fn header_str(&self, name: impl header::AsHeaderName) -> Option<&str> {
+        self.headers.get(name)?.to_str().ok()
+    }
+
+    /// The body as a stream of chunks, failing when the upstream goes silent for too long.
+    pub fn into_stream(self) -> impl Stream<Item = Result<Bytes, UpstreamError>> + Send + 'static {
+        let idle = self.idle_timeout;
+        let url = self.url;
+        futures_util::stream::unfold(Some(self.inner.bytes_stream()), move |state| {
+            let url = url.clone();
+            async move {
+                let mut s = state?;
+                match tokio::time::timeout(idle, s.next()).await {
+                    Ok(Some(Ok(b))) => Some((Ok(b), Some(s))),
+                    Ok(Some(Err(e))) => Some((
+                        Err(UpstreamError::Unreachable {
+                            url,
+                            message: format!("body: {}", error_chain(&e)),
+                        }),
+                        None,
+                    )),
+                    Ok(None) => None,
+                    Err(_) => Some((
+                        Err(UpstreamError::Timeout {
+                            url,
+                            phase: "idle between body chunks",
+                        }),
+                        None,
+                    )),
+                }
+            }
+        })
+    }
+
+    /// Reads the whole body, refusing more than `limit` bytes (for manifests and error bodies).
+    pub async fn bytes_limited(self, limit: usize) -> Result<Bytes, UpstreamError> {
+        let url = self.url.clone();
+        let mut out = bytes::BytesMut::new();
+        let mut s = std::pin::pin!(self.into_stream());
+        while let Some(chunk) = s.next().await {
+            let chunk = chunk?;
+            if out.len() + chunk.len() > limit {
+                return Err(UpstreamError::Protocol {
+                    url,
+                    message: format!("body larger than {limit} bytes"),
+                });
+            }
+            out.extend_from_slice(&chunk);
+        }
+        Ok(out.freeze())
+    }
+
+    /// What to tell a client about an upstream error answer: status, URL and the upstream's own
+    /// error message (its OCI error JSON when it sent one).
+    pub async fn error_detail(self) -> Value {
+        let status = self.status.as_u16();
+        let url = self.url.clone();
+        let body = self.bytes_limited(64 * 1024).await.unwrap_or_default();
+        let upstream = match serde_json::from_slice::<Value>(&body) {
+            Ok(v) => v.get("errors").cloned().unwrap_or(v),
+            Err(_) => {
+                Value::String(String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned())
+            }
+        };
+        json!({ "upstream_status": status, "upstream_url": url, "upstream_errors": upstream })
+    }
+}
+
+/// The upstream client shared by every request of a node.
+pub struct Upstream {
+    http: reqwest::Client,
+    opts: UpstreamOptions,
+    tokens: TokenCache,
+}
+
+const MAX_REDIRECTS: usize = 5;
+
+impl Upstream {
+    pub fn new(opts: UpstreamOptions) -> Result<Self, UpstreamError> {
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(opts.connect_timeout)
+            .tcp_nodelay(true)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .user_agent(concat!("wharf/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| UpstreamError::Protocol {
+                url: String::new(),
+                message: format!("HTTP client: {e}"),
+            })?;
+        Ok(Self {
+            http,
+            opts,
+            tokens: TokenCache::default(),
+        })
+    }
+
+    pub fn options(&self) -> &UpstreamOptions {
+        &self.opts
+    }
+
+    /// The URL a request goes to first (for logs and errors: it carries no credentials).
+    pub fn url_for(req: &UpstreamRequest<'_>) -> String {
+        let mut url = format!("{}/v2/{}/{}", req.repo.upstream, req.name, req.path);
+        if let Some(q) = &req.query {
+            url.push('?');
+            url.push_str(q);
+        }
+        url
+    }
+
+    /// Sends a request: authenticates as the upstream demands, follows redirects, retries.
+    pub async fn send(&self, req: &UpstreamRequest<'_>) -> Result<UpstreamResponse, UpstreamError> {
+        let url = Self::url_for(req);
+        let scope = format!("repository:{}:pull", req.name);
+        let retries = if req.retry { self.opts.retries } else { 0 };
+        let mut attempt = 0;
+        let mut reauthenticated = false;
+        loop {
+            let authorization = self
+                .tokens
+                .authorization(&self.http, &self.opts, req.repo, &scope)
+                .await?;
+            let result = self.send_following(req, &url, authorization.as_ref()).await;
+            let wait = match &result {
+                Ok(r) if r.status == StatusCode::UNAUTHORIZED && !reauthenticated => {
+                    reauthenticated = true;
+                    let challenge = r
+                        .header_str(header::WWW_AUTHENTICATE)
+                        .and_then(Challenge::parse);
+                    tracing::debug!(upstream = %req.repo.upstream, ?challenge, "upstream asked for authentication");
+                    if self
+                        .tokens
+                        .learn(req.repo, &scope, challenge, authorization.as_ref())
+                    {
+                        continue;
+                    }
+                    None
+                }
+                Ok(r) if r.status == StatusCode::TOO_MANY_REQUESTS => {
+                    let after = r
+                        .header_str(header::RETRY_AFTER)
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                        .map_or(self.opts.retry_backoff, Duration::from_secs);
+                    (after <= self.opts.max_retry_after).then_some(after)
+                }
+                Ok(r) if r.status.is_server_error() => Some(self.backoff(attempt)),
+                Err(e) if e.retryable() => Some(self.backoff(attempt)),
+                _ => None,
+            };
+            match wait {
+                Some(wait) if attempt < retries => {
+                    attempt += 1;
+                    let status = result.as_ref().ok().map(|r| r.status.as_u16());
+                    let error = result.as_ref().err().map(|e| e.to_string());
+                    tracing::info!(%url, attempt, ?status, ?error, wait_ms = wait.as_millis() as u64, "retrying upstream request");
+                    tokio::time::sleep(wait).await;
+                }
+                _ => return result,
+            }
+        }
+    }
+
+    fn backoff(&self, attempt: u32) -> Duration {
+        let base = self.opts.retry_backoff.saturating_mul(1 << attempt.min(6));
+        base + base.mul_f64(rand::random::<f64>() * 0.5)
+    }
+
+    async fn send_following(
+        &self,
+        req: &UpstreamRequest<'_>,
+        first_url: &str,
+        authorization: Option<&HeaderValue>,
+    ) -> Result<UpstreamResponse, UpstreamError> {
+        let origin = reqwest::Url::parse(first_url).map_err(|e| UpstreamError::Protocol {
+            url: redact(first_url),
+            message: e.to_string(),
+        })?;
+        let mut url = origin.clone();
+        for _ in 0..=MAX_REDIRECTS {
+            let mut r = self
+                .http
+                .request(req.method.clone(), url.clone())
+                .headers(req.headers.clone());
+            // Authorization goes to the registry only: a CDN or object store behind a redirect
+            // either rejects it (S3, Azure Blob) or must not see it.
+            if same_origin(&url, &origin)
+                && let Some(a) = authorization
+            {
+                r = r.header(header::AUTHORIZATION, a.clone());
+            }
+            let shown = redact(url.as_str());
+            let resp = match tokio::time::timeout(self.opts.first_byte_timeout, r.send()).await {
+                Err(_) => {
+                    return Err(UpstreamError::Timeout {
+                        url: shown,
+                        phase: "waiting for the response",
+                    });
+                }
+                Ok(Err(e)) if e.is_timeout() => {
+                    return Err(UpstreamError::Timeout {
+                        url: shown,
+                        phase: "connect",
+                    });
+                }
+                Ok(Err(e)) => {
+                    return Err(UpstreamError::Unreachable {
+                        url: shown,
+                        message: error_chain(&e),
+                    });
+                }
+                Ok(Ok(resp)) => resp,
+            };
+            let status = resp.status();
+            if status.is_redirection()
+                && let Some(loc) = resp
+                    .headers()
+                    .get(header::LOCATION)
+                    .and_then(|l| l.to_str().ok())
+            {
+                url = url.join(loc).map_err(|e| UpstreamError::Protocol {
+                    url: shown.clone(),
+                    message: format!("bad redirect Location: {e}"),
+                })?;
+                tracing::debug!(from = %shown, to = %redact(url.as_str()), status = status.as_u16(), "following upstream redirect");
+                continue;
+            }
+            return Ok(UpstreamResponse {
+                status,
+                headers: resp.headers().clone(),
+                url: shown,
+                inner: resp,
+                idle_timeout: self.opts.idle_timeout,
+            });
+        }
+        Err(UpstreamError::Protocol {
+            url: redact(first_url),
+            message: format!("more than {MAX_REDIRECTS} redirects"),
+        })
+    }
+}
+
+fn same_origin(a: &reqwest::Url, b: &reqwest::Url) -> bool {
+    a.scheme() == b.scheme()
+        && a.host_str() == b.host_str()
+        && a.port_or_known_default() == b.port_or_known_default()
+}
+
+/// A URL fit for logs and error messages: no query (signed URLs), no user info.
+pub fn redact(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut u) => {
+            let _ = u.set_username("");
+            let _ = u.set_password(None);
+            if u.query().is_some() {
+                u.set_query(Some("<redacted>"));
+            }
+            u.to_string()
+        }
+        Err(_) => "<invalid url>".into(),
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}

@@ -1,0 +1,341 @@
+//! Upstream authentication: the registry's `WWW-Authenticate` challenge, remembered per upstream,
+//! and bearer tokens cached per (realm, service, scope, user) until they expire.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use http::{HeaderValue, StatusCode};
+use wharf_core::{Credentials, Repo};
+
+use super::{UpstreamError, UpstreamOptions, error_chain, redact};
+
+/// What an upstream demands, from its `WWW-Authenticate` header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Challenge {
+    Bearer {
+        realm: String,
+        service: Option<String>,
+    },
+    Basic,
+}
+
+impl Challenge {
+    /// Parses `Bearer realm="...",service="...",scope="..."` or `Basic realm="..."`. The scope in a
+    /// challenge is ignored: Wharf asks for the scope of the repository it pulls.
+    pub fn parse(header: &str) -> Option<Self> {
+        let header = header.trim();
+        let (scheme, rest) = header
+            .split_once(char::is_whitespace)
+            .unwrap_or((header, ""));
+        let params = parse_params(rest);
+        let get = |k: &str| {
+            params
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(k))
+                .map(|(_, v)| v.clone())
+        };
+        if scheme.eq_ignore_ascii_case("bearer") {
+            let realm =
+                get("realm").filter(|r| r.starts_with("https://") || r.starts_with("http://"))?;
+            Some(Challenge::Bearer {
+                realm,
+                service: get("service").filter(|s| !s.is_empty()),
+            })
+        } else if scheme.eq_ignore_ascii_case("basic") {
+            Some(Challenge::Basic)
+        } else {
+            None
+        }
+    }
+}
+
+/// `k=v` and `k="quoted \" value"` pairs separated by commas.
+fn parse_params(s: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut chars = s.chars().peekable();
+    loop {
+        while chars.peek().is_some_and(|c| *c == ',' || c.is_whitespace()) {
+            chars.next();
+        }
+        let key: String =
+            std::iter::from_fn(|| chars.next_if(|c| *c != '=' && *c != ',')).collect();
+        if key.is_empty() {
+            break;
+        }
+        if chars.next_if_eq(&'=').is_none() {
+            continue;
+        }
+        let mut value = String::new();
+        if chars.next_if_eq(&'"').is_some() {
+            while let Some(c) = chars.next() {
+                match c {
+                    '\\' => value.extend(chars.next()),
+                    '"' => break,
+                    c => value.push(c),
+                }
+            }
+        } else {
+            value = std::iter::from_fn(|| chars.next_if(|c| *c != ','))
+                .collect::<String>()
+                .trim()
+                .to_owned();
+        }
+        out.push((key.trim().to_owned(), value));
+    }
+    out
+}
+
+type TokenKey = (String, Option<String>, String, Option<String>);
+
+#[derive(Default)]
+struct State {
+    challenges: HashMap<String, Challenge>,
+    tokens: HashMap<TokenKey, (HeaderValue, Instant)>,
+}
+
+/// Challenges by upstream and tokens by scope, shared by all requests of a node.
+#[derive(Default)]
+pub struct TokenCache {
+    state: Mutex<State>,
+}
+
+/// Tokens are used until shortly before they expire.
+const EXPIRY_MARGIN: Duration = Duration::from_secs(5);
+/// Registries that omit `expires_in` mean 60 s; none is trusted to mean less.
+const MIN_TOKEN_LIFETIME: u64 = 60;
+
+impl TokenCache {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The `Authorization` to send to `repo`'s upstream, if it is known to want one.
+    pub async fn authorization(
+        &self,
+        http: &reqwest::Client,
+        opts: &UpstreamOptions,
+        repo: &Repo,
+        scope: &str,
+    ) -> Result<Option<HeaderValue>, UpstreamError> {
+        let challenge = self.state().challenges.get(&repo.upstream).cloned();
+        let (realm, service) = match challenge {
+            None => return Ok(None),
+            Some(Challenge::Basic) => return Ok(repo.credentials.as_ref().map(basic)),
+            Some(Challenge::Bearer { realm, service }) => (realm, service),
+        };
+        let key: TokenKey = (
+            realm.clone(),
+            service.clone(),
+            scope.to_owned(),
+            repo.credentials.as_ref().map(|c| c.username.clone()),
+        );
+        if let Some((token, expiry)) = self.state().tokens.get(&key)
+            && Instant::now() < *expiry
+        {
+            return Ok(Some(token.clone()));
+        }
+        let (token, lifetime) = fetch_token(
+            http,
+            opts,
+            &realm,
+            service.as_deref(),
+            scope,
+            repo.credentials.as_ref(),
+        )
+        .await?;
+        let expiry = Instant::now() + lifetime.saturating_sub(EXPIRY_MARGIN);
+        self.state().tokens.insert(key, (token.clone(), expiry));
+        Ok(Some(token))
+    }
+
+    /// Records a 401's challenge. Returns whether retrying with fresh authorization may succeed.
+    pub fn learn(
+        &self,
+        repo: &Repo,
+        scope: &str,
+        challenge: Option<Challenge>,
+        sent: Option<&HeaderValue>,
+    ) -> bool {
+        let Some(challenge) = challenge else {
+            return false;
+        };
+        let mut st = self.state();
+        st.challenges
+            .insert(repo.upstream.clone(), challenge.clone());
+        match challenge {
+            // Credentials already sent and refused: retrying would not help.
+            Challenge::Basic => repo.credentials.is_some() && sent.is_none(),
+            Challenge::Bearer { .. } => {
+                if let Some(sent) = sent {
+                    // The token was refused (expired early, revoked): forget it.
+                    st.tokens
+                        .retain(|(_, _, s, _), (t, _)| !(s == scope && t == sent));
+                }
+                true
+            }
+        }
+    }
+}
+
+fn basic(c: &Credentials) -> HeaderValue {
+    let raw = format!("{}:{}", c.username, c.password.expose());
+    let mut v = HeaderValue::from_str(&format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(raw)
+    ))
+    .unwrap_or_else(|_| HeaderValue::from_static(""));
+    v.set_sensitive(true);
+    v
+}
+
+#[derive(serde::Deserialize)]
+struct TokenResponse {
+    token: Option<String>,
+    access_token: Option<String>,
+    expires_in: Option<u64>,
+}
+
+async fn fetch_token(
+    http: &reqwest::Client,
+    opts: &UpstreamOptions,
+    realm: &str,
+    service: Option<&str>,
+    scope: &str,
+    credentials: Option<&Credentials>,
+) -> Result<(HeaderValue, Duration), UpstreamError> {
+    let shown = redact(realm);
+    let mut url = reqwest::Url::parse(realm).map_err(|e| UpstreamError::Protocol {
+        url: shown.clone(),
+        message: e.to_string(),
+    })?;
+    {
+        let mut q = url.query_pairs_mut();
+        if let Some(s) = service {
+            q.append_pair("service", s);
+        }
+        q.append_pair("scope", scope);
+        if let Some(c) = credentials {
+            q.append_pair("account", &c.username);
+        }
+    }
+    let mut req = http.get(url);
+    if let Some(c) = credentials {
+        req = req.header(http::header::AUTHORIZATION, basic(c));
+    }
+    let resp = match tokio::time::timeout(opts.first_byte_timeout, req.send()).await {
+        Err(_) => {
+            return Err(UpstreamError::Timeout {
+                url: shown,
+                phase: "token request",
+            });
+        }
+        Ok(Err(e)) => {
+            return Err(UpstreamError::Unreachable {
+                url: shown,
+                message: error_chain(&e),
+            });
+        }
+        Ok(Ok(r)) => r,
+    };
+    let status = resp.status();
+    let body = tokio::time::timeout(opts.idle_timeout, resp.bytes())
+        .await
+        .map_err(|_| UpstreamError::Timeout {
+            url: shown.clone(),
+            phase: "token body",
+        })?
+        .map_err(|e| UpstreamError::Unreachable {
+            url: shown.clone(),
+            message: error_chain(&e),
+        })?;
+    if status != StatusCode::OK {
+        let message = String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned();
+        return Err(UpstreamError::Token {
+            url: shown,
+            status: status.as_u16(),
+            message,
+        });
+    }
+    let parsed: TokenResponse =
+        serde_json::from_slice(&body).map_err(|e| UpstreamError::Protocol {
+            url: shown.clone(),
+            message: format!("token response: {e}"),
+        })?;
+    let token = parsed
+        .token
+        .or(parsed.access_token)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| UpstreamError::Protocol {
+            url: shown.clone(),
+            message: "token response has no token".into(),
+        })?;
+    let mut value =
+        HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| UpstreamError::Protocol {
+            url: shown,
+            message: "token is not a valid header value".into(),
+        })?;
+    value.set_sensitive(true);
+    let lifetime = parsed
+        .expires_in
+        .unwrap_or(MIN_TOKEN_LIFETIME)
+        .max(MIN_TOKEN_LIFETIME);
+    Ok((value, Duration::from_secs(lifetime)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_challenges() {
+        assert_eq!(
+            Challenge::parse(
+                r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/alpine:pull""#
+            ),
+            Some(Challenge::Bearer {
+                realm: "https://auth.docker.io/token".into(),
+                service: Some("registry.docker.io".into())
+            })
+        );
+        assert_eq!(
+            Challenge::parse(r#"bearer realm="https://x/token", service=svc"#),
+            Some(Challenge::Bearer {
+                realm: "https://x/token".into(),
+                service: Some("svc".into())
+            })
+        );
+        assert_eq!(
+            Challenge::parse(r#"Bearer realm="https://eu-docker.pkg.dev/v2/token""#),
+            Some(Challenge::Bearer {
+                realm: "https://eu-docker.pkg.dev/v2/token".into(),
+                service: None
+            })
+        );
+        assert_eq!(
+            Challenge::parse(r#"Basic realm="ecr.amazonaws.com""#),
+            Some(Challenge::Basic)
+        );
+        for bad in [
+            "",
+            "Bearer",
+            r#"Bearer realm="file:///etc/passwd""#,
+            "Negotiate abc",
+            r#"Bearer realm="unterminated"#,
+        ] {
+            assert!(
+                !matches!(Challenge::parse(bad), Some(Challenge::Bearer { ref realm, .. }) if !realm.starts_with("http")),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            Challenge::parse(r#"Bearer realm="file:///etc/passwd""#),
+            None
+        );
+        assert_eq!(
+            parse_params(r#"a="x\"y", b=2,,c"#),
+            vec![("a".into(), "x\"y".into()), ("b".into(), "2".into())]
+        );
+    }
+}
