@@ -42,27 +42,19 @@ impl FromStr for Digest {
         // Grammar from the OCI image spec: algorithm-component ([a-z0-9]+) joined by [+._-].
         let alg_ok = !alg.is_empty()
             && alg.len() <= 32
-            && alg.split(['+', '.', '_', '-']).all(|c| {
-                !c.is_empty()
-                    && c.bytes()
-                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-            });
+            && alg
+                .split(['+', '.', '_', '-'])
+                .all(|c| !c.is_empty() && c.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()));
         if !alg_ok {
             return Err(DigestError::Malformed);
         }
         if alg != "sha256" {
             return Err(DigestError::UnsupportedAlgorithm(alg.to_owned()));
         }
-        if hex.len() != 64
-            || !hex
-                .bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        {
+        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
             return Err(DigestError::Malformed);
         }
-        Ok(Self {
-            hex: hex.to_owned(),
-        })
+        Ok(Self { hex: hex.to_owned() })
     }
 }
 
@@ -90,9 +82,7 @@ impl DigestHasher {
         self.0.update(bytes);
     }
     pub fn finish(self) -> Digest {
-        Digest {
-            hex: hex::encode(self.0.finalize()),
-        }
+        Digest { hex: hex::encode(self.0.finalize()) }
     }
 }
 
@@ -104,10 +94,7 @@ mod tests {
     fn parses_and_prints() {
         let d = Digest::of(b"hello");
         let s = d.to_string();
-        assert_eq!(
-            s,
-            "sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
-        );
+        assert_eq!(s, "sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824");
         assert_eq!(s.parse::<Digest>(), Ok(d));
     }
 
@@ -125,9 +112,6 @@ mod tests {
         ] {
             assert_eq!(bad.parse::<Digest>(), Err(DigestError::Malformed), "{bad}");
         }
-        assert_eq!(
-            "sha512:abcd".parse::<Digest>(),
-            Err(DigestError::UnsupportedAlgorithm("sha512".into()))
-        );
+        assert_eq!("sha512:abcd".parse::<Digest>(), Err(DigestError::UnsupportedAlgorithm("sha512".into())));
     }
 }

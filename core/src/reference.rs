@@ -22,10 +22,7 @@ pub enum NameError {
     #[error("tag {0:?} is invalid: tags match [a-zA-Z0-9_][a-zA-Z0-9._-]{{0,127}}")]
     Tag(String),
     #[error("digest {value:?} is invalid: {source}")]
-    Digest {
-        value: String,
-        source: crate::DigestError,
-    },
+    Digest { value: String, source: crate::DigestError },
 }
 
 /// Checks a repository name: `[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*(\/[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*)*`.
@@ -78,11 +75,7 @@ fn valid_component(c: &str) -> bool {
 
 /// Applies the registry's implicit namespace: Docker Hub puts single-segment names under `library/`.
 pub fn normalize_name(name: &str, implicit_library: bool) -> String {
-    if implicit_library && !name.contains('/') {
-        format!("library/{name}")
-    } else {
-        name.to_owned()
-    }
+    if implicit_library && !name.contains('/') { format!("library/{name}") } else { name.to_owned() }
 }
 
 /// What a manifest request names: a tag (mutable) or a digest (immutable).
@@ -98,22 +91,14 @@ impl Reference {
             return s
                 .parse::<Digest>()
                 .map(Reference::Digest)
-                .map_err(|source| NameError::Digest {
-                    value: s.chars().take(80).collect(),
-                    source,
-                });
+                .map_err(|source| NameError::Digest { value: s.chars().take(80).collect(), source });
         }
         let b = s.as_bytes();
         let ok = !b.is_empty()
             && b.len() <= MAX_TAG_LEN
             && (b[0].is_ascii_alphanumeric() || b[0] == b'_')
-            && b.iter()
-                .all(|&x| x.is_ascii_alphanumeric() || matches!(x, b'_' | b'.' | b'-'));
-        if ok {
-            Ok(Reference::Tag(s.to_owned()))
-        } else {
-            Err(NameError::Tag(s.chars().take(80).collect()))
-        }
+            && b.iter().all(|&x| x.is_ascii_alphanumeric() || matches!(x, b'_' | b'.' | b'-'));
+        if ok { Ok(Reference::Tag(s.to_owned())) } else { Err(NameError::Tag(s.chars().take(80).collect())) }
     }
 }
 
@@ -138,19 +123,10 @@ mod tests {
 
     #[test]
     fn names() {
-        for ok in [
-            "a",
-            "library/alpine",
-            "a.b_c__d--e/f-g",
-            "org/sub/image",
-            "0/9",
-        ] {
+        for ok in ["a", "library/alpine", "a.b_c__d--e/f-g", "org/sub/image", "0/9"] {
             assert_eq!(validate_name(ok), Ok(()), "{ok}");
         }
-        for bad in [
-            "", "A", "a/", "/a", "a//b", "..", "a/../b", "a_._b", "a___b", "-a", "a-", "a%2fb",
-            "a b",
-        ] {
+        for bad in ["", "A", "a/", "/a", "a//b", "..", "a/../b", "a_._b", "a___b", "-a", "a-", "a%2fb", "a b"] {
             assert!(validate_name(bad).is_err(), "{bad}");
         }
         assert_eq!(validate_name(&"a".repeat(256)), Err(NameError::TooLong));
@@ -158,19 +134,13 @@ mod tests {
 
     #[test]
     fn references() {
-        assert_eq!(
-            Reference::parse("v1.2-rc_3"),
-            Ok(Reference::Tag("v1.2-rc_3".into()))
-        );
+        assert_eq!(Reference::parse("v1.2-rc_3"), Ok(Reference::Tag("v1.2-rc_3".into())));
         assert!(Reference::parse(&"a".repeat(128)).is_ok());
         assert!(Reference::parse(&"a".repeat(129)).is_err());
         for bad in ["", ".hidden", "-x", "a/b", "..", "a b"] {
             assert!(Reference::parse(bad).is_err(), "{bad}");
         }
-        assert!(matches!(
-            Reference::parse("sha512:00"),
-            Err(NameError::Digest { .. })
-        ));
+        assert!(matches!(Reference::parse("sha512:00"), Err(NameError::Digest { .. })));
     }
 
     #[test]

@@ -13,20 +13,12 @@ pub struct RepoKey(String);
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RepoError {
-    #[error(
-        "repoKey {0:?} is invalid: it must match [a-z0-9]+([._-][a-z0-9]+)* and be at most 64 characters"
-    )]
+    #[error("repoKey {0:?} is invalid: it must match [a-z0-9]+([._-][a-z0-9]+)* and be at most 64 characters")]
     Key(String),
-    #[error(
-        "unknown repo kind {0:?}: expected one of dockerhub, ghcr, quay, ecr, gcr, acr, generic"
-    )]
+    #[error("unknown repo kind {0:?}: expected one of dockerhub, ghcr, quay, ecr, gcr, acr, generic")]
     Kind(String),
     #[error("repo {key}: upstream {upstream:?} is invalid: {why}")]
-    Upstream {
-        key: String,
-        upstream: String,
-        why: String,
-    },
+    Upstream { key: String, upstream: String, why: String },
     #[error("repo {key}: kind {kind} has no default upstream; set `upstream`")]
     NoUpstream { key: String, kind: RepoKind },
     #[error("repo {key}: tag TTL {ttl:?} is out of range (0s to 30d)")]
@@ -42,11 +34,7 @@ impl RepoKey {
 impl FromStr for RepoKey {
     type Err = RepoError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let alnum = |c: &str| {
-            !c.is_empty()
-                && c.bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-        };
+        let alnum = |c: &str| !c.is_empty() && c.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
         if s.len() <= 64 && s.split(['.', '_', '-']).all(alnum) {
             Ok(Self(s.to_owned()))
         } else {
@@ -189,39 +177,21 @@ impl Repo {
         let upstream = match upstream.or(kind.default_upstream()) {
             Some(u) => u.trim_end_matches('/').to_owned(),
             None => {
-                return Err(RepoError::NoUpstream {
-                    key: key.to_string(),
-                    kind,
-                });
+                return Err(RepoError::NoUpstream { key: key.to_string(), kind });
             }
         };
-        let bad = |why: &str| RepoError::Upstream {
-            key: key.to_string(),
-            upstream: upstream.clone(),
-            why: why.into(),
-        };
+        let bad = |why: &str| RepoError::Upstream { key: key.to_string(), upstream: upstream.clone(), why: why.into() };
         let rest = upstream
             .strip_prefix("https://")
             .or_else(|| upstream.strip_prefix("http://"))
             .ok_or_else(|| bad("must start with http:// or https://"))?;
         if rest.is_empty() || rest.contains(['/', '?', '#', '@', ' ']) {
-            return Err(bad(
-                "must be scheme://host[:port] with no path, query or user info",
-            ));
+            return Err(bad("must be scheme://host[:port] with no path, query or user info"));
         }
         if tag_ttl > Self::MAX_TAG_TTL {
-            return Err(RepoError::TagTtl {
-                key: key.to_string(),
-                ttl: tag_ttl,
-            });
+            return Err(RepoError::TagTtl { key: key.to_string(), ttl: tag_ttl });
         }
-        Ok(Self {
-            key,
-            kind,
-            upstream,
-            tag_ttl,
-            credentials,
-        })
+        Ok(Self { key, kind, upstream, tag_ttl, credentials })
     }
 }
 
@@ -234,17 +204,7 @@ mod tests {
         for ok in ["a", "dockerhub", "my-corp.registry_2", &"a".repeat(64)] {
             assert!(ok.parse::<RepoKey>().is_ok(), "{ok}");
         }
-        for bad in [
-            "",
-            "A",
-            "a..b",
-            "-a",
-            "a-",
-            "a/b",
-            "a b",
-            &"a".repeat(65),
-            "..",
-        ] {
+        for bad in ["", "A", "a..b", "-a", "a-", "a/b", "a b", &"a".repeat(65), ".."] {
             assert!(bad.parse::<RepoKey>().is_err(), "{bad}");
         }
     }
@@ -252,56 +212,24 @@ mod tests {
     #[test]
     fn repo_defaults_and_checks() {
         let key: RepoKey = "hub".parse().unwrap();
-        let r = Repo::new(
-            key.clone(),
-            RepoKind::Dockerhub,
-            None,
-            Repo::DEFAULT_TAG_TTL,
-            None,
-        )
-        .unwrap();
+        let r = Repo::new(key.clone(), RepoKind::Dockerhub, None, Repo::DEFAULT_TAG_TTL, None).unwrap();
         assert_eq!(r.upstream, "https://registry-1.docker.io");
         assert!(matches!(
-            Repo::new(
-                key.clone(),
-                RepoKind::Generic,
-                None,
-                Repo::DEFAULT_TAG_TTL,
-                None
-            ),
+            Repo::new(key.clone(), RepoKind::Generic, None, Repo::DEFAULT_TAG_TTL, None),
             Err(RepoError::NoUpstream { .. })
         ));
         for bad in ["ftp://x", "http://", "https://x/path", "https://u:p@x"] {
             assert!(
-                Repo::new(
-                    key.clone(),
-                    RepoKind::Generic,
-                    Some(bad),
-                    Repo::DEFAULT_TAG_TTL,
-                    None
-                )
-                .is_err(),
+                Repo::new(key.clone(), RepoKind::Generic, Some(bad), Repo::DEFAULT_TAG_TTL, None).is_err(),
                 "{bad}"
             );
         }
-        assert!(
-            Repo::new(
-                key,
-                RepoKind::Generic,
-                Some("http://x"),
-                Duration::from_secs(31 * 86400),
-                None
-            )
-            .is_err()
-        );
+        assert!(Repo::new(key, RepoKind::Generic, Some("http://x"), Duration::from_secs(31 * 86400), None).is_err());
     }
 
     #[test]
     fn secrets_do_not_print() {
-        let c = Credentials {
-            username: "bot".into(),
-            password: Secret::new("hunter2"),
-        };
+        let c = Credentials { username: "bot".into(), password: Secret::new("hunter2") };
         assert!(!format!("{c:?}").contains("hunter2"));
     }
 }

@@ -12,20 +12,13 @@ use wharf_core::{Credentials, Repo, RepoError, RepoKey, RepoKind, Secret};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("config file {path} is invalid: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("config file {path}: {source}")]
     Repo { path: PathBuf, source: RepoError },
     #[error("config file {path}: repo {key}: {message}")]
-    Field {
-        path: PathBuf,
-        key: String,
-        message: String,
-    },
+    Field { path: PathBuf, key: String, message: String },
     #[error("config file {path}: repoKey {key} is defined twice")]
     Duplicate { path: PathBuf, key: String },
 }
@@ -63,12 +56,7 @@ pub struct Snapshot {
 
 impl Snapshot {
     pub fn new(repos: impl IntoIterator<Item = Repo>) -> Self {
-        Self {
-            repos: repos
-                .into_iter()
-                .map(|r| (r.key.clone(), Arc::new(r)))
-                .collect(),
-        }
+        Self { repos: repos.into_iter().map(|r| (r.key.clone(), Arc::new(r))).collect() }
     }
 }
 
@@ -80,16 +68,11 @@ pub struct Config {
 
 impl Config {
     pub fn new(snapshot: Snapshot) -> Self {
-        Self {
-            current: RwLock::new(Arc::new(snapshot)),
-        }
+        Self { current: RwLock::new(Arc::new(snapshot)) }
     }
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
-        self.current
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     pub fn replace(&self, snapshot: Snapshot) {
@@ -99,26 +82,18 @@ impl Config {
 
 /// Reads a standalone TOML config file.
 pub fn load_file(path: &Path) -> Result<Snapshot, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.into(),
-        source,
-    })?;
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
     parse(&text, path)
 }
 
 fn parse(text: &str, path: &Path) -> Result<Snapshot, ConfigError> {
-    let file: FileConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
-        path: path.into(),
-        message: e.to_string(),
-    })?;
+    let file: FileConfig =
+        toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })?;
     let mut repos = Vec::with_capacity(file.repos.len());
     for r in file.repos {
         let repo = repo_from_toml(r, path)?;
         if repos.iter().any(|x: &Repo| x.key == repo.key) {
-            return Err(ConfigError::Duplicate {
-                path: path.into(),
-                key: repo.key.to_string(),
-            });
+            return Err(ConfigError::Duplicate { path: path.into(), key: repo.key.to_string() });
         }
         repos.push(repo);
     }
@@ -126,35 +101,24 @@ fn parse(text: &str, path: &Path) -> Result<Snapshot, ConfigError> {
 }
 
 fn repo_from_toml(r: RepoToml, path: &Path) -> Result<Repo, ConfigError> {
-    let repo_err = |source| ConfigError::Repo {
-        path: path.into(),
-        source,
-    };
+    let repo_err = |source| ConfigError::Repo { path: path.into(), source };
     let key: RepoKey = r.key.parse().map_err(repo_err)?;
-    let field = |message: String| ConfigError::Field {
-        path: path.into(),
-        key: key.to_string(),
-        message,
-    };
+    let field = |message: String| ConfigError::Field { path: path.into(), key: key.to_string(), message };
     let kind: RepoKind = match &r.kind {
         Some(k) => k.parse().map_err(repo_err)?,
         None => RepoKind::Generic,
     };
     let tag_ttl = match &r.tag_ttl {
-        Some(t) => {
-            humantime::parse_duration(t).map_err(|e| field(format!("tag_ttl {t:?}: {e}")))?
-        }
+        Some(t) => humantime::parse_duration(t).map_err(|e| field(format!("tag_ttl {t:?}: {e}")))?,
         None => Repo::DEFAULT_TAG_TTL,
     };
     let password = match (&r.password_env, &r.password_file) {
         (Some(_), Some(_)) => {
             return Err(field("set password_env or password_file, not both".into()));
         }
-        (Some(var), None) => Some(std::env::var(var).map_err(|_| {
-            field(format!(
-                "password_env: environment variable {var} is not set"
-            ))
-        })?),
+        (Some(var), None) => Some(
+            std::env::var(var).map_err(|_| field(format!("password_env: environment variable {var} is not set")))?,
+        ),
         (None, Some(file)) => Some(
             std::fs::read_to_string(file)
                 .map_err(|e| field(format!("password_file {}: {e}", file.display())))?
@@ -164,15 +128,10 @@ fn repo_from_toml(r: RepoToml, path: &Path) -> Result<Repo, ConfigError> {
         (None, None) => None,
     };
     let credentials = match (r.username, password) {
-        (Some(username), Some(p)) => Some(Credentials {
-            username,
-            password: Secret::new(p),
-        }),
+        (Some(username), Some(p)) => Some(Credentials { username, password: Secret::new(p) }),
         (None, None) => None,
         _ => {
-            return Err(field(
-                "username and a password (password_env or password_file) go together".into(),
-            ));
+            return Err(field("username and a password (password_env or password_file) go together".into()));
         }
     };
     Repo::new(key, kind, r.upstream.as_deref(), tag_ttl, credentials).map_err(repo_err)
@@ -214,27 +173,12 @@ mod tests {
     fn rejects_bad_config() {
         for (text, needle) in [
             ("[[repo]]\nkey = \"Bad\"\nkind = \"ghcr\"", "repoKey"),
-            (
-                "[[repo]]\nkey = \"a\"\nkind = \"nope\"",
-                "unknown repo kind",
-            ),
-            (
-                "[[repo]]\nkey = \"a\"\nkind = \"ghcr\"\ntag_ttl = \"soon\"",
-                "tag_ttl",
-            ),
-            (
-                "[[repo]]\nkey = \"a\"\nkind = \"ghcr\"\nbogus = 1",
-                "unknown field",
-            ),
-            (
-                "[[repo]]\nkey = \"a\"\nkind = \"ghcr\"\n[[repo]]\nkey = \"a\"\nkind = \"quay\"",
-                "twice",
-            ),
+            ("[[repo]]\nkey = \"a\"\nkind = \"nope\"", "unknown repo kind"),
+            ("[[repo]]\nkey = \"a\"\nkind = \"ghcr\"\ntag_ttl = \"soon\"", "tag_ttl"),
+            ("[[repo]]\nkey = \"a\"\nkind = \"ghcr\"\nbogus = 1", "unknown field"),
+            ("[[repo]]\nkey = \"a\"\nkind = \"ghcr\"\n[[repo]]\nkey = \"a\"\nkind = \"quay\"", "twice"),
             ("[[repo]]\nkey = \"a\"\nupstream = \"ftp://x\"", "http"),
-            (
-                "[[repo]]\nkey = \"a\"\nkind = \"ghcr\"\nusername = \"u\"",
-                "go together",
-            ),
+            ("[[repo]]\nkey = \"a\"\nkind = \"ghcr\"\nusername = \"u\"", "go together"),
             (
                 "[[repo]]\nkey = \"a\"\nkind = \"ghcr\"\nusername = \"u\"\npassword_env = \"WHARF_TEST_UNSET_VAR\"",
                 "not set",

@@ -17,13 +17,7 @@ pub struct RegistryError {
 
 impl RegistryError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            code,
-            message: message.into(),
-            detail: None,
-            retry_after: None,
-        }
+        Self { status, code, message: message.into(), detail: None, retry_after: None }
     }
 
     pub fn with_detail(mut self, detail: Value) -> Self {
@@ -62,13 +56,7 @@ impl RegistryError {
 
 impl std::fmt::Display for RegistryError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} {}: {}",
-            self.status.as_u16(),
-            self.code,
-            self.message
-        )
+        write!(f, "{} {}: {}", self.status.as_u16(), self.code, self.message)
     }
 }
 
@@ -79,18 +67,9 @@ impl IntoResponse for RegistryError {
         let body = self.body().to_string();
         let mut resp = (self.status, body).into_response();
         let h = resp.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        h.insert(
-            "docker-distribution-api-version",
-            HeaderValue::from_static("registry/2.0"),
-        );
-        if let Some(v) = self
-            .retry_after
-            .and_then(|v| HeaderValue::from_str(&v).ok())
-        {
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        h.insert("docker-distribution-api-version", HeaderValue::from_static("registry/2.0"));
+        if let Some(v) = self.retry_after.and_then(|v| HeaderValue::from_str(&v).ok()) {
             h.insert(header::RETRY_AFTER, v);
         }
         resp

@@ -46,11 +46,7 @@ pub enum FetchFailure {
     #[error(transparent)]
     Upstream(UpstreamError),
     #[error("upstream answered {status}")]
-    Status {
-        status: StatusCode,
-        retry_after: Option<String>,
-        detail: Value,
-    },
+    Status { status: StatusCode, retry_after: Option<String>, detail: Value },
     #[error("upstream sent {got} bytes, expected {expected}")]
     Length { got: u64, expected: u64 },
     #[error("upstream sent bytes whose digest is {actual}, not the requested {expected}")]
@@ -71,10 +67,7 @@ impl Flight {
     /// Waits until the upstream answered (or the fetch failed), and returns where it is.
     pub async fn head(&self) -> Progress {
         let mut rx = self.progress.clone();
-        let result = rx
-            .wait_for(|p| !matches!(p, Progress::Connecting))
-            .await
-            .map(|p| p.clone());
+        let result = rx.wait_for(|p| !matches!(p, Progress::Connecting)).await.map(|p| p.clone());
         result.unwrap_or_else(|_| Progress::Failed(FetchFailure::Io("fetch task ended".into())))
     }
 
@@ -100,10 +93,7 @@ impl Flight {
 /// Joining a fetch may find the blob already cached (the fetch just finished).
 pub enum Joined {
     Cached,
-    Flight {
-        flight: Arc<Flight>,
-        coalesced: bool,
-    },
+    Flight { flight: Arc<Flight>, coalesced: bool },
 }
 
 /// Everything a fetch needs.
@@ -138,33 +128,21 @@ impl Flights {
     pub fn join_or_start(self: &Arc<Self>, ctx: FetchContext) -> Result<Joined, FetchFailure> {
         let mut map = self.map();
         if let Some(f) = map.get(&ctx.digest) {
-            return Ok(Joined::Flight {
-                flight: f.clone(),
-                coalesced: true,
-            });
+            return Ok(Joined::Flight { flight: f.clone(), coalesced: true });
         }
         // A fetch commits to the index before it leaves this map: checked under the map's lock,
         // the index cannot miss a blob that was fetched a moment ago.
         if ctx.store.blob_size(&ctx.digest).is_some() {
             return Ok(Joined::Cached);
         }
-        let (path, file) = ctx
-            .store
-            .staging_file(&ctx.digest)
-            .map_err(|e| FetchFailure::Io(e.to_string()))?;
+        let (path, file) = ctx.store.staging_file(&ctx.digest).map_err(|e| FetchFailure::Io(e.to_string()))?;
         let file = Arc::new(file);
         let (tx, rx) = watch::channel(Progress::Connecting);
-        let flight = Arc::new(Flight {
-            file: file.clone(),
-            progress: rx,
-        });
+        let flight = Arc::new(Flight { file: file.clone(), progress: rx });
         map.insert(ctx.digest.clone(), flight.clone());
         drop(map);
         tokio::spawn(self.clone().run(ctx, path, file, tx));
-        Ok(Joined::Flight {
-            flight,
-            coalesced: false,
-        })
+        Ok(Joined::Flight { flight, coalesced: false })
     }
 
     async fn run(
@@ -177,17 +155,11 @@ impl Flights {
         let started = Instant::now();
         let result = match fetch_into(&ctx, &file, &tx).await {
             Ok(size) => {
-                let (store, f, p, d) = (
-                    ctx.store.clone(),
-                    file.clone(),
-                    path.clone(),
-                    ctx.digest.clone(),
-                );
-                let committed =
-                    tokio::task::spawn_blocking(move || store.commit_blob(&p, &f, &d, size))
-                        .await
-                        .map_err(|e| FetchFailure::Io(e.to_string()))
-                        .and_then(|r| r.map_err(|e| FetchFailure::Io(e.to_string())));
+                let (store, f, p, d) = (ctx.store.clone(), file.clone(), path.clone(), ctx.digest.clone());
+                let committed = tokio::task::spawn_blocking(move || store.commit_blob(&p, &f, &d, size))
+                    .await
+                    .map_err(|e| FetchFailure::Io(e.to_string()))
+                    .and_then(|r| r.map_err(|e| FetchFailure::Io(e.to_string())));
                 if let Err(e) = ctx.store.link(&ctx.repo.key, &ctx.name, [&ctx.digest]) {
                     tracing::warn!(error = %e, "could not record the blob's repository link");
                 }
@@ -227,21 +199,11 @@ async fn fetch_into(
         headers: Default::default(),
         retry: true,
     };
-    let resp = ctx
-        .upstream
-        .send(&req)
-        .await
-        .map_err(FetchFailure::Upstream)?;
+    let resp = ctx.upstream.send(&req).await.map_err(FetchFailure::Upstream)?;
     if resp.status != StatusCode::OK {
         let status = resp.status;
-        let retry_after = resp
-            .header_str(http::header::RETRY_AFTER)
-            .map(str::to_owned);
-        return Err(FetchFailure::Status {
-            status,
-            retry_after,
-            detail: resp.error_detail().await,
-        });
+        let retry_after = resp.header_str(http::header::RETRY_AFTER).map(str::to_owned);
+        return Err(FetchFailure::Status { status, retry_after, detail: resp.error_detail().await });
     }
     let total = resp.content_length();
     tx.send_replace(Progress::Streaming { written: 0, total });
@@ -264,10 +226,7 @@ async fn fetch_into(
         if let Some(expected) = total
             && written + n > expected
         {
-            return Err(FetchFailure::Length {
-                got: written + n,
-                expected,
-            });
+            return Err(FetchFailure::Length { got: written + n, expected });
         }
         let f = file.clone();
         let offset = written;
@@ -286,26 +245,17 @@ async fn fetch_into(
         written += n;
         tx.send_replace(Progress::Streaming { written, total });
         if let Some(source) = failed {
-            return Err(FetchFailure::Body {
-                after: written,
-                source,
-            });
+            return Err(FetchFailure::Body { after: written, source });
         }
     }
     if let Some(expected) = total
         && written != expected
     {
-        return Err(FetchFailure::Length {
-            got: written,
-            expected,
-        });
+        return Err(FetchFailure::Length { got: written, expected });
     }
     let actual = hasher.finish();
     if actual != ctx.digest {
-        return Err(FetchFailure::Mismatch {
-            expected: ctx.digest.clone(),
-            actual,
-        });
+        return Err(FetchFailure::Mismatch { expected: ctx.digest.clone(), actual });
     }
     Ok(written)
 }
@@ -318,50 +268,44 @@ pub fn read_file(
     end: Option<u64>,
     progress: Option<watch::Receiver<Progress>>,
 ) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
-    futures_util::stream::try_unfold(
-        (file, start, end, progress),
-        |(file, pos, mut end, mut progress)| async move {
-            loop {
-                let available = match &mut progress {
-                    None => end.unwrap_or(pos),
-                    Some(rx) => match &*rx.borrow_and_update() {
-                        Progress::Connecting => 0,
-                        Progress::Streaming { written, .. } => *written,
-                        Progress::Done { size } => {
-                            end = Some(end.map_or(*size, |e| e.min(*size)));
-                            *size
-                        }
-                        Progress::Failed(e) => return Err(std::io::Error::other(e.to_string())),
-                    },
-                };
-                let limit = end.map_or(available, |e| e.min(available));
-                if pos < limit {
-                    let len = (limit - pos).min(READ_CHUNK as u64) as usize;
-                    let f = file.clone();
-                    let buf = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
-                        let mut buf = vec![0u8; len];
-                        f.read_exact_at(&mut buf, pos)?;
-                        Ok(buf)
-                    })
-                    .await
-                    .map_err(std::io::Error::other)??;
-                    return Ok(Some((
-                        Bytes::from(buf),
-                        (file, pos + len as u64, end, progress),
-                    )));
-                }
-                if end.is_some_and(|e| pos >= e) {
-                    return Ok(None);
-                }
-                match &mut progress {
-                    None => return Ok(None),
-                    Some(rx) => {
-                        if rx.changed().await.is_err() {
-                            return Err(std::io::Error::other("fetch ended unexpectedly"));
-                        }
+    futures_util::stream::try_unfold((file, start, end, progress), |(file, pos, mut end, mut progress)| async move {
+        loop {
+            let available = match &mut progress {
+                None => end.unwrap_or(pos),
+                Some(rx) => match &*rx.borrow_and_update() {
+                    Progress::Connecting => 0,
+                    Progress::Streaming { written, .. } => *written,
+                    Progress::Done { size } => {
+                        end = Some(end.map_or(*size, |e| e.min(*size)));
+                        *size
+                    }
+                    Progress::Failed(e) => return Err(std::io::Error::other(e.to_string())),
+                },
+            };
+            let limit = end.map_or(available, |e| e.min(available));
+            if pos < limit {
+                let len = (limit - pos).min(READ_CHUNK as u64) as usize;
+                let f = file.clone();
+                let buf = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
+                    let mut buf = vec![0u8; len];
+                    f.read_exact_at(&mut buf, pos)?;
+                    Ok(buf)
+                })
+                .await
+                .map_err(std::io::Error::other)??;
+                return Ok(Some((Bytes::from(buf), (file, pos + len as u64, end, progress))));
+            }
+            if end.is_some_and(|e| pos >= e) {
+                return Ok(None);
+            }
+            match &mut progress {
+                None => return Ok(None),
+                Some(rx) => {
+                    if rx.changed().await.is_err() {
+                        return Err(std::io::Error::other("fetch ended unexpectedly"));
                     }
                 }
             }
-        },
-    )
+        }
+    })
 }

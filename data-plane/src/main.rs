@@ -82,15 +82,9 @@ async fn main() -> anyhow::Result<()> {
         retry_backoff: args.retry_backoff,
         ..UpstreamOptions::default()
     })?;
-    let state = AppState::new(
-        Arc::new(Config::new(snapshot)),
-        Arc::new(store),
-        Arc::new(upstream),
-    );
+    let state = AppState::new(Arc::new(Config::new(snapshot)), Arc::new(store), Arc::new(upstream));
 
-    let listener = TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("binding {}", args.listen))?;
+    let listener = TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
     let addr = listener.local_addr()?;
     tracing::info!(addr = %addr, cache_dir = %args.cache_dir.display(), "listening");
 
@@ -113,10 +107,7 @@ async fn main() -> anyhow::Result<()> {
 
 async fn shutdown_signal() -> &'static str {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
         std::future::pending::<()>().await;
         unreachable!()
     };
@@ -127,11 +118,9 @@ async fn shutdown_signal() -> &'static str {
 }
 
 fn init_logging(format: LogFormat, level: &str) -> anyhow::Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_new(level)
-        .with_context(|| format!("invalid --log-level {level:?}"))?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stdout);
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(level).with_context(|| format!("invalid --log-level {level:?}"))?;
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stdout);
     match format {
         LogFormat::Json => builder.json().with_current_span(false).init(),
         LogFormat::Text => builder.init(),

@@ -39,11 +39,7 @@ pub fn parse(value: &str) -> Option<RangeSpec> {
         return Some(RangeSpec::Suffix(num(b)?));
     }
     let start = num(a)?;
-    let end = if b.trim().is_empty() {
-        None
-    } else {
-        Some(num(b)?)
-    };
+    let end = if b.trim().is_empty() { None } else { Some(num(b)?) };
     if matches!(end, Some(e) if e < start) {
         return None;
     }
@@ -61,10 +57,7 @@ impl RangeSpec {
                 Resolved::Partial { start, end }
             }
             RangeSpec::Suffix(0) => Resolved::Unsatisfiable,
-            RangeSpec::Suffix(n) => Resolved::Partial {
-                start: size.saturating_sub(n),
-                end: size,
-            },
+            RangeSpec::Suffix(n) => Resolved::Partial { start: size.saturating_sub(n), end: size },
         }
     }
 }
@@ -75,20 +68,8 @@ mod tests {
 
     #[test]
     fn parses() {
-        assert_eq!(
-            parse("bytes=0-9"),
-            Some(RangeSpec::From {
-                start: 0,
-                end: Some(9)
-            })
-        );
-        assert_eq!(
-            parse("bytes=10-"),
-            Some(RangeSpec::From {
-                start: 10,
-                end: None
-            })
-        );
+        assert_eq!(parse("bytes=0-9"), Some(RangeSpec::From { start: 0, end: Some(9) }));
+        assert_eq!(parse("bytes=10-"), Some(RangeSpec::From { start: 10, end: None }));
         assert_eq!(parse("bytes=-5"), Some(RangeSpec::Suffix(5)));
         for ignored in [
             "",
@@ -107,28 +88,10 @@ mod tests {
     #[test]
     fn resolves() {
         let r = |s: &str| parse(s).map(|x| x.resolve(100));
-        assert_eq!(
-            r("bytes=0-9"),
-            Some(Resolved::Partial { start: 0, end: 10 })
-        );
-        assert_eq!(
-            r("bytes=90-200"),
-            Some(Resolved::Partial {
-                start: 90,
-                end: 100
-            })
-        );
-        assert_eq!(
-            r("bytes=-5"),
-            Some(Resolved::Partial {
-                start: 95,
-                end: 100
-            })
-        );
-        assert_eq!(
-            r("bytes=-500"),
-            Some(Resolved::Partial { start: 0, end: 100 })
-        );
+        assert_eq!(r("bytes=0-9"), Some(Resolved::Partial { start: 0, end: 10 }));
+        assert_eq!(r("bytes=90-200"), Some(Resolved::Partial { start: 90, end: 100 }));
+        assert_eq!(r("bytes=-5"), Some(Resolved::Partial { start: 95, end: 100 }));
+        assert_eq!(r("bytes=-500"), Some(Resolved::Partial { start: 0, end: 100 }));
         assert_eq!(r("bytes=100-"), Some(Resolved::Unsatisfiable));
         assert_eq!(r("bytes=-0"), Some(Resolved::Unsatisfiable));
     }

@@ -76,30 +76,22 @@ pub fn parse_path(rest: &str) -> Result<RegistryPath, RegistryError> {
         "tags" if last == "list" => Target::Tags,
         _ => return Err(not_found_path()),
     };
-    let repo_key: RepoKey = segs[0]
-        .parse()
-        .map_err(|e: wharf_core::RepoError| RegistryError::name_invalid(e.to_string()))?;
+    let repo_key: RepoKey =
+        segs[0].parse().map_err(|e: wharf_core::RepoError| RegistryError::name_invalid(e.to_string()))?;
     let name = segs[1..n - 2].join("/");
     validate_name(&name).map_err(|e| RegistryError::name_invalid(e.to_string()))?;
-    Ok(RegistryPath {
-        repo_key,
-        name,
-        target,
-    })
+    Ok(RegistryPath { repo_key, name, target })
 }
 
 fn parse_digest(s: &str) -> Result<Digest, RegistryError> {
-    s.parse().map_err(|e: wharf_core::DigestError| {
-        RegistryError::digest_invalid(format!("{e} (got {:?})", truncate(s, 80)))
-    })
+    s.parse()
+        .map_err(|e: wharf_core::DigestError| RegistryError::digest_invalid(format!("{e} (got {:?})", truncate(s, 80))))
 }
 
 fn reference_error(e: NameError) -> RegistryError {
     match e {
         NameError::Digest { .. } => RegistryError::digest_invalid(e.to_string()),
-        NameError::Tag(_) => {
-            RegistryError::new(StatusCode::BAD_REQUEST, "TAG_INVALID", e.to_string())
-        }
+        NameError::Tag(_) => RegistryError::new(StatusCode::BAD_REQUEST, "TAG_INVALID", e.to_string()),
         _ => RegistryError::name_invalid(e.to_string()),
     }
 }
@@ -140,11 +132,7 @@ pub async fn handle(State(state): State<AppState>, req: Request) -> Response {
     log.wrap(resp, started)
 }
 
-async fn route(
-    state: AppState,
-    req: Request,
-    log: &mut RequestLog,
-) -> Result<Response, RegistryError> {
+async fn route(state: AppState, req: Request, log: &mut RequestLog) -> Result<Response, RegistryError> {
     let head = match *req.method() {
         Method::GET => false,
         Method::HEAD => true,
@@ -206,14 +194,8 @@ async fn route(
 
 fn version() -> Response {
     let mut r = (StatusCode::OK, "{}").into_response();
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    r.headers_mut().insert(
-        "docker-distribution-api-version",
-        HeaderValue::from_static("registry/2.0"),
-    );
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut().insert("docker-distribution-api-version", HeaderValue::from_static("registry/2.0"));
     r
 }
 
@@ -229,59 +211,34 @@ pub async fn fallback(req: Request) -> Response {
 pub fn upstream_error(e: &UpstreamError) -> RegistryError {
     let (status, url) = match e {
         UpstreamError::Timeout { url, .. } => (StatusCode::GATEWAY_TIMEOUT, url),
-        UpstreamError::Unreachable { url, .. } | UpstreamError::Protocol { url, .. } => {
-            (StatusCode::BAD_GATEWAY, url)
-        }
+        UpstreamError::Unreachable { url, .. } | UpstreamError::Protocol { url, .. } => (StatusCode::BAD_GATEWAY, url),
         UpstreamError::Token { url, .. } => (StatusCode::BAD_GATEWAY, url),
     };
     RegistryError::new(status, "UNKNOWN", e.to_string()).with_detail(json!({ "upstream_url": url }))
 }
 
 /// An upstream that answered with an error status.
-pub fn upstream_status(
-    status: StatusCode,
-    detail: Value,
-    what: &str,
-    retry_after: Option<String>,
-) -> RegistryError {
+pub fn upstream_status(status: StatusCode, detail: Value, what: &str, retry_after: Option<String>) -> RegistryError {
     let code = match what {
         "manifest" => "MANIFEST_UNKNOWN",
         "blob" => "BLOB_UNKNOWN",
         _ => "NAME_UNKNOWN",
     };
-    let url = detail
-        .get("upstream_url")
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .to_owned();
+    let url = detail.get("upstream_url").and_then(Value::as_str).unwrap_or("").to_owned();
     let (status_out, code, message) = match status.as_u16() {
-        404 => (
-            StatusCode::NOT_FOUND,
-            code,
-            format!("upstream has no such {what} ({url} answered 404)"),
-        ),
+        404 => (StatusCode::NOT_FOUND, code, format!("upstream has no such {what} ({url} answered 404)")),
         401 => (
             StatusCode::UNAUTHORIZED,
             "UNAUTHORIZED",
-            format!(
-                "upstream refused Wharf's credentials for this repository ({url} answered 401)"
-            ),
+            format!("upstream refused Wharf's credentials for this repository ({url} answered 401)"),
         ),
-        403 => (
-            StatusCode::FORBIDDEN,
-            "DENIED",
-            format!("upstream denied access ({url} answered 403)"),
-        ),
+        403 => (StatusCode::FORBIDDEN, "DENIED", format!("upstream denied access ({url} answered 403)")),
         429 => (
             StatusCode::TOO_MANY_REQUESTS,
             "TOOMANYREQUESTS",
             format!("upstream rate limit reached ({url} answered 429); retry later"),
         ),
-        s => (
-            StatusCode::BAD_GATEWAY,
-            "UNKNOWN",
-            format!("upstream answered {s} for {url}"),
-        ),
+        s => (StatusCode::BAD_GATEWAY, "UNKNOWN", format!("upstream answered {s} for {url}")),
     };
     let mut e = RegistryError::new(status_out, code, message).with_detail(detail);
     e.retry_after = retry_after;
@@ -292,57 +249,36 @@ pub fn upstream_status(
 pub fn fetch_error(f: &FetchFailure) -> RegistryError {
     match f {
         FetchFailure::Upstream(e) | FetchFailure::Body { source: e, .. } => upstream_error(e),
-        FetchFailure::Status {
-            status,
-            retry_after,
-            detail,
-        } => upstream_status(*status, detail.clone(), "blob", retry_after.clone()),
-        FetchFailure::Length { .. } | FetchFailure::Mismatch { .. } => RegistryError::new(
-            StatusCode::BAD_GATEWAY,
-            "UNKNOWN",
-            format!("{f}; nothing was cached"),
-        ),
+        FetchFailure::Status { status, retry_after, detail } => {
+            upstream_status(*status, detail.clone(), "blob", retry_after.clone())
+        }
+        FetchFailure::Length { .. } | FetchFailure::Mismatch { .. } => {
+            RegistryError::new(StatusCode::BAD_GATEWAY, "UNKNOWN", format!("{f}; nothing was cached"))
+        }
         FetchFailure::Io(_) => RegistryError::internal(f.to_string()),
     }
 }
 
 /// Whether an `If-None-Match` header matches `etag`.
 pub fn not_modified(headers: &HeaderMap, etag: &str) -> bool {
-    headers
-        .get_all(header::IF_NONE_MATCH)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| {
-            let t = t.trim();
-            t == "*" || t.trim_start_matches("W/") == etag
-        })
+    headers.get_all(header::IF_NONE_MATCH).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).any(|t| {
+        let t = t.trim();
+        t == "*" || t.trim_start_matches("W/") == etag
+    })
 }
 
 /// The response for content addressed by `digest`.
-pub fn content_headers(
-    h: &mut HeaderMap,
-    digest: &Digest,
-    content_type: &str,
-    cache_control: &str,
-) {
+pub fn content_headers(h: &mut HeaderMap, digest: &Digest, content_type: &str, cache_control: &str) {
     let put = |h: &mut HeaderMap, k: header::HeaderName, v: &str| {
         if let Ok(v) = HeaderValue::from_str(v) {
             h.insert(k, v);
         }
     };
     put(h, header::CONTENT_TYPE, content_type);
-    put(
-        h,
-        header::HeaderName::from_static("docker-content-digest"),
-        &digest.to_string(),
-    );
+    put(h, header::HeaderName::from_static("docker-content-digest"), &digest.to_string());
     put(h, header::ETAG, &format!("\"{digest}\""));
     put(h, header::CACHE_CONTROL, cache_control);
-    h.insert(
-        "docker-distribution-api-version",
-        HeaderValue::from_static("registry/2.0"),
-    );
+    h.insert("docker-distribution-api-version", HeaderValue::from_static("registry/2.0"));
 }
 
 /// A 304 for a matching `If-None-Match`.

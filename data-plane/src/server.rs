@@ -24,12 +24,7 @@ pub struct AppState {
 
 impl AppState {
     pub fn new(config: Arc<Config>, store: Arc<Store>, upstream: Arc<Upstream>) -> Self {
-        Self {
-            config,
-            store,
-            upstream,
-            flights: Arc::default(),
-        }
+        Self { config, store, upstream, flights: Arc::default() }
     }
 }
 
@@ -50,7 +45,5 @@ pub async fn run(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
 }

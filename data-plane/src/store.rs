@@ -27,19 +27,13 @@ use wharf_core::{Digest, RepoKey};
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("cache I/O on {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("cache entry {path} is corrupt: {why}")]
     Corrupt { path: PathBuf, why: String },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
-    move |source| StoreError::Io {
-        path: path.to_owned(),
-        source,
-    }
+    move |source| StoreError::Io { path: path.to_owned(), source }
 }
 
 /// Size and last access of one cached entry, for eviction and metrics.
@@ -73,9 +67,7 @@ pub struct Store {
 }
 
 pub fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 impl Store {
@@ -91,19 +83,12 @@ impl Store {
         let mut removed = 0usize;
         for e in std::fs::read_dir(&staging).map_err(io(&staging))? {
             let path = e.map_err(io(&staging))?.path();
-            let r = if path.is_dir() {
-                std::fs::remove_dir_all(&path)
-            } else {
-                std::fs::remove_file(&path)
-            };
+            let r = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
             r.map_err(io(&path))?;
             removed += 1;
         }
         if removed > 0 {
-            tracing::info!(
-                removed,
-                "emptied staging: partial downloads from an earlier run"
-            );
+            tracing::info!(removed, "emptied staging: partial downloads from an earlier run");
         }
         let mut index = Index::default();
         scan_content(&root.join("blobs/sha256"), &mut index.blobs)?;
@@ -115,10 +100,7 @@ impl Store {
             links = index.links.len(),
             "cache index rebuilt"
         );
-        Ok(Self {
-            root,
-            index: Mutex::new(index),
-        })
+        Ok(Self { root, index: Mutex::new(index) })
     }
 
     pub fn root(&self) -> &Path {
@@ -130,11 +112,7 @@ impl Store {
     }
 
     fn content_path(&self, kind: &str, d: &Digest) -> PathBuf {
-        self.root
-            .join(kind)
-            .join("sha256")
-            .join(&d.hex()[..2])
-            .join(d.hex())
+        self.root.join(kind).join("sha256").join(&d.hex()[..2]).join(d.hex())
     }
 
     pub fn blob_path(&self, d: &Digest) -> PathBuf {
@@ -153,80 +131,42 @@ impl Store {
     pub fn usage(&self) -> (usize, u64) {
         let idx = self.index();
         let n = idx.blobs.len() + idx.manifests.len();
-        let size = idx
-            .blobs
-            .values()
-            .chain(idx.manifests.values())
-            .map(|e| e.size)
-            .sum();
+        let size = idx.blobs.values().chain(idx.manifests.values()).map(|e| e.size).sum();
         (n, size)
     }
 
     /// A new, empty file in `staging/`.
     pub fn staging_file(&self, d: &Digest) -> Result<(PathBuf, std::fs::File), StoreError> {
-        let path =
-            self.root
-                .join("staging")
-                .join(format!("{}.{:016x}", d.hex(), rand::random::<u64>()));
-        let f = std::fs::OpenOptions::new()
-            .create_new(true)
-            .write(true)
-            .read(true)
-            .open(&path)
-            .map_err(io(&path))?;
+        let path = self.root.join("staging").join(format!("{}.{:016x}", d.hex(), rand::random::<u64>()));
+        let f = std::fs::OpenOptions::new().create_new(true).write(true).read(true).open(&path).map_err(io(&path))?;
         Ok((path, f))
     }
 
     /// Moves a verified staging file into `blobs/`: fsync, atomic rename, fsync of the folder.
     /// Blocking: call from a blocking context.
-    pub fn commit_blob(
-        &self,
-        staging: &Path,
-        file: &std::fs::File,
-        d: &Digest,
-        size: u64,
-    ) -> Result<(), StoreError> {
+    pub fn commit_blob(&self, staging: &Path, file: &std::fs::File, d: &Digest, size: u64) -> Result<(), StoreError> {
         let dest = self.blob_path(d);
         commit(staging, file, &dest)?;
-        self.index().blobs.insert(
-            d.clone(),
-            Entry {
-                size,
-                last_access: AtomicU64::new(now_secs()),
-            },
-        );
+        self.index().blobs.insert(d.clone(), Entry { size, last_access: AtomicU64::new(now_secs()) });
         Ok(())
     }
 
     /// Stores a verified manifest and its media type.
-    pub fn put_manifest(
-        &self,
-        d: &Digest,
-        media_type: &str,
-        bytes: &[u8],
-    ) -> Result<(), StoreError> {
+    pub fn put_manifest(&self, d: &Digest, media_type: &str, bytes: &[u8]) -> Result<(), StoreError> {
         let dest = self.content_path("manifests", d);
         let (staging, mut f) = self.staging_file(d)?;
         let result = (|| {
             f.write_all(bytes).map_err(io(&staging))?;
-            write_atomic(
-                &self.root.join("staging"),
-                &dest.with_extension("type"),
-                media_type.as_bytes(),
-            )?;
+            write_atomic(&self.root.join("staging"), &dest.with_extension("type"), media_type.as_bytes())?;
             commit(&staging, &f, &dest)
         })();
         if result.is_err() {
             let _ = std::fs::remove_file(&staging);
         }
         result?;
-        self.index().manifests.insert(
-            d.clone(),
-            Entry {
-                size: bytes.len() as u64,
-                last_access: AtomicU64::new(now_secs()),
-            },
-        );
+        self.index()
+            .manifests
+            .insert(d.clone(), Entry { size: bytes.len() as u64, last_access: AtomicU64::new(now_secs()) });
         Ok(())
     }
 
@@ -253,10 +193,7 @@ impl Store {
         if Digest::of(&bytes) != *d {
             self.index().manifests.remove(d);
             let _ = std::fs::remove_file(&path);
-            return Err(StoreError::Corrupt {
-                path,
-                why: "bytes do not match the digest; removed".into(),
-            });
+            return Err(StoreError::Corrupt { path, why: "bytes do not match the digest; removed".into() });
         }
         Ok(Some((media_type, Bytes::from(bytes))))
     }
@@ -272,19 +209,11 @@ impl Store {
         serde_json::from_slice(&text).ok()
     }
 
-    pub fn put_tag(
-        &self,
-        repo: &RepoKey,
-        name: &str,
-        tag: &str,
-        entry: &TagEntry,
-    ) -> Result<(), StoreError> {
+    pub fn put_tag(&self, repo: &RepoKey, name: &str, tag: &str, entry: &TagEntry) -> Result<(), StoreError> {
         let dir = self.repo_dir(repo, name).join("_tags");
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-        let bytes = serde_json::to_vec(entry).map_err(|e| StoreError::Corrupt {
-            path: dir.clone(),
-            why: e.to_string(),
-        })?;
+        let bytes =
+            serde_json::to_vec(entry).map_err(|e| StoreError::Corrupt { path: dir.clone(), why: e.to_string() })?;
         write_atomic(&self.root.join("staging"), &dir.join(tag), &bytes)
     }
 
@@ -294,9 +223,7 @@ impl Store {
 
     /// Whether this repo and name were seen to hold `d` (a manifest referencing it, or upstream).
     pub fn is_linked(&self, repo: &RepoKey, name: &str, d: &Digest) -> bool {
-        self.index()
-            .links
-            .contains(&(repo.clone(), name.to_owned(), d.clone()))
+        self.index().links.contains(&(repo.clone(), name.to_owned(), d.clone()))
     }
 
     /// Records that this repo and name hold these digests.
@@ -309,11 +236,7 @@ impl Store {
         let dir = self.repo_dir(repo, name).join("_links");
         let mut created = false;
         for d in digests {
-            if !self
-                .index()
-                .links
-                .insert((repo.clone(), name.to_owned(), d.clone()))
-            {
+            if !self.index().links.insert((repo.clone(), name.to_owned(), d.clone())) {
                 continue;
             }
             if !created {
@@ -333,9 +256,7 @@ fn commit(staging: &Path, file: &std::fs::File, dest: &Path) -> Result<(), Store
     let dir = dest.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     std::fs::rename(staging, dest).map_err(io(dest))?;
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io(dir))
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
 }
 
 fn write_atomic(staging_dir: &Path, dest: &Path, bytes: &[u8]) -> Result<(), StoreError> {
@@ -359,10 +280,7 @@ fn scan_content(dir: &Path, into: &mut HashMap<Digest, Entry>) -> Result<(), Sto
         };
         for e in entries.flatten() {
             let name = e.file_name();
-            let Some(d) = name
-                .to_str()
-                .and_then(|n| format!("sha256:{n}").parse::<Digest>().ok())
-            else {
+            let Some(d) = name.to_str().and_then(|n| format!("sha256:{n}").parse::<Digest>().ok()) else {
                 continue; // media-type files and strays
             };
             let Ok(meta) = e.metadata() else { continue };
@@ -372,28 +290,15 @@ fn scan_content(dir: &Path, into: &mut HashMap<Digest, Entry>) -> Result<(), Sto
                 .ok()
                 .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
                 .map_or(0, |t| t.as_secs());
-            into.insert(
-                d,
-                Entry {
-                    size: meta.len(),
-                    last_access: AtomicU64::new(last),
-                },
-            );
+            into.insert(d, Entry { size: meta.len(), last_access: AtomicU64::new(last) });
         }
     }
     Ok(())
 }
 
-fn scan_links(
-    repos: &Path,
-    into: &mut HashSet<(RepoKey, String, Digest)>,
-) -> Result<(), StoreError> {
+fn scan_links(repos: &Path, into: &mut HashSet<(RepoKey, String, Digest)>) -> Result<(), StoreError> {
     for repo in std::fs::read_dir(repos).map_err(io(repos))?.flatten() {
-        let Some(key) = repo
-            .file_name()
-            .to_str()
-            .and_then(|k| k.parse::<RepoKey>().ok())
-        else {
+        let Some(key) = repo.file_name().to_str().and_then(|k| k.parse::<RepoKey>().ok()) else {
             continue;
         };
         let mut stack = vec![repo.path()];
@@ -404,17 +309,11 @@ fn scan_links(
             for e in entries.flatten() {
                 let path = e.path();
                 if e.file_name() == "_links" {
-                    let name = dir
-                        .strip_prefix(repo.path())
-                        .ok()
-                        .and_then(|n| n.to_str())
-                        .unwrap_or_default()
-                        .to_owned();
+                    let name =
+                        dir.strip_prefix(repo.path()).ok().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
                     for l in std::fs::read_dir(&path).into_iter().flatten().flatten() {
-                        if let Some(d) = l
-                            .file_name()
-                            .to_str()
-                            .and_then(|h| format!("sha256:{h}").parse::<Digest>().ok())
+                        if let Some(d) =
+                            l.file_name().to_str().and_then(|h| format!("sha256:{h}").parse::<Digest>().ok())
                         {
                             into.insert((key.clone(), name.clone(), d));
                         }
@@ -439,30 +338,17 @@ mod tests {
         let repo: RepoKey = "lab".parse().unwrap();
         {
             let s = Store::open(dir.path()).unwrap();
-            s.put_manifest(&d, "application/vnd.oci.image.manifest.v1+json", b"{}")
-                .unwrap();
-            let t = TagEntry {
-                digest: d.to_string(),
-                media_type: "x".into(),
-                fetched_at: 1,
-            };
+            s.put_manifest(&d, "application/vnd.oci.image.manifest.v1+json", b"{}").unwrap();
+            let t = TagEntry { digest: d.to_string(), media_type: "x".into(), fetched_at: 1 };
             s.put_tag(&repo, "a/b", "v1", &t).unwrap();
             s.link(&repo, "a/b", [&d]).unwrap();
             let (path, _f) = s.staging_file(&d).unwrap();
             assert!(path.exists());
         }
         let s = Store::open(dir.path()).unwrap();
-        assert_eq!(
-            std::fs::read_dir(dir.path().join("staging"))
-                .unwrap()
-                .count(),
-            0
-        );
+        assert_eq!(std::fs::read_dir(dir.path().join("staging")).unwrap().count(), 0);
         let (mt, bytes) = s.get_manifest(&d).unwrap().unwrap();
-        assert_eq!(
-            (mt.as_str(), &bytes[..]),
-            ("application/vnd.oci.image.manifest.v1+json", &b"{}"[..])
-        );
+        assert_eq!((mt.as_str(), &bytes[..]), ("application/vnd.oci.image.manifest.v1+json", &b"{}"[..]));
         assert_eq!(s.get_tag(&repo, "a/b", "v1").unwrap().digest, d.to_string());
         assert!(s.is_linked(&repo, "a/b", &d));
         assert!(!s.is_linked(&repo, "a", &d));

@@ -53,21 +53,14 @@ pub enum UpstreamError {
     #[error("upstream {url} timed out ({phase})")]
     Timeout { url: String, phase: &'static str },
     #[error("upstream token endpoint {url} answered {status}: {message}")]
-    Token {
-        url: String,
-        status: u16,
-        message: String,
-    },
+    Token { url: String, status: u16, message: String },
     #[error("upstream {url}: {message}")]
     Protocol { url: String, message: String },
 }
 
 impl UpstreamError {
     fn retryable(&self) -> bool {
-        matches!(
-            self,
-            UpstreamError::Unreachable { .. } | UpstreamError::Timeout { .. }
-        )
+        matches!(self, UpstreamError::Unreachable { .. } | UpstreamError::Timeout { .. })
     }
 }
 
@@ -98,12 +91,7 @@ pub struct UpstreamResponse {
 
 impl UpstreamResponse {
     pub fn content_length(&self) -> Option<u64> {
-        self.headers
-            .get(header::CONTENT_LENGTH)?
-            .to_str()
-            .ok()?
-            .parse()
-            .ok()
+        self.headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
     }
 
     pub fn header_str(&self, name: impl header::AsHeaderName) -> Option<&str> {
@@ -121,20 +109,11 @@ impl UpstreamResponse {
                 match tokio::time::timeout(idle, s.next()).await {
                     Ok(Some(Ok(b))) => Some((Ok(b), Some(s))),
                     Ok(Some(Err(e))) => Some((
-                        Err(UpstreamError::Unreachable {
-                            url,
-                            message: format!("body: {}", error_chain(&e)),
-                        }),
+                        Err(UpstreamError::Unreachable { url, message: format!("body: {}", error_chain(&e)) }),
                         None,
                     )),
                     Ok(None) => None,
-                    Err(_) => Some((
-                        Err(UpstreamError::Timeout {
-                            url,
-                            phase: "idle between body chunks",
-                        }),
-                        None,
-                    )),
+                    Err(_) => Some((Err(UpstreamError::Timeout { url, phase: "idle between body chunks" }), None)),
                 }
             }
         })
@@ -148,10 +127,7 @@ impl UpstreamResponse {
         while let Some(chunk) = s.next().await {
             let chunk = chunk?;
             if out.len() + chunk.len() > limit {
-                return Err(UpstreamError::Protocol {
-                    url,
-                    message: format!("body larger than {limit} bytes"),
-                });
+                return Err(UpstreamError::Protocol { url, message: format!("body larger than {limit} bytes") });
             }
             out.extend_from_slice(&chunk);
         }
@@ -166,9 +142,7 @@ impl UpstreamResponse {
         let body = self.bytes_limited(64 * 1024).await.unwrap_or_default();
         let upstream = match serde_json::from_slice::<Value>(&body) {
             Ok(v) => v.get("errors").cloned().unwrap_or(v),
-            Err(_) => {
-                Value::String(String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned())
-            }
+            Err(_) => Value::String(String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned()),
         };
         json!({ "upstream_status": status, "upstream_url": url, "upstream_errors": upstream })
     }
@@ -192,15 +166,8 @@ impl Upstream {
             .pool_idle_timeout(Duration::from_secs(90))
             .user_agent(concat!("wharf/", env!("CARGO_PKG_VERSION")))
             .build()
-            .map_err(|e| UpstreamError::Protocol {
-                url: String::new(),
-                message: format!("HTTP client: {e}"),
-            })?;
-        Ok(Self {
-            http,
-            opts,
-            tokens: TokenCache::default(),
-        })
+            .map_err(|e| UpstreamError::Protocol { url: String::new(), message: format!("HTTP client: {e}") })?;
+        Ok(Self { http, opts, tokens: TokenCache::default() })
     }
 
     pub fn options(&self) -> &UpstreamOptions {
@@ -225,22 +192,18 @@ impl Upstream {
         let mut attempt = 0;
         let mut reauthenticated = false;
         loop {
-            let authorization = self
-                .tokens
-                .authorization(&self.http, &self.opts, req.repo, &scope)
-                .await?;
+            let authorization = self.tokens.authorization(&self.http, &self.opts, req.repo, &scope).await?;
             let result = self.send_following(req, &url, authorization.as_ref()).await;
             let wait = match &result {
                 Ok(r) if r.status == StatusCode::UNAUTHORIZED && !reauthenticated => {
                     reauthenticated = true;
-                    let challenge = r
-                        .header_str(header::WWW_AUTHENTICATE)
-                        .and_then(Challenge::parse);
+                    // Some registries (gcr.io) answer 401 without a challenge: the ping has it.
+                    let challenge = match r.header_str(header::WWW_AUTHENTICATE).and_then(Challenge::parse) {
+                        Some(c) => Some(c),
+                        None => self.ping(req.repo).await,
+                    };
                     tracing::debug!(upstream = %req.repo.upstream, ?challenge, "upstream asked for authentication");
-                    if self
-                        .tokens
-                        .learn(req.repo, &scope, challenge, authorization.as_ref())
-                    {
+                    if self.tokens.learn(req.repo, &scope, challenge, authorization.as_ref()) {
                         continue;
                     }
                     None
@@ -269,6 +232,13 @@ impl Upstream {
         }
     }
 
+    /// `GET /v2/` unauthenticated: the challenge the upstream answers with, if any.
+    async fn ping(&self, repo: &Repo) -> Option<Challenge> {
+        let url = format!("{}/v2/", repo.upstream);
+        let resp = tokio::time::timeout(self.opts.first_byte_timeout, self.http.get(&url).send()).await.ok()?.ok()?;
+        resp.headers().get(header::WWW_AUTHENTICATE)?.to_str().ok().and_then(Challenge::parse)
+    }
+
     fn backoff(&self, attempt: u32) -> Duration {
         let base = self.opts.retry_backoff.saturating_mul(1 << attempt.min(6));
         base + base.mul_f64(rand::random::<f64>() * 0.5)
@@ -280,16 +250,11 @@ impl Upstream {
         first_url: &str,
         authorization: Option<&HeaderValue>,
     ) -> Result<UpstreamResponse, UpstreamError> {
-        let origin = reqwest::Url::parse(first_url).map_err(|e| UpstreamError::Protocol {
-            url: redact(first_url),
-            message: e.to_string(),
-        })?;
+        let origin = reqwest::Url::parse(first_url)
+            .map_err(|e| UpstreamError::Protocol { url: redact(first_url), message: e.to_string() })?;
         let mut url = origin.clone();
         for _ in 0..=MAX_REDIRECTS {
-            let mut r = self
-                .http
-                .request(req.method.clone(), url.clone())
-                .headers(req.headers.clone());
+            let mut r = self.http.request(req.method.clone(), url.clone()).headers(req.headers.clone());
             // Authorization goes to the registry only: a CDN or object store behind a redirect
             // either rejects it (S3, Azure Blob) or must not see it.
             if same_origin(&url, &origin)
@@ -300,31 +265,19 @@ impl Upstream {
             let shown = redact(url.as_str());
             let resp = match tokio::time::timeout(self.opts.first_byte_timeout, r.send()).await {
                 Err(_) => {
-                    return Err(UpstreamError::Timeout {
-                        url: shown,
-                        phase: "waiting for the response",
-                    });
+                    return Err(UpstreamError::Timeout { url: shown, phase: "waiting for the response" });
                 }
                 Ok(Err(e)) if e.is_timeout() => {
-                    return Err(UpstreamError::Timeout {
-                        url: shown,
-                        phase: "connect",
-                    });
+                    return Err(UpstreamError::Timeout { url: shown, phase: "connect" });
                 }
                 Ok(Err(e)) => {
-                    return Err(UpstreamError::Unreachable {
-                        url: shown,
-                        message: error_chain(&e),
-                    });
+                    return Err(UpstreamError::Unreachable { url: shown, message: error_chain(&e) });
                 }
                 Ok(Ok(resp)) => resp,
             };
             let status = resp.status();
             if status.is_redirection()
-                && let Some(loc) = resp
-                    .headers()
-                    .get(header::LOCATION)
-                    .and_then(|l| l.to_str().ok())
+                && let Some(loc) = resp.headers().get(header::LOCATION).and_then(|l| l.to_str().ok())
             {
                 url = url.join(loc).map_err(|e| UpstreamError::Protocol {
                     url: shown.clone(),
@@ -341,17 +294,12 @@ impl Upstream {
                 idle_timeout: self.opts.idle_timeout,
             });
         }
-        Err(UpstreamError::Protocol {
-            url: redact(first_url),
-            message: format!("more than {MAX_REDIRECTS} redirects"),
-        })
+        Err(UpstreamError::Protocol { url: redact(first_url), message: format!("more than {MAX_REDIRECTS} redirects") })
     }
 }
 
 fn same_origin(a: &reqwest::Url, b: &reqwest::Url) -> bool {
-    a.scheme() == b.scheme()
-        && a.host_str() == b.host_str()
-        && a.port_or_known_default() == b.port_or_known_default()
+    a.scheme() == b.scheme() && a.host_str() == b.host_str() && a.port_or_known_default() == b.port_or_known_default()
 }
 
 /// A URL fit for logs and error messages: no query (signed URLs), no user info.

@@ -9,8 +9,7 @@ use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use wharf_core::Digest;
 
 use super::{
-    Ctx, RequestLog, content_headers, fetch_error, not_modified, not_modified_response,
-    upstream_error, upstream_status,
+    Ctx, RequestLog, content_headers, fetch_error, not_modified, not_modified_response, upstream_error, upstream_status,
 };
 use crate::error::RegistryError;
 use crate::flight::{FetchContext, Joined, Progress, read_file};
@@ -23,11 +22,7 @@ const OCTETS: &str = "application/octet-stream";
 /// client reading a footer first does not wait for the whole blob.
 const FAR_AHEAD: u64 = 8 * 1024 * 1024;
 
-pub async fn get(
-    ctx: &Ctx,
-    digest: Digest,
-    log: &mut RequestLog,
-) -> Result<Response, RegistryError> {
+pub async fn get(ctx: &Ctx, digest: Digest, log: &mut RequestLog) -> Result<Response, RegistryError> {
     let store = &ctx.state.store;
     if let Some(size) = store.blob_size(&digest) {
         authorize_cached(ctx, &digest, log).await?;
@@ -45,16 +40,10 @@ pub async fn get(
         digest: digest.clone(),
     };
     log.upstream_url = format!("{}/v2/{}/blobs/{}", ctx.repo.upstream, ctx.name, digest);
-    let (flight, coalesced) = match ctx
-        .state
-        .flights
-        .join_or_start(fetch)
-        .map_err(|e| fetch_error(&e))?
-    {
+    let (flight, coalesced) = match ctx.state.flights.join_or_start(fetch).map_err(|e| fetch_error(&e))? {
         Joined::Cached => {
-            let size = store
-                .blob_size(&digest)
-                .ok_or_else(|| RegistryError::internal("blob vanished from the cache"))?;
+            let size =
+                store.blob_size(&digest).ok_or_else(|| RegistryError::internal("blob vanished from the cache"))?;
             log.cache = "hit";
             return serve_file(ctx, &digest, size);
         }
@@ -80,18 +69,12 @@ pub async fn get(
             {
                 return Ok(r);
             }
-            partial(
-                Body::from_stream(flight.body(start, Some(end))),
-                start,
-                end,
-                total,
-            )
+            partial(Body::from_stream(flight.body(start, Some(end))), start, end, total)
         }
         None => {
             let mut r = Response::new(Body::from_stream(flight.body(0, None)));
             if let Some(t) = total {
-                r.headers_mut()
-                    .insert(header::CONTENT_LENGTH, HeaderValue::from(t));
+                r.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(t));
             }
             r
         }
@@ -102,43 +85,22 @@ pub async fn get(
 
 /// A repo may serve a cached blob only when that repo and name were seen to hold it: a digest
 /// learnt elsewhere must not open another repository's content. Otherwise ask the upstream.
-async fn authorize_cached(
-    ctx: &Ctx,
-    digest: &Digest,
-    log: &mut RequestLog,
-) -> Result<(), RegistryError> {
+async fn authorize_cached(ctx: &Ctx, digest: &Digest, log: &mut RequestLog) -> Result<(), RegistryError> {
     let store = &ctx.state.store;
     if store.is_linked(&ctx.repo.key, &ctx.name, digest) {
         return Ok(());
     }
     let req = blob_request(ctx, digest, Method::HEAD, HeaderMap::new());
     log.upstream_url = Upstream::url_for(&req);
-    let resp = ctx
-        .state
-        .upstream
-        .send(&req)
-        .await
-        .map_err(|e| upstream_error(&e))?;
+    let resp = ctx.state.upstream.send(&req).await.map_err(|e| upstream_error(&e))?;
     if resp.status != StatusCode::OK {
         let status = resp.status;
-        return Err(upstream_status(
-            status,
-            resp.error_detail().await,
-            "blob",
-            None,
-        ));
+        return Err(upstream_status(status, resp.error_detail().await, "blob", None));
     }
-    store
-        .link(&ctx.repo.key, &ctx.name, [digest])
-        .map_err(|e| RegistryError::internal(e.to_string()))
+    store.link(&ctx.repo.key, &ctx.name, [digest]).map_err(|e| RegistryError::internal(e.to_string()))
 }
 
-fn blob_request<'a>(
-    ctx: &'a Ctx,
-    digest: &Digest,
-    method: Method,
-    headers: HeaderMap,
-) -> UpstreamRequest<'a> {
+fn blob_request<'a>(ctx: &'a Ctx, digest: &Digest, method: Method, headers: HeaderMap) -> UpstreamRequest<'a> {
     UpstreamRequest {
         repo: &ctx.repo,
         name: &ctx.name,
@@ -180,8 +142,7 @@ fn unsatisfiable(digest: &Digest, total: u64) -> Response {
     if let Ok(v) = HeaderValue::from_str(&format!("bytes */{total}")) {
         r.headers_mut().insert(header::CONTENT_RANGE, v);
     }
-    r.headers_mut()
-        .insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    r.headers_mut().insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     let _ = digest;
     r
 }
@@ -202,16 +163,15 @@ fn serve_file(ctx: &Ctx, digest: &Digest, size: u64) -> Result<Response, Registr
     } else {
         let path = ctx.state.store.blob_path(digest);
         // Opened now: an eviction after this point cannot take the bytes from under the client.
-        let file = std::fs::File::open(&path)
-            .map_err(|e| RegistryError::internal(format!("cached blob unreadable: {e}")))?;
+        let file =
+            std::fs::File::open(&path).map_err(|e| RegistryError::internal(format!("cached blob unreadable: {e}")))?;
         Body::from_stream(read_file(Arc::new(file), start, Some(end), None))
     };
     let mut r = if ranged {
         partial(body, start, end, size)
     } else {
         let mut r = Response::new(body);
-        r.headers_mut()
-            .insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+        r.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(size));
         r
     };
     blob_headers(r.headers_mut(), digest);
@@ -219,34 +179,19 @@ fn serve_file(ctx: &Ctx, digest: &Digest, size: u64) -> Result<Response, Registr
 }
 
 /// HEAD of a blob not cached: asked upstream, nothing fetched.
-async fn head_upstream(
-    ctx: &Ctx,
-    digest: &Digest,
-    log: &mut RequestLog,
-) -> Result<Response, RegistryError> {
+async fn head_upstream(ctx: &Ctx, digest: &Digest, log: &mut RequestLog) -> Result<Response, RegistryError> {
     let req = blob_request(ctx, digest, Method::HEAD, HeaderMap::new());
     log.upstream_url = Upstream::url_for(&req);
     log.cache = "miss";
-    let resp = ctx
-        .state
-        .upstream
-        .send(&req)
-        .await
-        .map_err(|e| upstream_error(&e))?;
+    let resp = ctx.state.upstream.send(&req).await.map_err(|e| upstream_error(&e))?;
     if resp.status != StatusCode::OK {
         let status = resp.status;
         let retry_after = resp.header_str(header::RETRY_AFTER).map(str::to_owned);
-        return Err(upstream_status(
-            status,
-            resp.error_detail().await,
-            "blob",
-            retry_after,
-        ));
+        return Err(upstream_status(status, resp.error_detail().await, "blob", retry_after));
     }
     let mut r = Response::new(Body::empty());
     if let Some(len) = resp.content_length() {
-        r.headers_mut()
-            .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        r.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     }
     blob_headers(r.headers_mut(), digest);
     Ok(r)
@@ -267,16 +212,9 @@ async fn ranged_upstream(
         headers.insert(header::RANGE, v);
     }
     let req = blob_request(ctx, digest, Method::GET, headers);
-    let resp = ctx
-        .state
-        .upstream
-        .send(&req)
-        .await
-        .map_err(|e| upstream_error(&e))?;
+    let resp = ctx.state.upstream.send(&req).await.map_err(|e| upstream_error(&e))?;
     let expected = format!("bytes {start}-{}/{total}", end - 1);
-    if resp.status != StatusCode::PARTIAL_CONTENT
-        || resp.header_str(header::CONTENT_RANGE) != Some(expected.as_str())
-    {
+    if resp.status != StatusCode::PARTIAL_CONTENT || resp.header_str(header::CONTENT_RANGE) != Some(expected.as_str()) {
         return Ok(None);
     }
     log.cache = "bypass";

@@ -29,29 +29,15 @@ pub struct RequestLog {
 
 impl RequestLog {
     pub fn new(method: &Method, path: &str) -> Self {
-        Self {
-            method: method.to_string(),
-            path: path.chars().take(512).collect(),
-            ..Default::default()
-        }
+        Self { method: method.to_string(), path: path.chars().take(512).collect(), ..Default::default() }
     }
 
     /// Wraps the response body so that the line is written when it ends.
     pub fn wrap(self, resp: Response, started: Instant) -> Response {
         let status = resp.status().as_u16();
         let (parts, body) = resp.into_parts();
-        let declared = parts
-            .headers
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse().ok());
-        let body = LoggedBody {
-            inner: body,
-            bytes: 0,
-            declared,
-            status,
-            started,
-            log: Some(self),
-        };
+        let declared = parts.headers.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok());
+        let body = LoggedBody { inner: body, bytes: 0, declared, status, started, log: Some(self) };
         Response::from_parts(parts, Body::new(body))
     }
 
@@ -101,10 +87,7 @@ impl HttpBody for LoggedBody {
     type Data = Bytes;
     type Error = axum::Error;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {

@@ -8,10 +8,7 @@ use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use serde_json::Value;
 use wharf_core::{Digest, Reference};
 
-use super::{
-    Ctx, RequestLog, content_headers, not_modified, not_modified_response, upstream_error,
-    upstream_status,
-};
+use super::{Ctx, RequestLog, content_headers, not_modified, not_modified_response, upstream_error, upstream_status};
 use crate::error::RegistryError;
 use crate::store::{TagEntry, now_secs};
 use crate::upstream::{Upstream, UpstreamRequest};
@@ -29,11 +26,7 @@ struct Manifest {
     bytes: Bytes,
 }
 
-pub async fn get(
-    ctx: &Ctx,
-    reference: Reference,
-    log: &mut RequestLog,
-) -> Result<Response, RegistryError> {
+pub async fn get(ctx: &Ctx, reference: Reference, log: &mut RequestLog) -> Result<Response, RegistryError> {
     let store = &ctx.state.store;
     match &reference {
         Reference::Digest(d) => {
@@ -65,10 +58,7 @@ pub async fn get(
                 }
                 match revalidate(ctx, tag, &m.digest, log).await {
                     Revalidated::Same => {
-                        let e = TagEntry {
-                            fetched_at: now_secs(),
-                            ..entry
-                        };
+                        let e = TagEntry { fetched_at: now_secs(), ..entry };
                         store
                             .put_tag(&ctx.repo.key, &ctx.name, tag, &e)
                             .map_err(|e| RegistryError::internal(e.to_string()))?;
@@ -98,11 +88,9 @@ pub async fn get(
 /// A cached manifest the client accepts.
 fn cached(ctx: &Ctx, d: &Digest) -> Result<Option<Manifest>, RegistryError> {
     match ctx.state.store.get_manifest(d) {
-        Ok(Some((media_type, bytes))) if accepts(&ctx.headers, &media_type) => Ok(Some(Manifest {
-            digest: d.clone(),
-            media_type,
-            bytes,
-        })),
+        Ok(Some((media_type, bytes))) if accepts(&ctx.headers, &media_type) => {
+            Ok(Some(Manifest { digest: d.clone(), media_type, bytes }))
+        }
         Ok(_) => Ok(None),
         Err(e) => {
             tracing::error!(error = %e, "cached manifest unreadable; fetching it again");
@@ -114,11 +102,7 @@ fn cached(ctx: &Ctx, d: &Digest) -> Result<Option<Manifest>, RegistryError> {
 /// Whether the client's `Accept` admits `media_type` (no `Accept`: anything).
 fn accepts(headers: &HeaderMap, media_type: &str) -> bool {
     let mut any = false;
-    for v in headers
-        .get_all(header::ACCEPT)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-    {
+    for v in headers.get_all(header::ACCEPT).iter().filter_map(|v| v.to_str().ok()) {
         for t in v.split(',') {
             any = true;
             let t = t.split(';').next().unwrap_or("").trim();
@@ -169,10 +153,7 @@ async fn revalidate(ctx: &Ctx, tag: &str, cached: &Digest, log: &mut RequestLog)
     match ctx.state.upstream.send(&req).await {
         Err(e) => Revalidated::Stale(e.to_string()),
         Ok(r) if r.status == StatusCode::OK => {
-            match r
-                .header_str("docker-content-digest")
-                .and_then(|d| d.parse::<Digest>().ok())
-            {
+            match r.header_str("docker-content-digest").and_then(|d| d.parse::<Digest>().ok()) {
                 Some(d) if d == *cached => Revalidated::Same,
                 _ => Revalidated::Changed,
             }
@@ -182,31 +163,17 @@ async fn revalidate(ctx: &Ctx, tag: &str, cached: &Digest, log: &mut RequestLog)
         }
         Ok(r) if r.status == StatusCode::NOT_FOUND => {
             let detail = serde_json::json!({ "upstream_status": 404, "upstream_url": r.url });
-            Revalidated::Gone(upstream_status(
-                StatusCode::NOT_FOUND,
-                detail,
-                "manifest",
-                None,
-            ))
+            Revalidated::Gone(upstream_status(StatusCode::NOT_FOUND, detail, "manifest", None))
         }
         Ok(r) => {
             let status = r.status;
-            Revalidated::Error(upstream_status(
-                status,
-                r.error_detail().await,
-                "manifest",
-                None,
-            ))
+            Revalidated::Error(upstream_status(status, r.error_detail().await, "manifest", None))
         }
     }
 }
 
 /// GETs a manifest upstream, checks its bytes, caches it and links what it references.
-async fn fetch(
-    ctx: &Ctx,
-    reference: &Reference,
-    log: &mut RequestLog,
-) -> Result<Manifest, RegistryError> {
+async fn fetch(ctx: &Ctx, reference: &Reference, log: &mut RequestLog) -> Result<Manifest, RegistryError> {
     let req = UpstreamRequest {
         repo: &ctx.repo,
         name: &ctx.name,
@@ -217,31 +184,17 @@ async fn fetch(
         retry: true,
     };
     log.upstream_url = Upstream::url_for(&req);
-    let resp = ctx
-        .state
-        .upstream
-        .send(&req)
-        .await
-        .map_err(|e| upstream_error(&e))?;
+    let resp = ctx.state.upstream.send(&req).await.map_err(|e| upstream_error(&e))?;
     if resp.status != StatusCode::OK {
         let status = resp.status;
         let retry_after = resp.header_str(header::RETRY_AFTER).map(str::to_owned);
-        return Err(upstream_status(
-            status,
-            resp.error_detail().await,
-            "manifest",
-            retry_after,
-        ));
+        return Err(upstream_status(status, resp.error_detail().await, "manifest", retry_after));
     }
     let url = resp.url.clone();
-    let header_type = resp
-        .header_str(header::CONTENT_TYPE)
-        .map(|t| t.split(';').next().unwrap_or("").trim().to_owned());
+    let header_type =
+        resp.header_str(header::CONTENT_TYPE).map(|t| t.split(';').next().unwrap_or("").trim().to_owned());
     let header_digest = resp.header_str("docker-content-digest").map(str::to_owned);
-    let bytes = resp
-        .bytes_limited(MAX_MANIFEST)
-        .await
-        .map_err(|e| upstream_error(&e))?;
+    let bytes = resp.bytes_limited(MAX_MANIFEST).await.map_err(|e| upstream_error(&e))?;
     let digest = Digest::of(&bytes);
     let wrong = |claimed: &str| {
         RegistryError::new(
@@ -264,52 +217,27 @@ async fn fetch(
     let json: Option<Value> = serde_json::from_slice(&bytes).ok();
     let media_type = header_type
         .filter(|t| !t.is_empty() && t != "application/json" && t != "text/plain")
-        .or_else(|| {
-            json.as_ref()
-                .and_then(|j| j.get("mediaType")?.as_str().map(str::to_owned))
-        })
+        .or_else(|| json.as_ref().and_then(|j| j.get("mediaType")?.as_str().map(str::to_owned)))
         .unwrap_or_else(|| "application/vnd.oci.image.manifest.v1+json".to_owned());
     let store = &ctx.state.store;
     let internal = |e: crate::store::StoreError| RegistryError::internal(e.to_string());
-    store
-        .put_manifest(&digest, &media_type, &bytes)
-        .map_err(internal)?;
+    store.put_manifest(&digest, &media_type, &bytes).map_err(internal)?;
     let mut linked = vec![digest.clone()];
     if let Some(j) = &json {
         linked.extend(referenced(j));
     }
-    store
-        .link(&ctx.repo.key, &ctx.name, &linked)
-        .map_err(internal)?;
+    store.link(&ctx.repo.key, &ctx.name, &linked).map_err(internal)?;
     if let Reference::Tag(tag) = reference {
-        let entry = TagEntry {
-            digest: digest.to_string(),
-            media_type: media_type.clone(),
-            fetched_at: now_secs(),
-        };
-        store
-            .put_tag(&ctx.repo.key, &ctx.name, tag, &entry)
-            .map_err(internal)?;
+        let entry = TagEntry { digest: digest.to_string(), media_type: media_type.clone(), fetched_at: now_secs() };
+        store.put_tag(&ctx.repo.key, &ctx.name, tag, &entry).map_err(internal)?;
     }
-    Ok(Manifest {
-        digest,
-        media_type,
-        bytes,
-    })
+    Ok(Manifest { digest, media_type, bytes })
 }
 
 /// The digests a manifest or index references: config, layers, child manifests, subject, blobs.
 fn referenced(j: &Value) -> Vec<Digest> {
-    let one = |v: &Value| {
-        v.get("digest")
-            .and_then(Value::as_str)
-            .and_then(|d| d.parse::<Digest>().ok())
-    };
-    let mut out: Vec<Digest> = ["config", "subject"]
-        .iter()
-        .filter_map(|k| j.get(*k))
-        .filter_map(one)
-        .collect();
+    let one = |v: &Value| v.get("digest").and_then(Value::as_str).and_then(|d| d.parse::<Digest>().ok());
+    let mut out: Vec<Digest> = ["config", "subject"].iter().filter_map(|k| j.get(*k)).filter_map(one).collect();
     for list in ["layers", "manifests", "blobs"] {
         if let Some(items) = j.get(list).and_then(Value::as_array) {
             out.extend(items.iter().filter_map(one));
@@ -324,20 +252,12 @@ fn respond(ctx: &Ctx, m: Manifest, cache_control: &str, stale: Option<&str>) -> 
         return not_modified_response(&m.digest, &m.media_type, cache_control);
     }
     let len = m.bytes.len();
-    let mut r = Response::new(if ctx.head {
-        Body::empty()
-    } else {
-        Body::from(m.bytes)
-    });
+    let mut r = Response::new(if ctx.head { Body::empty() } else { Body::from(m.bytes) });
     let h = r.headers_mut();
     content_headers(h, &m.digest, &m.media_type, cache_control);
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     if let Some(why) = stale {
-        let why: String = why
-            .chars()
-            .filter(|c| *c != '"' && *c != '\\' && !c.is_control())
-            .take(200)
-            .collect();
+        let why: String = why.chars().filter(|c| *c != '"' && *c != '\\' && !c.is_control()).take(200).collect();
         if let Ok(v) = HeaderValue::from_str(&format!("110 wharf \"Response is stale: {why}\"")) {
             h.insert(header::WARNING, v);
         }
@@ -353,10 +273,7 @@ mod tests {
     fn accept_matching() {
         let mut h = HeaderMap::new();
         assert!(accepts(&h, "application/vnd.oci.image.index.v1+json"));
-        h.append(
-            header::ACCEPT,
-            HeaderValue::from_static("application/vnd.oci.image.manifest.v1+json; q=0.5"),
-        );
+        h.append(header::ACCEPT, HeaderValue::from_static("application/vnd.oci.image.manifest.v1+json; q=0.5"));
         assert!(accepts(&h, "application/vnd.oci.image.manifest.v1+json"));
         assert!(!accepts(&h, "application/vnd.oci.image.index.v1+json"));
         h.append(header::ACCEPT, HeaderValue::from_static("application/*"));

@@ -25,21 +25,11 @@ pub async fn get(ctx: &Ctx, path: String, log: &mut RequestLog) -> Result<Respon
     };
     log.upstream_url = Upstream::url_for(&req);
     log.cache = "bypass";
-    let resp = ctx
-        .state
-        .upstream
-        .send(&req)
-        .await
-        .map_err(|e| upstream_error(&e))?;
+    let resp = ctx.state.upstream.send(&req).await.map_err(|e| upstream_error(&e))?;
     if resp.status != StatusCode::OK {
         let status = resp.status;
         let retry_after = resp.header_str(header::RETRY_AFTER).map(str::to_owned);
-        return Err(upstream_status(
-            status,
-            resp.error_detail().await,
-            "repository",
-            retry_after,
-        ));
+        return Err(upstream_status(status, resp.error_detail().await, "repository", retry_after));
     }
     let mut out = HeaderMap::new();
     for k in [header::CONTENT_TYPE, header::CONTENT_LENGTH] {
@@ -47,9 +37,7 @@ pub async fn get(ctx: &Ctx, path: String, log: &mut RequestLog) -> Result<Respon
             out.insert(k, v.clone());
         }
     }
-    if let Some(link) = resp
-        .header_str(header::LINK)
-        .and_then(|l| rewrite_link(l, ctx))
+    if let Some(link) = resp.header_str(header::LINK).and_then(|l| rewrite_link(l, ctx))
         && let Ok(v) = HeaderValue::from_str(&link)
     {
         out.insert(header::LINK, v);
@@ -57,15 +45,8 @@ pub async fn get(ctx: &Ctx, path: String, log: &mut RequestLog) -> Result<Respon
     if let Some(v) = resp.headers.get("oci-filters-applied") {
         out.insert("oci-filters-applied", v.clone());
     }
-    out.insert(
-        "docker-distribution-api-version",
-        HeaderValue::from_static("registry/2.0"),
-    );
-    let mut r = Response::new(if ctx.head {
-        Body::empty()
-    } else {
-        Body::from_stream(resp.into_stream())
-    });
+    out.insert("docker-distribution-api-version", HeaderValue::from_static("registry/2.0"));
+    let mut r = Response::new(if ctx.head { Body::empty() } else { Body::from_stream(resp.into_stream()) });
     *r.headers_mut() = out;
     Ok(r)
 }
@@ -78,12 +59,5 @@ fn rewrite_link(link: &str, ctx: &Ctx) -> Option<String> {
     let target = &link[open + 1..close];
     let path = target.strip_prefix(&ctx.repo.upstream).unwrap_or(target);
     let rest = path.strip_prefix(&format!("/v2/{}/", ctx.name))?;
-    Some(format!(
-        "{}</v2/{}/{}/{}>{}",
-        &link[..open],
-        ctx.repo.key,
-        ctx.client_name,
-        rest,
-        &link[close + 1..]
-    ))
+    Some(format!("{}</v2/{}/{}/{}>{}", &link[..open], ctx.repo.key, ctx.client_name, rest, &link[close + 1..]))
 }

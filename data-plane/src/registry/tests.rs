@@ -8,17 +8,11 @@ fn p(s: &str) -> Result<RegistryPath, RegistryError> {
 fn parses_paths() {
     let d = Digest::of(b"x");
     let r = p(&format!("hub/library/alpine/blobs/{d}")).unwrap();
-    assert_eq!(
-        (r.repo_key.as_str(), r.name.as_str(), r.target),
-        ("hub", "library/alpine", Target::Blob(d.clone()))
-    );
+    assert_eq!((r.repo_key.as_str(), r.name.as_str(), r.target), ("hub", "library/alpine", Target::Blob(d.clone())));
     let r = p("hub/alpine/manifests/3.20").unwrap();
     assert_eq!(r.target, Target::Manifest(Reference::Tag("3.20".into())));
     assert_eq!(p("lab/a/b/c/tags/list").unwrap().name, "a/b/c");
-    assert_eq!(
-        p(&format!("lab/x/referrers/{d}")).unwrap().target,
-        Target::Referrers(d)
-    );
+    assert_eq!(p(&format!("lab/x/referrers/{d}")).unwrap().target, Target::Referrers(d));
     // A repository may be named "manifests" or "blobs".
     assert_eq!(p("lab/blobs/manifests/v1").unwrap().name, "blobs");
 }
@@ -51,10 +45,7 @@ fn rejects_bad_paths() {
 #[test]
 fn if_none_match() {
     let mut h = HeaderMap::new();
-    h.insert(
-        header::IF_NONE_MATCH,
-        HeaderValue::from_static("\"a\", W/\"b\""),
-    );
+    h.insert(header::IF_NONE_MATCH, HeaderValue::from_static("\"a\", W/\"b\""));
     assert!(not_modified(&h, "\"b\""));
     assert!(!not_modified(&h, "\"c\""));
 }

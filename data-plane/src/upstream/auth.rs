@@ -14,10 +14,7 @@ use super::{UpstreamError, UpstreamOptions, error_chain, redact};
 /// What an upstream demands, from its `WWW-Authenticate` header.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Challenge {
-    Bearer {
-        realm: String,
-        service: Option<String>,
-    },
+    Bearer { realm: String, service: Option<String> },
     Basic,
 }
 
@@ -26,23 +23,12 @@ impl Challenge {
     /// challenge is ignored: Wharf asks for the scope of the repository it pulls.
     pub fn parse(header: &str) -> Option<Self> {
         let header = header.trim();
-        let (scheme, rest) = header
-            .split_once(char::is_whitespace)
-            .unwrap_or((header, ""));
+        let (scheme, rest) = header.split_once(char::is_whitespace).unwrap_or((header, ""));
         let params = parse_params(rest);
-        let get = |k: &str| {
-            params
-                .iter()
-                .find(|(n, _)| n.eq_ignore_ascii_case(k))
-                .map(|(_, v)| v.clone())
-        };
+        let get = |k: &str| params.iter().find(|(n, _)| n.eq_ignore_ascii_case(k)).map(|(_, v)| v.clone());
         if scheme.eq_ignore_ascii_case("bearer") {
-            let realm =
-                get("realm").filter(|r| r.starts_with("https://") || r.starts_with("http://"))?;
-            Some(Challenge::Bearer {
-                realm,
-                service: get("service").filter(|s| !s.is_empty()),
-            })
+            let realm = get("realm").filter(|r| r.starts_with("https://") || r.starts_with("http://"))?;
+            Some(Challenge::Bearer { realm, service: get("service").filter(|s| !s.is_empty()) })
         } else if scheme.eq_ignore_ascii_case("basic") {
             Some(Challenge::Basic)
         } else {
@@ -59,8 +45,7 @@ fn parse_params(s: &str) -> Vec<(String, String)> {
         while chars.peek().is_some_and(|c| *c == ',' || c.is_whitespace()) {
             chars.next();
         }
-        let key: String =
-            std::iter::from_fn(|| chars.next_if(|c| *c != '=' && *c != ',')).collect();
+        let key: String = std::iter::from_fn(|| chars.next_if(|c| *c != '=' && *c != ',')).collect();
         if key.is_empty() {
             break;
         }
@@ -77,10 +62,7 @@ fn parse_params(s: &str) -> Vec<(String, String)> {
                 }
             }
         } else {
-            value = std::iter::from_fn(|| chars.next_if(|c| *c != ','))
-                .collect::<String>()
-                .trim()
-                .to_owned();
+            value = std::iter::from_fn(|| chars.next_if(|c| *c != ',')).collect::<String>().trim().to_owned();
         }
         out.push((key.trim().to_owned(), value));
     }
@@ -125,53 +107,34 @@ impl TokenCache {
             Some(Challenge::Basic) => return Ok(repo.credentials.as_ref().map(basic)),
             Some(Challenge::Bearer { realm, service }) => (realm, service),
         };
-        let key: TokenKey = (
-            realm.clone(),
-            service.clone(),
-            scope.to_owned(),
-            repo.credentials.as_ref().map(|c| c.username.clone()),
-        );
+        let key: TokenKey =
+            (realm.clone(), service.clone(), scope.to_owned(), repo.credentials.as_ref().map(|c| c.username.clone()));
         if let Some((token, expiry)) = self.state().tokens.get(&key)
             && Instant::now() < *expiry
         {
             return Ok(Some(token.clone()));
         }
-        let (token, lifetime) = fetch_token(
-            http,
-            opts,
-            &realm,
-            service.as_deref(),
-            scope,
-            repo.credentials.as_ref(),
-        )
-        .await?;
+        let (token, lifetime) =
+            fetch_token(http, opts, &realm, service.as_deref(), scope, repo.credentials.as_ref()).await?;
         let expiry = Instant::now() + lifetime.saturating_sub(EXPIRY_MARGIN);
         self.state().tokens.insert(key, (token.clone(), expiry));
         Ok(Some(token))
     }
 
     /// Records a 401's challenge. Returns whether retrying with fresh authorization may succeed.
-    pub fn learn(
-        &self,
-        repo: &Repo,
-        scope: &str,
-        challenge: Option<Challenge>,
-        sent: Option<&HeaderValue>,
-    ) -> bool {
+    pub fn learn(&self, repo: &Repo, scope: &str, challenge: Option<Challenge>, sent: Option<&HeaderValue>) -> bool {
         let Some(challenge) = challenge else {
             return false;
         };
         let mut st = self.state();
-        st.challenges
-            .insert(repo.upstream.clone(), challenge.clone());
+        st.challenges.insert(repo.upstream.clone(), challenge.clone());
         match challenge {
             // Credentials already sent and refused: retrying would not help.
             Challenge::Basic => repo.credentials.is_some() && sent.is_none(),
             Challenge::Bearer { .. } => {
                 if let Some(sent) = sent {
                     // The token was refused (expired early, revoked): forget it.
-                    st.tokens
-                        .retain(|(_, _, s, _), (t, _)| !(s == scope && t == sent));
+                    st.tokens.retain(|(_, _, s, _), (t, _)| !(s == scope && t == sent));
                 }
                 true
             }
@@ -181,11 +144,8 @@ impl TokenCache {
 
 fn basic(c: &Credentials) -> HeaderValue {
     let raw = format!("{}:{}", c.username, c.password.expose());
-    let mut v = HeaderValue::from_str(&format!(
-        "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode(raw)
-    ))
-    .unwrap_or_else(|_| HeaderValue::from_static(""));
+    let mut v = HeaderValue::from_str(&format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(raw)))
+        .unwrap_or_else(|_| HeaderValue::from_static(""));
     v.set_sensitive(true);
     v
 }
@@ -206,10 +166,8 @@ async fn fetch_token(
     credentials: Option<&Credentials>,
 ) -> Result<(HeaderValue, Duration), UpstreamError> {
     let shown = redact(realm);
-    let mut url = reqwest::Url::parse(realm).map_err(|e| UpstreamError::Protocol {
-        url: shown.clone(),
-        message: e.to_string(),
-    })?;
+    let mut url = reqwest::Url::parse(realm)
+        .map_err(|e| UpstreamError::Protocol { url: shown.clone(), message: e.to_string() })?;
     {
         let mut q = url.query_pairs_mut();
         if let Some(s) = service {
@@ -226,61 +184,33 @@ async fn fetch_token(
     }
     let resp = match tokio::time::timeout(opts.first_byte_timeout, req.send()).await {
         Err(_) => {
-            return Err(UpstreamError::Timeout {
-                url: shown,
-                phase: "token request",
-            });
+            return Err(UpstreamError::Timeout { url: shown, phase: "token request" });
         }
         Ok(Err(e)) => {
-            return Err(UpstreamError::Unreachable {
-                url: shown,
-                message: error_chain(&e),
-            });
+            return Err(UpstreamError::Unreachable { url: shown, message: error_chain(&e) });
         }
         Ok(Ok(r)) => r,
     };
     let status = resp.status();
     let body = tokio::time::timeout(opts.idle_timeout, resp.bytes())
         .await
-        .map_err(|_| UpstreamError::Timeout {
-            url: shown.clone(),
-            phase: "token body",
-        })?
-        .map_err(|e| UpstreamError::Unreachable {
-            url: shown.clone(),
-            message: error_chain(&e),
-        })?;
+        .map_err(|_| UpstreamError::Timeout { url: shown.clone(), phase: "token body" })?
+        .map_err(|e| UpstreamError::Unreachable { url: shown.clone(), message: error_chain(&e) })?;
     if status != StatusCode::OK {
         let message = String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned();
-        return Err(UpstreamError::Token {
-            url: shown,
-            status: status.as_u16(),
-            message,
-        });
+        return Err(UpstreamError::Token { url: shown, status: status.as_u16(), message });
     }
-    let parsed: TokenResponse =
-        serde_json::from_slice(&body).map_err(|e| UpstreamError::Protocol {
-            url: shown.clone(),
-            message: format!("token response: {e}"),
-        })?;
+    let parsed: TokenResponse = serde_json::from_slice(&body)
+        .map_err(|e| UpstreamError::Protocol { url: shown.clone(), message: format!("token response: {e}") })?;
     let token = parsed
         .token
         .or(parsed.access_token)
         .filter(|t| !t.is_empty())
-        .ok_or_else(|| UpstreamError::Protocol {
-            url: shown.clone(),
-            message: "token response has no token".into(),
-        })?;
-    let mut value =
-        HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| UpstreamError::Protocol {
-            url: shown,
-            message: "token is not a valid header value".into(),
-        })?;
+        .ok_or_else(|| UpstreamError::Protocol { url: shown.clone(), message: "token response has no token".into() })?;
+    let mut value = HeaderValue::from_str(&format!("Bearer {token}"))
+        .map_err(|_| UpstreamError::Protocol { url: shown, message: "token is not a valid header value".into() })?;
     value.set_sensitive(true);
-    let lifetime = parsed
-        .expires_in
-        .unwrap_or(MIN_TOKEN_LIFETIME)
-        .max(MIN_TOKEN_LIFETIME);
+    let lifetime = parsed.expires_in.unwrap_or(MIN_TOKEN_LIFETIME).max(MIN_TOKEN_LIFETIME);
     Ok((value, Duration::from_secs(lifetime)))
 }
 
@@ -301,41 +231,22 @@ mod tests {
         );
         assert_eq!(
             Challenge::parse(r#"bearer realm="https://x/token", service=svc"#),
-            Some(Challenge::Bearer {
-                realm: "https://x/token".into(),
-                service: Some("svc".into())
-            })
+            Some(Challenge::Bearer { realm: "https://x/token".into(), service: Some("svc".into()) })
         );
         assert_eq!(
             Challenge::parse(r#"Bearer realm="https://eu-docker.pkg.dev/v2/token""#),
-            Some(Challenge::Bearer {
-                realm: "https://eu-docker.pkg.dev/v2/token".into(),
-                service: None
-            })
+            Some(Challenge::Bearer { realm: "https://eu-docker.pkg.dev/v2/token".into(), service: None })
         );
-        assert_eq!(
-            Challenge::parse(r#"Basic realm="ecr.amazonaws.com""#),
-            Some(Challenge::Basic)
-        );
-        for bad in [
-            "",
-            "Bearer",
-            r#"Bearer realm="file:///etc/passwd""#,
-            "Negotiate abc",
-            r#"Bearer realm="unterminated"#,
-        ] {
+        assert_eq!(Challenge::parse(r#"Basic realm="ecr.amazonaws.com""#), Some(Challenge::Basic));
+        for bad in
+            ["", "Bearer", r#"Bearer realm="file:///etc/passwd""#, "Negotiate abc", r#"Bearer realm="unterminated"#]
+        {
             assert!(
                 !matches!(Challenge::parse(bad), Some(Challenge::Bearer { ref realm, .. }) if !realm.starts_with("http")),
                 "{bad}"
             );
         }
-        assert_eq!(
-            Challenge::parse(r#"Bearer realm="file:///etc/passwd""#),
-            None
-        );
-        assert_eq!(
-            parse_params(r#"a="x\"y", b=2,,c"#),
-            vec![("a".into(), "x\"y".into()), ("b".into(), "2".into())]
-        );
+        assert_eq!(Challenge::parse(r#"Bearer realm="file:///etc/passwd""#), None);
+        assert_eq!(parse_params(r#"a="x\"y", b=2,,c"#), vec![("a".into(), "x\"y".into()), ("b".into(), "2".into())]);
     }
 }
