@@ -156,13 +156,14 @@ impl Flights {
         let result = match fetch_into(&ctx, &file, &tx).await {
             Ok(size) => {
                 let (store, f, p, d) = (ctx.store.clone(), file.clone(), path.clone(), ctx.digest.clone());
+                // Linked first: once in the index, the blob is served to this repo without asking upstream.
+                if let Err(e) = ctx.store.link(&ctx.repo.key, &ctx.name, [&ctx.digest]) {
+                    tracing::warn!(error = %e, "could not record the blob's repository link");
+                }
                 let committed = tokio::task::spawn_blocking(move || store.commit_blob(&p, &f, &d, size))
                     .await
                     .map_err(|e| FetchFailure::Io(e.to_string()))
                     .and_then(|r| r.map_err(|e| FetchFailure::Io(e.to_string())));
-                if let Err(e) = ctx.store.link(&ctx.repo.key, &ctx.name, [&ctx.digest]) {
-                    tracing::warn!(error = %e, "could not record the blob's repository link");
-                }
                 committed.map(|()| size)
             }
             Err(e) => Err(e),
