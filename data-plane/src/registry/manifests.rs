@@ -219,18 +219,29 @@ async fn fetch(ctx: &Ctx, reference: &Reference, log: &mut RequestLog) -> Result
         .filter(|t| !t.is_empty() && t != "application/json" && t != "text/plain")
         .or_else(|| json.as_ref().and_then(|j| j.get("mediaType")?.as_str().map(str::to_owned)))
         .unwrap_or_else(|| "application/vnd.oci.image.manifest.v1+json".to_owned());
-    let store = &ctx.state.store;
-    let internal = |e: crate::store::StoreError| RegistryError::internal(e.to_string());
-    store.put_manifest(&digest, &media_type, &bytes).map_err(internal)?;
     let mut linked = vec![digest.clone()];
     if let Some(j) = &json {
         linked.extend(referenced(j));
     }
-    store.link(&ctx.repo.key, &ctx.name, &linked).map_err(internal)?;
-    if let Reference::Tag(tag) = reference {
-        let entry = TagEntry { digest: digest.to_string(), media_type: media_type.clone(), fetched_at: now_secs() };
-        store.put_tag(&ctx.repo.key, &ctx.name, tag, &entry).map_err(internal)?;
-    }
+    let tag = match reference {
+        Reference::Tag(tag) => Some(tag.clone()),
+        Reference::Digest(_) => None,
+    };
+    let (store, repo, name) = (ctx.state.store.clone(), ctx.repo.key.clone(), ctx.name.clone());
+    let (d, mt, b) = (digest.clone(), media_type.clone(), bytes.clone());
+    // fsync and renames: off the async workers.
+    tokio::task::spawn_blocking(move || {
+        store.put_manifest(&d, &mt, &b)?;
+        store.link(&repo, &name, &linked)?;
+        if let Some(tag) = tag {
+            let entry = TagEntry { digest: d.to_string(), media_type: mt, fetched_at: now_secs() };
+            store.put_tag(&repo, &name, &tag, &entry)?;
+        }
+        Ok::<_, crate::store::StoreError>(())
+    })
+    .await
+    .map_err(|e| RegistryError::internal(e.to_string()))?
+    .map_err(|e| RegistryError::internal(e.to_string()))?;
     Ok(Manifest { digest, media_type, bytes })
 }
 
