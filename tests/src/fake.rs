@@ -34,10 +34,7 @@ pub enum AuthMode {
     /// Token auth: `WWW-Authenticate: Bearer realm="http://<addr>/token",service="fake",scope=...`.
     /// With `credentials`, the token endpoint demands them (Basic, or the OAuth2 password grant);
     /// without, it gives tokens to anyone. `expires_in` is put in the token answer and enforced.
-    Bearer {
-        credentials: Option<(String, String)>,
-        expires_in: Option<u64>,
-    },
+    Bearer { credentials: Option<(String, String)>, expires_in: Option<u64> },
 }
 
 /// Where blob GETs go.
@@ -57,10 +54,7 @@ pub enum RedirectMode {
 #[derive(Clone, Debug)]
 pub enum Fault {
     /// Answer `status` with an OCI error body (and `Retry-After` when given).
-    Status {
-        status: u16,
-        retry_after: Option<String>,
-    },
+    Status { status: u16, retry_after: Option<String> },
     /// Declare the full `Content-Length`, send half the body, then drop the connection.
     ResetMidBody,
     /// Send bytes of the right length whose content differs (the digest header still claims the
@@ -212,20 +206,14 @@ impl FakeUpstream {
         };
         let (gate, _) = watch::channel(false);
         let shared = Arc::new(Shared {
-            inner: Mutex::new(Inner {
-                auth,
-                ..Inner::default()
-            }),
+            inner: Mutex::new(Inner { auth, ..Inner::default() }),
             gate,
             addr: main.local_addr()?,
             redirect_addr: redirect.local_addr()?,
         });
         let mut tasks = Vec::new();
         for (listener, which) in [(main, Listener::Main), (redirect, Listener::Redirect)] {
-            let router = Router::new().fallback(handle).with_state(Ctx {
-                shared: shared.clone(),
-                listener: which,
-            });
+            let router = Router::new().fallback(handle).with_state(Ctx { shared: shared.clone(), listener: which });
             tasks.push(tokio::spawn(async move {
                 let _ = axum::serve(listener, router).await;
             }));
@@ -267,25 +255,15 @@ impl FakeUpstream {
     }
 
     /// Adds a manifest under `name:tag` (when `tag` is given) and `name@digest`; returns the digest.
-    pub fn put_manifest(
-        &self,
-        name: &str,
-        tag: Option<&str>,
-        media_type: &str,
-        data: impl Into<Bytes>,
-    ) -> String {
+    pub fn put_manifest(&self, name: &str, tag: Option<&str>, media_type: &str, data: impl Into<Bytes>) -> String {
         let data = data.into();
         let digest = crate::sha256_digest(&data);
         let mut inner = self.shared.lock();
         let entry = (media_type.to_string(), data);
         if let Some(tag) = tag {
-            inner
-                .manifests
-                .insert((name.to_string(), tag.to_string()), entry.clone());
+            inner.manifests.insert((name.to_string(), tag.to_string()), entry.clone());
         }
-        inner
-            .manifests
-            .insert((name.to_string(), digest.clone()), entry);
+        inner.manifests.insert((name.to_string(), digest.clone()), entry);
         digest
     }
 
@@ -294,12 +272,7 @@ impl FakeUpstream {
         for b in image.blobs() {
             self.add_blob(b.data.clone());
         }
-        self.put_manifest(
-            name,
-            Some(&image.tag),
-            crate::image::OCI_MANIFEST,
-            image.manifest.data.clone(),
-        );
+        self.put_manifest(name, Some(&image.tag), crate::image::OCI_MANIFEST, image.manifest.data.clone());
     }
 
     /// Adds a blob of `size` random bytes; returns it.
@@ -311,12 +284,7 @@ impl FakeUpstream {
 
     /// Applies `fault` to every request whose path contains `pattern`.
     pub fn set_fault(&self, pattern: &str, fault: Fault) {
-        self.add_fault(FaultRule {
-            pattern: pattern.to_string(),
-            methods: None,
-            fault,
-            times: None,
-        });
+        self.add_fault(FaultRule { pattern: pattern.to_string(), methods: None, fault, times: None });
     }
 
     /// Adds a fault rule (rules are tried in order; the first match applies).
@@ -344,6 +312,11 @@ impl FakeUpstream {
         self.shared.lock().tokens.clear();
     }
 
+    /// How many tokens the token endpoint has issued.
+    pub fn tokens_issued(&self) -> u64 {
+        self.shared.lock().token_seq
+    }
+
     /// Every request received so far, on both listeners.
     pub fn requests(&self) -> Vec<RecordedRequest> {
         self.shared.lock().requests.clone()
@@ -353,11 +326,7 @@ impl FakeUpstream {
     pub fn requests_matching(&self, method: &str, path_contains: &str) -> Vec<RecordedRequest> {
         self.requests()
             .into_iter()
-            .filter(|r| {
-                r.listener == Listener::Main
-                    && r.method.as_str() == method
-                    && r.path.contains(path_contains)
-            })
+            .filter(|r| r.listener == Listener::Main && r.method.as_str() == method && r.path.contains(path_contains))
             .collect()
     }
 
@@ -368,18 +337,12 @@ impl FakeUpstream {
 
     /// Requests to the token endpoint.
     pub fn token_requests(&self) -> Vec<RecordedRequest> {
-        self.requests()
-            .into_iter()
-            .filter(|r| r.listener == Listener::Main && r.path == "/token")
-            .collect()
+        self.requests().into_iter().filter(|r| r.listener == Listener::Main && r.path == "/token").collect()
     }
 
     /// Requests the redirect target (the other host) received.
     pub fn redirect_requests(&self) -> Vec<RecordedRequest> {
-        self.requests()
-            .into_iter()
-            .filter(|r| r.listener == Listener::Redirect)
-            .collect()
+        self.requests().into_iter().filter(|r| r.listener == Listener::Redirect).collect()
     }
 
     /// A one-line summary of every request, for assertion messages.
@@ -392,15 +355,8 @@ impl FakeUpstream {
                     r.listener,
                     r.method,
                     r.path,
-                    r.query
-                        .as_deref()
-                        .map(|q| format!("?{q}"))
-                        .unwrap_or_default(),
-                    r.header("authorization").map(|a| a
-                        .split(' ')
-                        .next()
-                        .unwrap_or("")
-                        .to_string())
+                    r.query.as_deref().map(|q| format!("?{q}")).unwrap_or_default(),
+                    r.header("authorization").map(|a| a.split(' ').next().unwrap_or("").to_string())
                 )
             })
             .collect::<Vec<_>>()
@@ -410,19 +366,14 @@ impl FakeUpstream {
 
 fn parse_basic(value: &str) -> Option<(String, String)> {
     let b64 = value.strip_prefix("Basic ")?;
-    let raw = base64::engine::general_purpose::STANDARD
-        .decode(b64.trim())
-        .ok()?;
+    let raw = base64::engine::general_purpose::STANDARD.decode(b64.trim()).ok()?;
     let raw = String::from_utf8(raw).ok()?;
     let (u, p) = raw.split_once(':')?;
     Some((u.to_string(), p.to_string()))
 }
 
 fn form_values(encoded: &str, key: &str) -> Vec<String> {
-    url::form_urlencoded::parse(encoded.as_bytes())
-        .filter(|(k, _)| k == key)
-        .map(|(_, v)| v.into_owned())
-        .collect()
+    url::form_urlencoded::parse(encoded.as_bytes()).filter(|(k, _)| k == key).map(|(_, v)| v.into_owned()).collect()
 }
 
 fn oci_error(status: StatusCode, code: &str, message: &str) -> Response {
@@ -431,10 +382,7 @@ fn oci_error(status: StatusCode, code: &str, message: &str) -> Response {
         status,
         [
             (header::CONTENT_TYPE, "application/json"),
-            (
-                header::HeaderName::from_static("docker-distribution-api-version"),
-                "registry/2.0",
-            ),
+            (header::HeaderName::from_static("docker-distribution-api-version"), "registry/2.0"),
         ],
         body.to_string(),
     )
@@ -460,29 +408,19 @@ fn parse_target(path: &str) -> Target {
         return Target::Token;
     }
     if let Some(d) = path.strip_prefix("/redirected/") {
-        return Target::Redirected {
-            digest: d.to_string(),
-        };
+        return Target::Redirected { digest: d.to_string() };
     }
     let Some(rest) = path.strip_prefix("/v2/") else {
         return Target::Unknown;
     };
     if let Some(name) = rest.strip_suffix("/tags/list") {
-        return Target::Tags {
-            name: name.to_string(),
-        };
+        return Target::Tags { name: name.to_string() };
     }
     if let Some((name, reference)) = rest.rsplit_once("/manifests/") {
-        return Target::Manifest {
-            name: name.to_string(),
-            reference: reference.to_string(),
-        };
+        return Target::Manifest { name: name.to_string(), reference: reference.to_string() };
     }
     if let Some((name, digest)) = rest.rsplit_once("/blobs/") {
-        return Target::Blob {
-            name: name.to_string(),
-            digest: digest.to_string(),
-        };
+        return Target::Blob { name: name.to_string(), digest: digest.to_string() };
     }
     Target::Unknown
 }
@@ -490,9 +428,7 @@ fn parse_target(path: &str) -> Target {
 async fn handle(State(ctx): State<Ctx>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     let body = if parts.method == Method::POST {
-        axum::body::to_bytes(body, 1 << 20)
-            .await
-            .unwrap_or_default()
+        axum::body::to_bytes(body, 1 << 20).await.unwrap_or_default()
     } else {
         Bytes::new()
     };
@@ -509,10 +445,7 @@ async fn handle(State(ctx): State<Ctx>, req: Request) -> Response {
     };
     ctx.shared.lock().requests.push(record.clone());
     let mut resp = route(&ctx, &record).await;
-    resp.headers_mut().insert(
-        "docker-distribution-api-version",
-        HeaderValue::from_static("registry/2.0"),
-    );
+    resp.headers_mut().insert("docker-distribution-api-version", HeaderValue::from_static("registry/2.0"));
     resp
 }
 
@@ -525,22 +458,14 @@ async fn route(ctx: &Ctx, req: &RecordedRequest) -> Response {
         };
         if req.headers.contains_key(header::AUTHORIZATION) {
             // What S3 answers when a signed URL also gets an Authorization header.
-            return (
-                StatusCode::BAD_REQUEST,
-                "InvalidArgument: Only one auth mechanism allowed",
-            )
-                .into_response();
+            return (StatusCode::BAD_REQUEST, "InvalidArgument: Only one auth mechanism allowed").into_response();
         }
         return serve_blob(shared, req, &digest).await;
     }
     match target {
         Target::Token => token_endpoint(shared, req),
         Target::Ping => match check_auth(shared, req, None) {
-            Ok(()) => (
-                [(header::CONTENT_TYPE, "application/json")],
-                "{}".to_string(),
-            )
-                .into_response(),
+            Ok(()) => ([(header::CONTENT_TYPE, "application/json")], "{}".to_string()).into_response(),
             Err(r) => *r,
         },
         Target::Redirected { digest } => serve_blob(shared, req, &digest).await,
@@ -572,11 +497,7 @@ async fn route(ctx: &Ctx, req: &RecordedRequest) -> Response {
             }
             let found = shared.lock().manifests.get(&(name, reference)).cloned();
             let Some((media_type, data)) = found else {
-                return oci_error(
-                    StatusCode::NOT_FOUND,
-                    "MANIFEST_UNKNOWN",
-                    "manifest unknown",
-                );
+                return oci_error(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN", "manifest unknown");
             };
             let digest = crate::sha256_digest(&data);
             let fault = take_fault(shared, req);
@@ -599,17 +520,12 @@ async fn route(ctx: &Ctx, req: &RecordedRequest) -> Response {
                     return oci_error(StatusCode::NOT_FOUND, "BLOB_UNKNOWN", "blob unknown");
                 }
                 let location = match redirect {
-                    RedirectMode::OtherHost => format!(
-                        "http://{}/redirected/{digest}?X-Amz-Signature=fake",
-                        shared.redirect_addr
-                    ),
+                    RedirectMode::OtherHost => {
+                        format!("http://{}/redirected/{digest}?X-Amz-Signature=fake", shared.redirect_addr)
+                    }
                     _ => format!("/redirected/{digest}?X-Amz-Signature=fake"),
                 };
-                return (
-                    StatusCode::TEMPORARY_REDIRECT,
-                    [(header::LOCATION, location)],
-                )
-                    .into_response();
+                return (StatusCode::TEMPORARY_REDIRECT, [(header::LOCATION, location)]).into_response();
             }
             serve_blob(shared, req, &digest).await
         }
@@ -631,12 +547,8 @@ async fn serve_blob(shared: &Arc<Shared>, req: &RecordedRequest, digest: &str) -
     headers.insert("docker-content-digest", hv(digest));
     headers.insert(header::ETAG, hv(&format!("\"{digest}\"")));
     headers.insert(header::ACCEPT_RANGES, hv("bytes"));
-    let range = if fault.is_none() {
-        req.header("range")
-            .and_then(|r| parse_range(r, data.len() as u64))
-    } else {
-        None
-    };
+    let range =
+        if fault.is_none() { req.header("range").and_then(|r| parse_range(r, data.len() as u64)) } else { None };
     respond(shared, req, StatusCode::OK, headers, data, fault, range).await
 }
 
@@ -673,17 +585,9 @@ fn build_response(
     fault: Option<Fault>,
     range: Option<(u64, u64)>,
 ) -> Response {
-    if let Some(Fault::Status {
-        status,
-        retry_after,
-    }) = &fault
-    {
+    if let Some(Fault::Status { status, retry_after }) = &fault {
         let status = StatusCode::from_u16(*status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let code = if status == StatusCode::TOO_MANY_REQUESTS {
-            "TOOMANYREQUESTS"
-        } else {
-            "UNKNOWN"
-        };
+        let code = if status == StatusCode::TOO_MANY_REQUESTS { "TOOMANYREQUESTS" } else { "UNKNOWN" };
         let mut r = oci_error(status, code, "injected fault");
         if let Some(ra) = retry_after {
             r.headers_mut().insert(header::RETRY_AFTER, hv(ra));
@@ -697,17 +601,12 @@ fn build_response(
         let total = data.len();
         data = data.slice(start as usize..=end as usize);
         status = StatusCode::PARTIAL_CONTENT;
-        headers.insert(
-            header::CONTENT_RANGE,
-            hv(&format!("bytes {start}-{end}/{total}")),
-        );
+        headers.insert(header::CONTENT_RANGE, hv(&format!("bytes {start}-{end}/{total}")));
     }
     let len = data.len();
     let half = len / 2;
     let (declared, steps): (usize, Vec<Step>) = match fault {
-        None | Some(Fault::Status { .. }) | Some(Fault::HangBeforeHeaders) => {
-            (len, vec![Step::Send(data)])
-        }
+        None | Some(Fault::Status { .. }) | Some(Fault::HangBeforeHeaders) => (len, vec![Step::Send(data)]),
         Some(Fault::ResetMidBody) => (len, vec![Step::Send(data.slice(..half)), Step::Fail]),
         Some(Fault::WrongBytes) => {
             let mut v = data.to_vec();
@@ -792,10 +691,7 @@ fn build_response(
                     }
                     Step::Fail => {
                         return Some((
-                            Err(io::Error::new(
-                                io::ErrorKind::ConnectionReset,
-                                "injected reset",
-                            )),
+                            Err(io::Error::new(io::ErrorKind::ConnectionReset, "injected reset")),
                             (steps, gate, sent, completed),
                         ));
                     }
@@ -812,9 +708,10 @@ fn build_response(
 
 fn take_fault(shared: &Arc<Shared>, req: &RecordedRequest) -> Option<Fault> {
     let mut inner = shared.lock();
-    let idx = inner.faults.iter().position(|f| {
-        req.path.contains(&f.pattern) && f.methods.as_ref().is_none_or(|m| m.contains(&req.method))
-    })?;
+    let idx = inner
+        .faults
+        .iter()
+        .position(|f| req.path.contains(&f.pattern) && f.methods.as_ref().is_none_or(|m| m.contains(&req.method)))?;
     let fault = inner.faults[idx].fault.clone();
     if let Some(times) = inner.faults[idx].times.as_mut() {
         *times -= 1;
@@ -837,11 +734,7 @@ fn parse_range(value: &str, len: u64) -> Option<(u64, u64)> {
         return (n > 0).then(|| (len.saturating_sub(n), len - 1));
     }
     let start: u64 = a.parse().ok()?;
-    let end: u64 = if b.is_empty() {
-        len - 1
-    } else {
-        b.parse::<u64>().ok()?.min(len - 1)
-    };
+    let end: u64 = if b.is_empty() { len - 1 } else { b.parse::<u64>().ok()?.min(len - 1) };
     (start <= end).then_some((start, end))
 }
 
@@ -849,30 +742,19 @@ fn challenge(shared: &Shared, auth: &AuthMode, name: Option<&str>) -> Response {
     let value = match auth {
         AuthMode::Basic { .. } => "Basic realm=\"fake\"".to_string(),
         _ => {
-            let mut v = format!(
-                "Bearer realm=\"http://{}/token\",service=\"fake\"",
-                shared.addr
-            );
+            let mut v = format!("Bearer realm=\"http://{}/token\",service=\"fake\"", shared.addr);
             if let Some(n) = name {
                 v.push_str(&format!(",scope=\"repository:{n}:pull\""));
             }
             v
         }
     };
-    let mut r = oci_error(
-        StatusCode::UNAUTHORIZED,
-        "UNAUTHORIZED",
-        "authentication required",
-    );
+    let mut r = oci_error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", "authentication required");
     r.headers_mut().insert(header::WWW_AUTHENTICATE, hv(&value));
     r
 }
 
-fn check_auth(
-    shared: &Arc<Shared>,
-    req: &RecordedRequest,
-    name: Option<&str>,
-) -> Result<(), Box<Response>> {
+fn check_auth(shared: &Arc<Shared>, req: &RecordedRequest, name: Option<&str>) -> Result<(), Box<Response>> {
     let inner = shared.lock();
     let auth = inner.auth.clone();
     match &auth {
@@ -885,10 +767,7 @@ fn check_auth(
             }
         }
         AuthMode::Bearer { .. } => {
-            let token = req
-                .header("authorization")
-                .and_then(|h| h.strip_prefix("Bearer "))
-                .map(str::trim);
+            let token = req.header("authorization").and_then(|h| h.strip_prefix("Bearer ")).map(str::trim);
             let ok = token.and_then(|t| inner.tokens.get(t)).is_some_and(|t| {
                 t.expires.is_none_or(|e| Instant::now() < e)
                     && name.is_none_or(|n| {
@@ -896,27 +775,18 @@ fn check_auth(
                             let mut parts = s.rsplitn(2, ':');
                             let actions = parts.next().unwrap_or("");
                             let rest = parts.next().unwrap_or("");
-                            rest == format!("repository:{n}")
-                                && actions.split(',').any(|a| a == "pull" || a == "*")
+                            rest == format!("repository:{n}") && actions.split(',').any(|a| a == "pull" || a == "*")
                         })
                     })
             });
-            if ok {
-                Ok(())
-            } else {
-                Err(Box::new(challenge(shared, &auth, name)))
-            }
+            if ok { Ok(()) } else { Err(Box::new(challenge(shared, &auth, name))) }
         }
     }
 }
 
 fn token_endpoint(shared: &Arc<Shared>, req: &RecordedRequest) -> Response {
     let auth = shared.lock().auth.clone();
-    let AuthMode::Bearer {
-        credentials,
-        expires_in,
-    } = auth
-    else {
+    let AuthMode::Bearer { credentials, expires_in } = auth else {
         return oci_error(StatusCode::NOT_FOUND, "UNSUPPORTED", "no token service");
     };
     let (scopes, user_pass) = if req.method == Method::POST {
@@ -929,11 +799,7 @@ fn token_endpoint(shared: &Arc<Shared>, req: &RecordedRequest) -> Response {
             .iter()
             .flat_map(|s| s.split(' ').map(str::to_string).collect::<Vec<_>>())
             .collect();
-        let up = req
-            .form_values("username")
-            .first()
-            .cloned()
-            .zip(req.form_values("password").first().cloned());
+        let up = req.form_values("username").first().cloned().zip(req.form_values("password").first().cloned());
         (scopes, up)
     } else if req.method == Method::GET {
         (req.query_values("scope"), req.basic_auth())
@@ -955,20 +821,13 @@ fn token_endpoint(shared: &Arc<Shared>, req: &RecordedRequest) -> Response {
     let token = format!("tok-{}-{}", inner.token_seq, crate::random_name(""));
     inner.tokens.insert(
         token.clone(),
-        IssuedToken {
-            scopes,
-            expires: expires_in.map(|s| Instant::now() + Duration::from_secs(s)),
-        },
+        IssuedToken { scopes, expires: expires_in.map(|s| Instant::now() + Duration::from_secs(s)) },
     );
     let mut body = serde_json::json!({"token": token, "access_token": token});
     if let Some(e) = expires_in {
         body["expires_in"] = e.into();
     }
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        body.to_string(),
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
 }
 
 #[cfg(test)]

@@ -43,8 +43,7 @@ impl Resp {
 
     /// The body parsed as JSON.
     pub fn json(&self) -> anyhow::Result<serde_json::Value> {
-        serde_json::from_slice(&self.body)
-            .with_context(|| format!("body is not JSON: {}", self.text()))
+        serde_json::from_slice(&self.body).with_context(|| format!("body is not JSON: {}", self.text()))
     }
 
     /// The body parsed as an OCI error document `{"errors":[{"code","message",...}]}`: the
@@ -87,10 +86,7 @@ impl Resp {
 fn header_map(headers: &[(&str, &str)]) -> anyhow::Result<HeaderMap> {
     let mut map = HeaderMap::new();
     for (k, v) in headers {
-        map.append(
-            HeaderName::from_bytes(k.as_bytes())?,
-            HeaderValue::from_str(v)?,
-        );
+        map.append(HeaderName::from_bytes(k.as_bytes())?, HeaderValue::from_str(v)?);
     }
     Ok(map)
 }
@@ -106,15 +102,8 @@ pub async fn request(method: &str, url: &str, headers: &[(&str, &str)]) -> anyho
         .with_context(|| format!("{method} {url}"))?;
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();
-    let body = resp
-        .bytes()
-        .await
-        .with_context(|| format!("reading the body of {method} {url} (status {status})"))?;
-    Ok(Resp {
-        status,
-        headers,
-        body: body.to_vec(),
-    })
+    let body = resp.bytes().await.with_context(|| format!("reading the body of {method} {url} (status {status})"))?;
+    Ok(Resp { status, headers, body: body.to_vec() })
 }
 
 /// `GET url`.
@@ -158,12 +147,7 @@ impl Outcome {
 
 /// `GET url`, recording whatever arrives, never failing.
 pub async fn get_outcome(url: &str, headers: &[(&str, &str)]) -> Outcome {
-    let mut out = Outcome {
-        status: None,
-        headers: HeaderMap::new(),
-        body: Vec::new(),
-        error: None,
-    };
+    let mut out = Outcome { status: None, headers: HeaderMap::new(), body: Vec::new(), error: None };
     let req = match header_map(headers) {
         Ok(h) => client().get(url).headers(h),
         Err(e) => {
@@ -196,37 +180,20 @@ pub async fn get_outcome(url: &str, headers: &[(&str, &str)]) -> Outcome {
 /// `GET url`, streaming the body into a hash: (status, body length, body digest). Fails when the body
 /// fails midway. Keeps nothing of the body in memory.
 pub async fn get_hashed(client: &reqwest::Client, url: &str) -> anyhow::Result<(u16, u64, String)> {
-    let mut resp = client
-        .get(url)
-        .send()
-        .await
-        .with_context(|| format!("GET {url}"))?;
+    let mut resp = client.get(url).send().await.with_context(|| format!("GET {url}"))?;
     let status = resp.status().as_u16();
     let mut hasher = Sha256::new();
     let mut len = 0u64;
-    while let Some(chunk) = resp
-        .chunk()
-        .await
-        .with_context(|| format!("body of GET {url}"))?
-    {
+    while let Some(chunk) = resp.chunk().await.with_context(|| format!("body of GET {url}"))? {
         len += chunk.len() as u64;
         hasher.update(&chunk);
     }
-    Ok((
-        status,
-        len,
-        format!("sha256:{}", hex::encode(hasher.finalize())),
-    ))
+    Ok((status, len, format!("sha256:{}", hex::encode(hasher.finalize()))))
 }
 
 /// Sends one raw HTTP/1.1 request with `path` written verbatim on the request line (no
 /// normalisation), `Connection: close`, and reads the whole response.
-pub fn raw_request(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-) -> anyhow::Result<Resp> {
+pub fn raw_request(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)]) -> anyhow::Result<Resp> {
     let mut stream = TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
     stream.set_read_timeout(Some(REQUEST_TIMEOUT))?;
     stream.set_write_timeout(Some(REQUEST_TIMEOUT))?;
@@ -237,11 +204,8 @@ pub fn raw_request(
     req.push_str("\r\n");
     stream.write_all(req.as_bytes())?;
     let mut raw = Vec::new();
-    stream
-        .read_to_end(&mut raw)
-        .with_context(|| format!("reading the response to {method} {path}"))?;
-    parse_response(&raw, method == "HEAD")
-        .with_context(|| format!("parsing the response to {method} {path}"))
+    stream.read_to_end(&mut raw).with_context(|| format!("reading the response to {method} {path}"))?;
+    parse_response(&raw, method == "HEAD").with_context(|| format!("parsing the response to {method} {path}"))
 }
 
 /// [`raw_request`] off the async runtime's threads.
@@ -252,15 +216,9 @@ pub async fn raw_request_async(
     headers: &[(&str, &str)],
 ) -> anyhow::Result<Resp> {
     let (method, path) = (method.to_string(), path.to_string());
-    let headers: Vec<(String, String)> = headers
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
+    let headers: Vec<(String, String)> = headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     tokio::task::spawn_blocking(move || {
-        let h: Vec<(&str, &str)> = headers
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
+        let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         raw_request(addr, &method, &path, &h)
     })
     .await?
@@ -281,19 +239,13 @@ fn parse_response(raw: &[u8], head_only: bool) -> anyhow::Result<Resp> {
     let mut headers = HeaderMap::new();
     for line in lines {
         if let Some((k, v)) = line.split_once(':') {
-            headers.append(
-                HeaderName::from_bytes(k.trim().as_bytes())?,
-                HeaderValue::from_str(v.trim())?,
-            );
+            headers.append(HeaderName::from_bytes(k.trim().as_bytes())?, HeaderValue::from_str(v.trim())?);
         }
     }
     let rest = &raw[end + 4..];
     let body = if head_only || status == 304 || status == 204 || (100..200).contains(&status) {
         Vec::new()
-    } else if headers
-        .get("transfer-encoding")
-        .is_some_and(|v| v.to_str().unwrap_or_default().contains("chunked"))
-    {
+    } else if headers.get("transfer-encoding").is_some_and(|v| v.to_str().unwrap_or_default().contains("chunked")) {
         decode_chunked(rest)?
     } else if let Some(len) = headers.get("content-length") {
         let len: usize = len.to_str()?.parse()?;
@@ -304,11 +256,7 @@ fn parse_response(raw: &[u8], head_only: bool) -> anyhow::Result<Resp> {
     } else {
         rest.to_vec()
     };
-    Ok(Resp {
-        status,
-        headers,
-        body,
-    })
+    Ok(Resp { status, headers, body })
 }
 
 fn decode_chunked(mut data: &[u8]) -> anyhow::Result<Vec<u8>> {

@@ -29,10 +29,7 @@ pub struct Blob {
 impl Blob {
     /// A blob of `data`, its digest computed.
     pub fn new(data: Vec<u8>) -> Self {
-        Self {
-            digest: sha256_digest(&data),
-            data,
-        }
+        Self { digest: sha256_digest(&data), data }
     }
 
     /// A blob of `size` random bytes.
@@ -85,10 +82,7 @@ impl TestImage {
         let dir = tempfile::Builder::new().prefix("wharf-image-").tempdir()?;
         let blobs = dir.path().join("blobs/sha256");
         std::fs::create_dir_all(&blobs)?;
-        std::fs::write(
-            dir.path().join("oci-layout"),
-            br#"{"imageLayoutVersion":"1.0.0"}"#,
-        )?;
+        std::fs::write(dir.path().join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
         for b in layers.iter().chain([&config, &manifest]) {
             std::fs::write(blobs.join(b.hex()), &b.data)?;
         }
@@ -102,13 +96,7 @@ impl TestImage {
             }],
         });
         std::fs::write(dir.path().join("index.json"), serde_json::to_vec(&index)?)?;
-        Ok(Self {
-            dir,
-            tag: tag.to_string(),
-            manifest,
-            config,
-            layers,
-        })
+        Ok(Self { dir, tag: tag.to_string(), manifest, config, layers })
     }
 
     /// The OCI layout folder.
@@ -139,10 +127,7 @@ impl TestImage {
                 .arg(&dest),
             SKOPEO_TIMEOUT,
         )?;
-        ensure!(
-            status.success(),
-            "skopeo copy {src} {dest} failed ({status}):\n{out}\n{err}"
-        );
+        ensure!(status.success(), "skopeo copy {src} {dest} failed ({status}):\n{out}\n{err}");
         let inspected = skopeo_inspect(&format!("docker://{registry_host}/{name}:{}", self.tag))?;
         let digest = inspected["Digest"].as_str().unwrap_or_default();
         ensure!(
@@ -158,15 +143,10 @@ impl TestImage {
 /// `skopeo inspect --tls-verify=false <reference>` as JSON.
 pub fn skopeo_inspect(reference: &str) -> anyhow::Result<serde_json::Value> {
     let (status, out, err) = run_with_timeout(
-        Command::new("skopeo")
-            .args(["--insecure-policy", "inspect", "--tls-verify=false"])
-            .arg(reference),
+        Command::new("skopeo").args(["--insecure-policy", "inspect", "--tls-verify=false"]).arg(reference),
         SKOPEO_TIMEOUT,
     )?;
-    ensure!(
-        status.success(),
-        "skopeo inspect {reference} failed ({status}):\n{out}\n{err}"
-    );
+    ensure!(status.success(), "skopeo inspect {reference} failed ({status}):\n{out}\n{err}");
     serde_json::from_str(&out).with_context(|| format!("skopeo inspect output: {out}"))
 }
 
@@ -181,10 +161,7 @@ pub fn skopeo_copy_to_dir(src: &str, dest: &Path) -> anyhow::Result<String> {
         SKOPEO_TIMEOUT,
     )?;
     if !status.success() {
-        bail!(
-            "skopeo copy {src} dir:{} failed ({status}):\n{out}\n{err}",
-            dest.display()
-        );
+        bail!("skopeo copy {src} dir:{} failed ({status}):\n{out}\n{err}", dest.display());
     }
     Ok(format!("{out}\n{err}"))
 }
@@ -202,17 +179,8 @@ pub fn verify_dir_copy(dir: &Path, image: &TestImage) -> anyhow::Result<()> {
     for blob in image.blobs() {
         let path = dir.join(blob.hex());
         let data = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-        ensure!(
-            sha256_digest(&data) == blob.digest,
-            "{} has digest {}",
-            path.display(),
-            sha256_digest(&data)
-        );
-        ensure!(
-            data.len() == blob.size(),
-            "{} has the wrong size",
-            path.display()
-        );
+        ensure!(sha256_digest(&data) == blob.digest, "{} has digest {}", path.display(), sha256_digest(&data));
+        ensure!(data.len() == blob.size(), "{} has the wrong size", path.display());
     }
     Ok(())
 }

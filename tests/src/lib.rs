@@ -10,6 +10,7 @@
 //!
 //! Every process is killed and reaped when its guard drops, also when a test fails.
 
+pub mod checks;
 pub mod fake;
 pub mod http;
 pub mod image;
@@ -54,11 +55,7 @@ pub fn random_name(prefix: &str) -> String {
 }
 
 /// Polls `f` until it returns `Some`, or fails with `what` after `timeout`.
-pub fn wait_until<T>(
-    timeout: Duration,
-    what: &str,
-    mut f: impl FnMut() -> Option<T>,
-) -> anyhow::Result<T> {
+pub fn wait_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> anyhow::Result<T> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(v) = f() {
@@ -72,11 +69,7 @@ pub fn wait_until<T>(
 }
 
 /// Async variant of [`wait_until`], for use inside tokio tests.
-pub async fn wait_until_async<T>(
-    timeout: Duration,
-    what: &str,
-    mut f: impl FnMut() -> Option<T>,
-) -> anyhow::Result<T> {
+pub async fn wait_until_async<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> anyhow::Result<T> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(v) = f() {

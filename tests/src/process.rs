@@ -35,20 +35,12 @@ impl LogBuf {
 
     /// A copy of every line so far.
     pub fn lines(&self) -> Vec<String> {
-        self.state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .lines
-            .clone()
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).lines.clone()
     }
 
     /// The number of lines so far.
     pub fn len(&self) -> usize {
-        self.state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .lines
-            .len()
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).lines.len()
     }
 
     /// Whether no line arrived yet.
@@ -63,12 +55,7 @@ impl LogBuf {
 
     /// Waits until a line with index >= `from` satisfies `pred`; returns it. `None` on timeout or when
     /// the stream ends first.
-    pub fn wait_for(
-        &self,
-        from: usize,
-        timeout: Duration,
-        mut pred: impl FnMut(&str) -> bool,
-    ) -> Option<String> {
+    pub fn wait_for(&self, from: usize, timeout: Duration, mut pred: impl FnMut(&str) -> bool) -> Option<String> {
         let deadline = Instant::now() + timeout;
         let mut next = from;
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -86,11 +73,7 @@ impl LogBuf {
             if now >= deadline {
                 return None;
             }
-            st = self
-                .cond
-                .wait_timeout(st, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            st = self.cond.wait_timeout(st, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
         }
     }
 }
@@ -100,9 +83,7 @@ fn pump(stream: impl Read + Send + 'static, buf: Arc<LogBuf>, echo: Option<Strin
         let reader = BufReader::new(stream);
         for line in reader.split(b'\n') {
             let Ok(line) = line else { break };
-            let line = String::from_utf8_lossy(&line)
-                .trim_end_matches('\r')
-                .to_string();
+            let line = String::from_utf8_lossy(&line).trim_end_matches('\r').to_string();
             if let Some(prefix) = &echo {
                 eprintln!("[{prefix}] {line}");
             }
@@ -127,12 +108,8 @@ impl ChildGuard {
     /// Spawns `cmd` with stdin closed and stdout/stderr captured. Set `WHARF_TEST_ECHO=1` to also
     /// copy the child's output to the test's stderr.
     pub fn spawn(name: &str, cmd: &mut Command) -> anyhow::Result<Self> {
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("spawning {name}: {cmd:?}"))?;
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().with_context(|| format!("spawning {name}: {cmd:?}"))?;
         let stdout = Arc::new(LogBuf::default());
         let stderr = Arc::new(LogBuf::default());
         let echo = std::env::var_os("WHARF_TEST_ECHO").is_some();
@@ -142,12 +119,7 @@ impl ChildGuard {
         if let Some(err) = child.stderr.take() {
             pump(err, stderr.clone(), echo.then(|| format!("{name} err")));
         }
-        Ok(Self {
-            child: Some(child),
-            name: name.to_string(),
-            stdout,
-            stderr,
-        })
+        Ok(Self { child: Some(child), name: name.to_string(), stdout, stderr })
     }
 
     /// The process id.
@@ -157,9 +129,7 @@ impl ChildGuard {
 
     /// Whether the process has exited; `Some(status)` once it has.
     pub fn try_wait(&mut self) -> Option<ExitStatus> {
-        self.child
-            .as_mut()
-            .and_then(|c| c.try_wait().ok().flatten())
+        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
     }
 
     /// SIGKILL and reap. Idempotent.
@@ -175,10 +145,7 @@ impl ChildGuard {
         let Some(child) = self.child.as_mut() else {
             bail!("{} is not running", self.name);
         };
-        let status = Command::new("kill")
-            .arg("-TERM")
-            .arg(child.id().to_string())
-            .status()?;
+        let status = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status()?;
         if !status.success() {
             bail!("kill -TERM {} failed", child.id());
         }
@@ -189,10 +156,7 @@ impl ChildGuard {
                 return Ok(st);
             }
             if Instant::now() >= deadline {
-                bail!(
-                    "{} did not exit within {timeout:?} after SIGTERM",
-                    self.name
-                );
+                bail!("{} did not exit within {timeout:?} after SIGTERM", self.name);
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -222,10 +186,7 @@ impl Drop for ChildGuard {
 
 /// Runs `cmd` to completion with a deadline; kills it when the deadline passes. Returns
 /// (status, stdout, stderr).
-pub fn run_with_timeout(
-    cmd: &mut Command,
-    timeout: Duration,
-) -> anyhow::Result<(ExitStatus, String, String)> {
+pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> anyhow::Result<(ExitStatus, String, String)> {
     let desc = format!("{cmd:?}");
     let mut guard = ChildGuard::spawn("command", cmd)?;
     let deadline = Instant::now() + timeout;
@@ -235,10 +196,7 @@ pub fn run_with_timeout(
         }
         if Instant::now() >= deadline {
             guard.kill();
-            bail!(
-                "{desc} did not finish within {timeout:?}\n{}",
-                guard.tail(30)
-            );
+            bail!("{desc} did not finish within {timeout:?}\n{}", guard.tail(30));
         }
         std::thread::sleep(Duration::from_millis(10));
     };
@@ -247,9 +205,5 @@ pub fn run_with_timeout(
     while !(guard.stdout.is_closed() && guard.stderr.is_closed()) && Instant::now() < wait_closed {
         std::thread::sleep(Duration::from_millis(5));
     }
-    Ok((
-        status,
-        guard.stdout.lines().join("\n"),
-        guard.stderr.lines().join("\n"),
-    ))
+    Ok((status, guard.stdout.lines().join("\n"), guard.stderr.lines().join("\n")))
 }

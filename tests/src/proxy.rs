@@ -54,16 +54,10 @@ pub fn proxy_bin() -> anyhow::Result<PathBuf> {
         return Ok(PathBuf::from(p));
     }
     let exe = std::env::current_exe()?;
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .context("test executable has no grandparent folder")?;
+    let profile_dir = exe.parent().and_then(Path::parent).context("test executable has no grandparent folder")?;
     let bin = profile_dir.join("wharf-proxy");
     if !bin.exists() {
-        bail!(
-            "{} does not exist: run `cargo build --bins` first (or set WHARF_PROXY_BIN)",
-            bin.display()
-        );
+        bail!("{} does not exist: run `cargo build --bins` first (or set WHARF_PROXY_BIN)", bin.display());
     }
     Ok(bin)
 }
@@ -87,14 +81,7 @@ impl Proxy {
             }
         };
         let (child, addr) = start(&opts, work_dir.path(), &cache_dir)?;
-        Ok(Self {
-            child,
-            addr,
-            opts,
-            cache_dir,
-            work_dir,
-            _cache_tmp: cache_tmp,
-        })
+        Ok(Self { child, addr, opts, cache_dir, work_dir, _cache_tmp: cache_tmp })
     }
 
     /// The address it listens on.
@@ -172,43 +159,24 @@ impl Proxy {
 
     /// Every stdout line that parses as JSON.
     pub fn logs(&self) -> Vec<Value> {
-        self.child
-            .stdout
-            .lines()
-            .iter()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
+        self.child.stdout.lines().iter().filter_map(|l| serde_json::from_str(l).ok()).collect()
     }
 
     /// The per-request log events (`fields.message == "request"`), as their `fields` objects.
     pub fn request_logs(&self) -> Vec<Value> {
-        self.logs()
-            .iter()
-            .filter(|v| message(v) == Some("request"))
-            .map(|v| fields(v).clone())
-            .collect()
+        self.logs().iter().filter(|v| message(v) == Some("request")).map(|v| fields(v).clone()).collect()
     }
 
     /// Waits until a request log event's fields satisfy `pred`; returns those fields.
-    pub fn wait_request_log(
-        &self,
-        timeout: Duration,
-        mut pred: impl FnMut(&Value) -> bool,
-    ) -> anyhow::Result<Value> {
+    pub fn wait_request_log(&self, timeout: Duration, mut pred: impl FnMut(&Value) -> bool) -> anyhow::Result<Value> {
         let line = self.child.stdout.wait_for(0, timeout, |l| {
-            serde_json::from_str::<Value>(l)
-                .ok()
-                .is_some_and(|v| message(&v) == Some("request") && pred(fields(&v)))
+            serde_json::from_str::<Value>(l).ok().is_some_and(|v| message(&v) == Some("request") && pred(fields(&v)))
         });
         match line {
             Some(l) => Ok(fields(&serde_json::from_str(&l)?).clone()),
             None => bail!(
                 "no matching request log line within {timeout:?}; request lines:\n{}",
-                self.request_logs()
-                    .iter()
-                    .map(Value::to_string)
-                    .collect::<Vec<_>>()
-                    .join("\n")
+                self.request_logs().iter().map(Value::to_string).collect::<Vec<_>>().join("\n")
             ),
         }
     }
@@ -236,9 +204,7 @@ impl Proxy {
 
 fn cached_file(dir: &Path, digest: &str) -> Option<PathBuf> {
     let hex = digest.rsplit(':').next().unwrap_or(digest);
-    crate::files_under(dir)
-        .into_iter()
-        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy() == hex))
+    crate::files_under(dir).into_iter().find(|p| p.file_name().is_some_and(|n| n.to_string_lossy() == hex))
 }
 
 fn fields(v: &Value) -> &Value {
@@ -249,11 +215,7 @@ fn message(v: &Value) -> Option<&str> {
     fields(v).get("message").and_then(Value::as_str)
 }
 
-fn start(
-    opts: &ProxyOptions,
-    work_dir: &Path,
-    cache_dir: &Path,
-) -> anyhow::Result<(ChildGuard, SocketAddr)> {
+fn start(opts: &ProxyOptions, work_dir: &Path, cache_dir: &Path) -> anyhow::Result<(ChildGuard, SocketAddr)> {
     let bin = proxy_bin()?;
     let mut cmd = Command::new(&bin);
     cmd.arg("--config")
@@ -278,10 +240,7 @@ fn start(
         if message(&v) != Some("listening") {
             return false;
         }
-        addr = fields(&v)
-            .get("addr")
-            .and_then(Value::as_str)
-            .and_then(|a| a.parse::<SocketAddr>().ok());
+        addr = fields(&v).get("addr").and_then(Value::as_str).and_then(|a| a.parse::<SocketAddr>().ok());
         addr.is_some()
     });
     match addr {
@@ -300,7 +259,5 @@ fn start(
 
 /// A standalone config with one repo.
 pub fn repo_config(key: &str, upstream: &str, kind: &str, tag_ttl: &str) -> String {
-    format!(
-        "[[repo]]\nkey = \"{key}\"\nupstream = \"{upstream}\"\nkind = \"{kind}\"\ntag_ttl = \"{tag_ttl}\"\n"
-    )
+    format!("[[repo]]\nkey = \"{key}\"\nupstream = \"{upstream}\"\nkind = \"{kind}\"\ntag_ttl = \"{tag_ttl}\"\n")
 }

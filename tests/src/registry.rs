@@ -38,11 +38,7 @@ impl AccessLine {
         let method = req.next()?.to_string();
         let uri = req.next()?.to_string();
         let status = rest[end + 1..].split_whitespace().next()?.parse().ok()?;
-        Some(Self {
-            method,
-            uri,
-            status,
-        })
+        Some(Self { method, uri, status })
     }
 }
 
@@ -64,9 +60,7 @@ impl Registry {
         if !Path::new(REGISTRY_BIN).exists() {
             bail!("{REGISTRY_BIN} is missing: apt-get install docker-registry (or `make test`)");
         }
-        let dir = tempfile::Builder::new()
-            .prefix("wharf-registry-")
-            .tempdir()?;
+        let dir = tempfile::Builder::new().prefix("wharf-registry-").tempdir()?;
         let data = dir.path().join("data");
         std::fs::create_dir_all(&data)?;
         let mut config = format!(
@@ -91,16 +85,13 @@ impl Registry {
         }
         let mut child = ChildGuard::spawn("docker-registry", &mut cmd)?;
         // `addr: 127.0.0.1:0` works: the registry logs "listening on 127.0.0.1:<port>" on stderr.
-        let line = child
-            .stderr
-            .wait_for(0, Duration::from_secs(20), |l| l.contains("listening on "));
+        let line = child.stderr.wait_for(0, Duration::from_secs(20), |l| l.contains("listening on "));
         let Some(line) = line else {
             let tail = child.tail(40);
             child.kill();
             bail!("docker-registry did not report 'listening on' within 20 s\n{tail}");
         };
-        let addr = parse_listening(&line)
-            .with_context(|| format!("no address in registry log line {line}"))?;
+        let addr = parse_listening(&line).with_context(|| format!("no address in registry log line {line}"))?;
         let reg = Self { child, addr, dir };
         reg.wait_ready()?;
         Ok(reg)
@@ -135,20 +126,12 @@ impl Registry {
 
     /// Every request in the access log so far.
     pub fn requests(&self) -> Vec<AccessLine> {
-        self.child
-            .stdout
-            .lines()
-            .iter()
-            .filter_map(|l| AccessLine::parse(l))
-            .collect()
+        self.child.stdout.lines().iter().filter_map(|l| AccessLine::parse(l)).collect()
     }
 
     /// How many requests with `method` had a URI containing `uri_contains`.
     pub fn count(&self, method: &str, uri_contains: &str) -> usize {
-        self.requests()
-            .iter()
-            .filter(|r| r.method == method && r.uri.contains(uri_contains))
-            .count()
+        self.requests().iter().filter(|r| r.method == method && r.uri.contains(uri_contains)).count()
     }
 
     /// How many `GET .../blobs/...` requests the registry received.
@@ -165,10 +148,7 @@ impl Registry {
         if resp.status != 200 {
             bail!("registry /v2/ answered {}", resp.status);
         }
-        let found = self
-            .child
-            .stdout
-            .wait_for(0, Duration::from_secs(10), |l| l.contains(&marker));
+        let found = self.child.stdout.wait_for(0, Duration::from_secs(10), |l| l.contains(&marker));
         if found.is_none() {
             bail!("registry access log never showed the marker request");
         }
@@ -184,10 +164,7 @@ impl Registry {
 fn parse_listening(line: &str) -> Option<SocketAddr> {
     let idx = line.find("listening on ")?;
     let rest = &line[idx + "listening on ".len()..];
-    let addr: String = rest
-        .chars()
-        .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
-        .collect();
+    let addr: String = rest.chars().take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':').collect();
     addr.parse().ok()
 }
 
@@ -200,16 +177,9 @@ mod tests {
         let l = r#"127.0.0.1 - - [29/Nov/2026:01:08:29 +0000] "GET /v2/foo/blobs/sha256:00 HTTP/1.1" 404 157 "" "curl/7.88.1""#;
         assert_eq!(
             AccessLine::parse(l),
-            Some(AccessLine {
-                method: "GET".into(),
-                uri: "/v2/foo/blobs/sha256:00".into(),
-                status: 404
-            })
+            Some(AccessLine { method: "GET".into(), uri: "/v2/foo/blobs/sha256:00".into(), status: 404 })
         );
         let j = r#"{"level":"info","msg":"listening on 127.0.0.1:43869","time":"x"}"#;
-        assert_eq!(
-            parse_listening(j),
-            Some("127.0.0.1:43869".parse().expect("addr"))
-        );
+        assert_eq!(parse_listening(j), Some("127.0.0.1:43869".parse().expect("addr")));
     }
 }

@@ -16,12 +16,7 @@ fn registry_takes_a_pushed_random_image() -> anyhow::Result<()> {
 
     let inspected = skopeo_inspect(&format!("docker://{}/harness/img:v1", registry.host()))?;
     assert_eq!(inspected["Digest"], image.digest());
-    let layers: Vec<&str> = inspected["Layers"]
-        .as_array()
-        .expect("Layers")
-        .iter()
-        .filter_map(|l| l.as_str())
-        .collect();
+    let layers: Vec<&str> = inspected["Layers"].as_array().expect("Layers").iter().filter_map(|l| l.as_str()).collect();
     let expected: Vec<&str> = image.layers.iter().map(|l| l.digest.as_str()).collect();
     assert_eq!(layers, expected);
 
@@ -29,12 +24,7 @@ fn registry_takes_a_pushed_random_image() -> anyhow::Result<()> {
     registry.sync_log()?;
     let before = registry.blob_gets();
     let layer = &image.layers[1];
-    let resp = raw_request(
-        registry.addr(),
-        "GET",
-        &format!("/v2/harness/img/blobs/{}", layer.digest),
-        &[],
-    )?;
+    let resp = raw_request(registry.addr(), "GET", &format!("/v2/harness/img/blobs/{}", layer.digest), &[])?;
     assert_eq!(resp.status, 200);
     assert_eq!(resp.body, layer.data);
     registry.sync_log()?;
@@ -57,20 +47,10 @@ async fn fake_upstream_speaks_token_auth() -> anyhow::Result<()> {
     let challenge = ping.header("www-authenticate").expect("challenge");
     assert!(challenge.starts_with(&format!("Bearer realm=\"{}/token\"", fake.url())));
 
-    let denied = get(
-        &format!(
-            "{}/token?service=fake&scope=repository:org/img:pull",
-            fake.url()
-        ),
-        &[],
-    )
-    .await?;
+    let denied = get(&format!("{}/token?service=fake&scope=repository:org/img:pull", fake.url()), &[]).await?;
     assert_eq!(denied.status, 401);
     let tok = get(
-        &format!(
-            "{}/token?service=fake&scope=repository:org/img:pull",
-            fake.url()
-        ),
+        &format!("{}/token?service=fake&scope=repository:org/img:pull", fake.url()),
         &[("authorization", "Basic Ym90OnMzY3JldA==")],
     )
     .await?;
@@ -78,32 +58,17 @@ async fn fake_upstream_speaks_token_auth() -> anyhow::Result<()> {
     let token = tok.json()?["token"].as_str().expect("token").to_string();
     let auth = format!("Bearer {token}");
 
-    let m = get(
-        &format!("{}/v2/org/img/manifests/v1", fake.url()),
-        &[("authorization", &auth)],
-    )
-    .await?;
+    let m = get(&format!("{}/v2/org/img/manifests/v1", fake.url()), &[("authorization", &auth)]).await?;
     assert_eq!(m.status, 200);
     assert_eq!(m.header("docker-content-digest"), Some(digest.as_str()));
     // A token for org/img does not open another repository.
-    let other = get(
-        &format!("{}/v2/org/other/manifests/v1", fake.url()),
-        &[("authorization", &auth)],
-    )
-    .await?;
+    let other = get(&format!("{}/v2/org/other/manifests/v1", fake.url()), &[("authorization", &auth)]).await?;
     assert_eq!(other.status, 401);
     fake.revoke_tokens();
-    let revoked = get(
-        &format!("{}/v2/org/img/manifests/v1", fake.url()),
-        &[("authorization", &auth)],
-    )
-    .await?;
+    let revoked = get(&format!("{}/v2/org/img/manifests/v1", fake.url()), &[("authorization", &auth)]).await?;
     assert_eq!(revoked.status, 401);
     assert_eq!(fake.token_requests().len(), 2);
-    assert_eq!(
-        fake.token_requests()[1].basic_auth(),
-        Some(("bot".into(), "s3cret".into()))
-    );
+    assert_eq!(fake.token_requests()[1].basic_auth(), Some(("bot".into(), "s3cret".into())));
     Ok(())
 }
 
@@ -145,13 +110,7 @@ async fn fake_upstream_redirects_and_injects_faults() -> anyhow::Result<()> {
     assert_ne!(wrong.digest(), blob.digest);
 
     fake.clear_faults();
-    fake.set_fault(
-        &blob.digest,
-        Fault::Status {
-            status: 429,
-            retry_after: Some("1".into()),
-        },
-    );
+    fake.set_fault(&blob.digest, Fault::Status { status: 429, retry_after: Some("1".into()) });
     let limited = get(&url, &[]).await?;
     assert_eq!(limited.status, 429);
     assert_eq!(limited.header("retry-after"), Some("1"));

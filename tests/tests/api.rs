@@ -1,0 +1,105 @@
+//! The registry API surface: version check, unknown repoKey, read-only methods, the request log.
+
+use std::time::Duration;
+
+use wharf_tests::http::{get, request};
+use wharf_tests::image::OCI_MANIFEST;
+use wharf_tests::proxy::repo_config;
+use wharf_tests::{FakeUpstream, Proxy, TestImage};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn version_check_answers_registry_2_0() -> anyhow::Result<()> {
+    let fake = FakeUpstream::start().await?;
+    let proxy = Proxy::spawn(&repo_config("lab", &fake.url(), "generic", "5m"), &[])?;
+    let resp = get(&proxy.v2("/"), &[]).await?;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(resp.header("docker-distribution-api-version"), Some("registry/2.0"));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unknown_repo_key_is_name_unknown() -> anyhow::Result<()> {
+    let fake = FakeUpstream::start().await?;
+    let proxy = Proxy::spawn(&repo_config("lab", &fake.url(), "generic", "5m"), &[])?;
+    for path in [
+        "nope/library/alpine/manifests/3.20",
+        "nope/alpine/blobs/sha256:0000000000000000000000000000000000000000000000000000000000000000",
+        "nope/alpine/tags/list",
+    ] {
+        let resp = get(&proxy.v2(path), &[]).await?;
+        assert_eq!(resp.status, 404, "{path}: {}", resp.text());
+        let errors = resp.oci_errors()?;
+        assert_eq!(errors[0].0, "NAME_UNKNOWN", "{path}: {}", resp.text());
+        assert!(!errors[0].1.is_empty(), "{path}: empty message");
+    }
+    assert_eq!(
+        fake.count("GET", "/v2/nope") + fake.count("GET", "alpine"),
+        0,
+        "an unknown repoKey reached the upstream:\n{}",
+        fake.describe_requests()
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn write_methods_are_405_unsupported() -> anyhow::Result<()> {
+    let fake = FakeUpstream::start().await?;
+    let proxy = Proxy::spawn(&repo_config("lab", &fake.url(), "generic", "5m"), &[])?;
+    let digest = "sha256:0000000000000000000000000000000000000000000000000000000000000000";
+    let paths = [
+        "lab/org/img/manifests/v1".to_string(),
+        format!("lab/org/img/manifests/{digest}"),
+        format!("lab/org/img/blobs/{digest}"),
+        "lab/org/img/blobs/uploads/".to_string(),
+    ];
+    for method in ["PUT", "POST", "PATCH", "DELETE"] {
+        for path in &paths {
+            let resp = request(method, &proxy.v2(path), &[("content-type", "application/json")]).await?;
+            assert_eq!(resp.status, 405, "{method} {path}: {}", resp.text());
+            let errors = resp.oci_errors()?;
+            assert_eq!(errors[0].0, "UNSUPPORTED", "{method} {path}: {}", resp.text());
+            let msg = errors[0].1.to_lowercase();
+            assert!(
+                msg.contains("read") && msg.contains("only"),
+                "{method} {path}: the message should say this is a read-only cache: {:?}",
+                errors[0].1
+            );
+        }
+    }
+    let writes: Vec<_> = fake.requests().into_iter().filter(|r| r.method != "GET" && r.method != "HEAD").collect();
+    assert!(writes.is_empty(), "writes reached the upstream: {writes:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_structured_log_line_per_request() -> anyhow::Result<()> {
+    let fake = FakeUpstream::start().await?;
+    let image = TestImage::random("v1", &[10_000])?;
+    fake.put_image("org/img", &image);
+    let proxy = Proxy::spawn(&repo_config("lab", &fake.url(), "generic", "5m"), &[])?;
+
+    let m = get(&proxy.v2("lab/org/img/manifests/v1"), &[("accept", OCI_MANIFEST)]).await?;
+    assert_eq!(m.status, 200, "{}", m.text());
+    let layer = &image.layers[0];
+    let url = proxy.v2(&format!("lab/org/img/blobs/{}", layer.digest));
+    assert_eq!(get(&url, &[]).await?.status, 200);
+    assert_eq!(get(&url, &[]).await?.status, 200);
+
+    let miss = proxy.wait_request_log(Duration::from_secs(5), |f| f["kind"] == "manifest" && f["reference"] == "v1")?;
+    for field in ["repo_key", "name", "kind", "reference", "upstream_url", "cache", "status", "bytes", "duration_ms"] {
+        assert!(miss.get(field).is_some(), "request log line lacks {field}: {miss}");
+    }
+    assert_eq!(miss["repo_key"], "lab", "{miss}");
+    assert_eq!(miss["name"], "org/img", "{miss}");
+    assert_eq!(miss["cache"], "miss", "{miss}");
+    assert_eq!(miss["status"], 200, "{miss}");
+    let upstream_url = miss["upstream_url"].as_str().unwrap_or_default();
+    assert!(upstream_url.starts_with(&fake.url()), "upstream_url {upstream_url:?} should name the upstream");
+
+    proxy.wait_request_log(Duration::from_secs(5), |f| {
+        f["kind"] == "blob" && f["reference"] == layer.digest.as_str() && f["cache"] == "hit"
+    })?;
+    let blob_lines = proxy.request_logs().into_iter().filter(|f| f["reference"] == layer.digest.as_str()).count();
+    assert_eq!(blob_lines, 2, "{:#?}", proxy.request_logs());
+    Ok(())
+}
