@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
-use sha2::{Digest as _, Sha256};
 
 /// How long any single test request may take before the test fails instead of hanging.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
@@ -182,13 +181,13 @@ pub async fn get_outcome(url: &str, headers: &[(&str, &str)]) -> Outcome {
 pub async fn get_hashed(client: &reqwest::Client, url: &str) -> anyhow::Result<(u16, u64, String)> {
     let mut resp = client.get(url).send().await.with_context(|| format!("GET {url}"))?;
     let status = resp.status().as_u16();
-    let mut hasher = Sha256::new();
+    let mut hasher = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
     let mut len = 0u64;
     while let Some(chunk) = resp.chunk().await.with_context(|| format!("body of GET {url}"))? {
         len += chunk.len() as u64;
         hasher.update(&chunk);
     }
-    Ok((status, len, format!("sha256:{}", hex::encode(hasher.finalize()))))
+    Ok((status, len, format!("sha256:{}", hex::encode(hasher.finish()))))
 }
 
 /// Sends one raw HTTP/1.1 request with `path` written verbatim on the request line (no

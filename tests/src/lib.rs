@@ -21,8 +21,6 @@ pub mod registry;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use sha2::{Digest as _, Sha256};
-
 pub use fake::{AuthMode, FakeUpstream, Fault, RecordedRequest};
 pub use image::{Blob, TestImage, skopeo_copy_to_dir, skopeo_inspect, verify_dir_copy};
 pub use process::ChildGuard;
@@ -36,14 +34,14 @@ pub fn sha256_digest(data: &[u8]) -> String {
 
 /// Lowercase hex SHA-256 of `data`.
 pub fn sha256_hex(data: &[u8]) -> String {
-    hex::encode(Sha256::digest(data))
+    // aws-lc's SHA-256 is assembly, fast even in debug builds (sha2 does ~30 MB/s there).
+    hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data))
 }
 
 /// `n` random bytes.
 pub fn random_bytes(n: usize) -> Vec<u8> {
-    use rand::RngCore as _;
     let mut v = vec![0u8; n];
-    rand::rng().fill_bytes(&mut v);
+    aws_lc_rs::rand::fill(&mut v).expect("random bytes");
     v
 }
 

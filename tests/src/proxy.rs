@@ -228,6 +228,12 @@ fn start(opts: &ProxyOptions, work_dir: &Path, cache_dir: &Path) -> anyhow::Resu
         .current_dir(work_dir.join("cwd"))
         .env_remove("RUST_LOG")
         .env("NO_PROXY", "*");
+    // Settings from the environment (WHARF_LISTEN, ...) must not leak into the test's node.
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("WHARF_") {
+            cmd.env_remove(k);
+        }
+    }
     for (k, v) in &opts.env {
         cmd.env(k, v);
     }
