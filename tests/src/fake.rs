@@ -485,8 +485,25 @@ async fn route(ctx: &Ctx, req: &RecordedRequest) -> Response {
                 .map(|(_, r)| r.clone())
                 .collect();
             tags.sort();
+            // Pagination as the distribution spec has it: `last` then `n`, and a `Link` to the next page.
+            if let Some(last) = req.query_values("last").first() {
+                tags.retain(|t| t > last);
+            }
+            let mut link = None;
+            if let Some(n) = req.query_values("n").first().and_then(|n| n.parse::<usize>().ok())
+                && tags.len() > n
+            {
+                tags.truncate(n);
+                if let Some(last) = tags.last() {
+                    link = Some(format!("</v2/{name}/tags/list?last={last}&n={n}>; rel=\"next\""));
+                }
+            }
             let body = serde_json::json!({"name": name, "tags": tags}).to_string();
-            ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+            let mut r = ([(header::CONTENT_TYPE, "application/json")], body).into_response();
+            if let Some(l) = link {
+                r.headers_mut().insert(header::LINK, hv(&l));
+            }
+            r
         }
         Target::Manifest { name, reference } => {
             if let Err(r) = check_auth(shared, req, Some(&name)) {

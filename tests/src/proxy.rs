@@ -129,6 +129,11 @@ impl Proxy {
         self.child.terminate(timeout)
     }
 
+    /// Waits up to `timeout` for the process to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        self.child.wait_exit(timeout)
+    }
+
     /// Kills the process if it runs, then starts it again with the same configuration, arguments and
     /// cache dir (on a new port).
     pub fn restart(&mut self) -> anyhow::Result<()> {

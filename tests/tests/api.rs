@@ -103,3 +103,40 @@ async fn one_structured_log_line_per_request() -> anyhow::Result<()> {
     assert_eq!(blob_lines, 2, "{:#?}", proxy.request_logs());
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tags_list_is_passed_through_with_pagination() -> anyhow::Result<()> {
+    let fake = FakeUpstream::start().await?;
+    for tag in ["v1", "v2", "v3"] {
+        fake.put_manifest("team/tags", Some(tag), OCI_MANIFEST, format!("{{\"tag\":\"{tag}\"}}"));
+    }
+    let proxy = Proxy::spawn(&repo_config("lab", &fake.url(), "generic", "5m"), &[])?;
+
+    let all = get(&proxy.v2("lab/team/tags/tags/list"), &[]).await?;
+    assert_eq!(all.status, 200, "{}", all.text());
+    assert_eq!(all.json()?["tags"], serde_json::json!(["v1", "v2", "v3"]));
+
+    let page = get(&proxy.v2("lab/team/tags/tags/list?n=2"), &[]).await?;
+    assert_eq!(page.status, 200, "{}", page.text());
+    let seen = fake.requests_matching("GET", "/tags/list");
+    assert_eq!(
+        seen.last().and_then(|r| r.query.clone()).as_deref(),
+        Some("n=2"),
+        "n must reach the upstream:\n{}",
+        fake.describe_requests()
+    );
+    assert_eq!(page.json()?["tags"], serde_json::json!(["v1", "v2"]));
+    let link = page.header("link").unwrap_or_default().to_string();
+    assert!(link.contains("last=v2") && link.contains("rel=\"next\""), "Link {link:?}");
+    // The next page must come back through the node, under the repoKey.
+    let target = link.trim_start_matches('<').split('>').next().unwrap_or_default();
+    let next_url = if target.starts_with('/') { format!("{}{target}", proxy.url()) } else { target.to_string() };
+    assert!(
+        next_url.starts_with(&proxy.v2("lab/team/tags/tags/list")),
+        "Link {link:?} does not point back at the node under its repoKey"
+    );
+    let next = get(&next_url, &[]).await?;
+    assert_eq!(next.status, 200, "{}", next.text());
+    assert_eq!(next.json()?["tags"], serde_json::json!(["v3"]));
+    Ok(())
+}

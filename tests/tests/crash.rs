@@ -75,3 +75,38 @@ async fn restart_keeps_verified_cache() -> anyhow::Result<()> {
     assert_eq!(fake.count("GET", &blob.digest), 1, "the restarted node refetched a cached blob");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_lets_in_flight_responses_finish() -> anyhow::Result<()> {
+    let fake = FakeUpstream::start().await?;
+    let blob = fake.add_random_blob(2 * 1024 * 1024);
+    fake.set_fault(&blob.digest, Fault::Pause { after: 512 * 1024 });
+    let mut proxy = Proxy::spawn(
+        &repo_config("lab", &fake.url(), "generic", "5m"),
+        &["--idle-timeout", "30s", "--shutdown-grace", "10s"],
+    )?;
+    let url = proxy.v2(&format!("lab/org/img/blobs/{}", blob.digest));
+    let mut resp = client().get(&url).send().await?;
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.chunk().await?.map(|c| c.to_vec()).unwrap_or_default();
+
+    let pid = proxy.pid().expect("running");
+    std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status()?;
+    // It stops accepting: a new connection is refused (or closed without an answer).
+    let addr = proxy.addr();
+    wait_until_async(Duration::from_secs(5), "the node to stop accepting", || {
+        wharf_tests::http::raw_request(addr, "GET", "/v2/", &[]).is_err().then_some(())
+    })
+    .await?;
+    assert!(proxy.is_running(), "the node exited with a response in flight");
+
+    fake.release();
+    while let Some(c) = resp.chunk().await? {
+        body.extend_from_slice(&c);
+    }
+    assert_eq!(wharf_tests::sha256_digest(&body), blob.digest);
+    // With nothing left in flight it exits by itself, cleanly, well within the grace period.
+    let status = proxy.wait_exit(Duration::from_secs(8))?;
+    assert!(status.success(), "exit status {status}");
+    Ok(())
+}
