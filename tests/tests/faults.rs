@@ -15,27 +15,48 @@ use wharf_tests::{FakeUpstream, Fault, Proxy};
 const ARGS: [&str; 8] =
     ["--connect-timeout", "1s", "--first-byte-timeout", "2s", "--idle-timeout", "1s", "--retries", "1"];
 
-/// With `fault` on a 1 MB blob: the client's response fails cleanly, nothing is cached; with the
+/// Blobs tried at once per fault: whether a wrong body slips through complete can depend on timing,
+/// so several concurrent tries make such a race show up reliably.
+const TRIES: usize = 6;
+
+/// With `fault` on 1 MB blobs: each client's response fails cleanly, nothing is cached; with the
 /// fault off, the next pull succeeds and caches the blob.
 async fn fault_then_recovery(fault: Fault) -> anyhow::Result<()> {
     let fake = FakeUpstream::start().await?;
-    let blob = fake.add_random_blob(1024 * 1024);
-    fake.set_fault(&blob.digest, fault.clone());
+    let blobs: Vec<_> = (0..TRIES).map(|_| fake.add_random_blob(1024 * 1024)).collect();
+    for blob in &blobs {
+        fake.set_fault(&blob.digest, fault.clone());
+    }
     let proxy = Proxy::spawn(&repo_config("lab", &fake.url(), "generic", "5m"), &ARGS)?;
-    let url = proxy.v2(&format!("lab/org/img/blobs/{}", blob.digest));
+    let url = |digest: &str| proxy.v2(&format!("lab/org/img/blobs/{digest}"));
 
-    let out = tokio::time::timeout(Duration::from_secs(30), get_outcome(&url, &[]))
-        .await
-        .map_err(|_| anyhow::anyhow!("{fault:?}: the proxy's response hung for 30 s"))?;
-    expect_clean_failure(&out, &blob).map_err(|e| anyhow::anyhow!("{fault:?}: {e}"))?;
-    expect_not_cached(&proxy, &blob.digest).await?;
-    assert!(fake.count("GET", &blob.digest) >= 1);
+    let outcomes = futures_util::future::join_all(blobs.iter().map(|b| {
+        let u = url(&b.digest);
+        async move { tokio::time::timeout(Duration::from_secs(30), get_outcome(&u, &[])).await }
+    }))
+    .await;
+    let mut failures = Vec::new();
+    for (blob, out) in blobs.iter().zip(outcomes) {
+        let Ok(out) = out else {
+            failures.push(format!("{}: the proxy's response hung for 30 s", blob.digest));
+            continue;
+        };
+        if let Err(e) = expect_clean_failure(&out, blob) {
+            failures.push(format!("{e:#}"));
+        }
+    }
+    assert!(failures.is_empty(), "{fault:?}: {} of {TRIES} clients:\n{}", failures.len(), failures.join("\n"));
+    for blob in &blobs {
+        expect_not_cached(&proxy, &blob.digest).await.map_err(|e| anyhow::anyhow!("{fault:?}: {e:#}"))?;
+        assert!(fake.count("GET", &blob.digest) >= 1);
+    }
 
     fake.clear_faults();
-    let ok = get(&url, &[]).await?;
+    let blob = &blobs[0];
+    let ok = get(&url(&blob.digest), &[]).await?;
     assert_eq!(ok.status, 200, "after {fault:?}: {}", ok.text());
     assert_eq!(ok.digest(), blob.digest, "after {fault:?}");
-    expect_cached(&proxy, &blob).await?;
+    expect_cached(&proxy, blob).await?;
     Ok(())
 }
 
