@@ -140,3 +140,50 @@ async fn tags_list_is_passed_through_with_pagination() -> anyhow::Result<()> {
     assert_eq!(next.json()?["tags"], serde_json::json!(["v3"]));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn manifest_headers_accept_forwarding_and_cache_control() -> anyhow::Result<()> {
+    let fake = FakeUpstream::start().await?;
+    let image = TestImage::random("v1", &[1000])?;
+    fake.put_image("org/img", &image);
+    let proxy = Proxy::spawn(&repo_config("lab", &fake.url(), "generic", "5m"), &[])?;
+    let by_tag = proxy.v2("lab/org/img/manifests/v1");
+    let by_digest = proxy.v2(&format!("lab/org/img/manifests/{}", image.digest()));
+    let len = image.manifest.size().to_string();
+
+    let accept = format!("{OCI_MANIFEST}, application/vnd.oci.image.index.v1+json");
+    let m = get(&by_tag, &[("accept", &accept)]).await?;
+    assert_eq!(m.status, 200, "{}", m.text());
+    assert_eq!(m.body, image.manifest.data);
+    let upstream = fake.requests_matching("GET", "/manifests/v1");
+    let sent_accept = upstream.first().and_then(|r| r.header("accept")).unwrap_or_default().to_string();
+    assert!(sent_accept.contains(OCI_MANIFEST), "the client's Accept was not forwarded: {sent_accept:?}");
+
+    for (url, method) in [(&by_tag, "GET"), (&by_tag, "HEAD"), (&by_digest, "GET"), (&by_digest, "HEAD")] {
+        let r = request(method, url, &[("accept", &accept)]).await?;
+        assert_eq!(r.status, 200, "{method} {url}");
+        assert_eq!(r.header("content-type"), Some(OCI_MANIFEST), "{method} {url}");
+        assert_eq!(r.header("docker-content-digest"), Some(image.digest()), "{method} {url}");
+        assert_eq!(r.header("content-length"), Some(len.as_str()), "{method} {url}");
+        assert_eq!(r.header("etag"), Some(format!("\"{}\"", image.digest()).as_str()), "{method} {url}");
+        let cc = r.header("cache-control").unwrap_or_default();
+        if url == &by_digest {
+            assert!(cc.contains("immutable"), "{method} by digest: Cache-Control {cc:?}");
+        } else {
+            assert!(!cc.contains("immutable"), "{method} by tag: Cache-Control {cc:?}");
+            assert!(cc.contains("max-age"), "{method} by tag: Cache-Control {cc:?}");
+        }
+    }
+    // Served from the cache: one upstream GET of the tag, none by digest.
+    assert_eq!(fake.count("GET", "/manifests/"), 1, "{}", fake.describe_requests());
+
+    // A client that does not accept the cached media type is not handed it from the cache.
+    let docker_only = "application/vnd.docker.distribution.manifest.v2+json";
+    let _ = get(&by_tag, &[("accept", docker_only)]).await?;
+    assert!(
+        fake.count("GET", "/manifests/") + fake.count("HEAD", "/manifests/") >= 2,
+        "a manifest of a media type the client did not accept was served from the cache:\n{}",
+        fake.describe_requests()
+    );
+    Ok(())
+}

@@ -46,3 +46,45 @@ async fn twenty_clients_on_a_cold_blob_make_one_upstream_get() -> anyhow::Result
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stalled_client_does_not_slow_the_others() -> anyhow::Result<()> {
+    let fake = FakeUpstream::start().await?;
+    // Larger than the socket buffers between the node and a client that reads nothing.
+    let blob = fake.add_random_blob(24 * 1024 * 1024);
+    let proxy = Proxy::spawn(&repo_config("lab", &fake.url(), "generic", "5m"), &[])?;
+    let url = proxy.v2(&format!("lab/org/img/blobs/{}", blob.digest));
+    let http = client();
+
+    let mut stalled = http.get(&url).send().await?;
+    assert_eq!(stalled.status(), 200);
+    assert!(stalled.chunk().await?.is_some());
+    // `stalled` reads nothing more; another client still gets the whole blob.
+    let (status, len, digest) = tokio::time::timeout(Duration::from_secs(30), get_hashed(&http, &url))
+        .await
+        .map_err(|_| anyhow::anyhow!("a stalled client held up another one"))??;
+    assert_eq!((status, len, digest), (200, blob.size() as u64, blob.digest.clone()));
+    drop(stalled);
+    assert_eq!(fake.count("GET", &blob.digest), 1);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_that_disconnects_does_not_stop_the_fetch() -> anyhow::Result<()> {
+    let fake = FakeUpstream::start().await?;
+    let blob = fake.add_random_blob(4 * 1024 * 1024);
+    fake.set_fault(&blob.digest, Fault::Pause { after: 256 * 1024 });
+    let proxy = Proxy::spawn(&repo_config("lab", &fake.url(), "generic", "5m"), &["--idle-timeout", "30s"])?;
+    let url = proxy.v2(&format!("lab/org/img/blobs/{}", blob.digest));
+
+    let mut gone = client().get(&url).send().await?;
+    assert_eq!(gone.status(), 200);
+    assert!(gone.chunk().await?.is_some());
+    drop(gone);
+    fake.release();
+    wharf_tests::checks::expect_cached(&proxy, &blob).await?;
+    let again = wharf_tests::http::get(&url, &[]).await?;
+    assert_eq!((again.status, again.digest()), (200, blob.digest.clone()));
+    assert_eq!(fake.count("GET", &blob.digest), 1, "{}", fake.describe_requests());
+    Ok(())
+}
