@@ -457,13 +457,17 @@ def herd(port: int, path: str, n: int, size: int, digest: str, hash_after: bool,
                 res["error"] = f"HTTP {r.status}: {r.read(500)!r}"
                 return
             got = 0
+            # readinto() on http.client fills the whole slice before it returns, so read in
+            # slices: a small first one (time to first byte), then 1 MiB at a time.
+            step = 64 * 1024
             while True:
                 if hash_after:
                     if got > size:
                         break
-                    k = r.readinto(mv[got:])
+                    k = r.readinto(mv[got:got + step])
                 else:
-                    k = r.readinto(mv)
+                    k = r.readinto(mv[:step])
+                step = chunk
                 if not k:
                     break
                 if got == 0:
@@ -707,12 +711,30 @@ def check_blob(port: int, base: str, digest: str, size: int) -> None:
         raise BenchError(f"blob GET {digest}: HTTP {status}, {len(body)} bytes, wrong content?")
 
 
+def machine_busy_s() -> float:
+    """CPU seconds all CPUs have spent not idle since boot (from /proc/stat)."""
+    vals = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+    return (sum(vals) - vals[3] - vals[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 def bench_system(ctx: Context, name: str) -> dict:
     args = ctx.args
     image = ctx.image
-    res: dict = {"system": LABELS[name]}
+    res: dict = {"system": LABELS[name], "loadavg_before": Path("/proc/loadavg").read_text().split()[0]}
+    # Other processes' CPU use during this system's run, to flag a busy machine: all CPU time
+    # spent minus this script's, its reaped children's (wrk, curl) and the servers'.
+    t_phase0, busy0, own0 = time.monotonic(), machine_busy_s(), own_cpu_s()
     up_proc, up_port, up_log = start_upstream(ctx, name)
-    proc, port, log_path, base = STARTERS[name](ctx, up_port)
+    try:
+        proc, port, log_path, base = STARTERS[name](ctx, up_port)
+    except BaseException:
+        ctx.procs.stop(up_proc)
+        raise
     res["log"] = str(log_path)
     try:
         # A real pull reads the manifest first; doing so also lets a cache learn which blobs the
@@ -729,9 +751,19 @@ def bench_system(ctx: Context, name: str) -> dict:
         off = up_log.offset()
         sampler = MemSampler(proc.pid)
         rss_before_kib, _ = sampler.snapshot()
+        cpu0 = sum(proc_cpu_ticks(pid) for pid in sampler.pids)
+        up_cpu0 = proc_cpu_ticks(up_proc.pid)
+        me0 = os.times()
         with sampler:
             h = herd(port, f"{base}/blobs/{image['big_digest']}", args.clients, size,
                      image["big_digest"], hash_after, timeout=args.client_timeout)
+        me1 = os.times()
+        cpu1 = sum(proc_cpu_ticks(pid) for pid in sampler.pids)
+        tick = os.sysconf("SC_CLK_TCK")
+        h["cpu_s"] = (cpu1 - cpu0) / tick
+        h["upstream_cpu_s"] = (proc_cpu_ticks(up_proc.pid) - up_cpu0) / tick
+        # the clients' CPU, hashing after the transfer included
+        h["client_cpu_s"] = (me1.user + me1.system) - (me0.user + me0.system)
         up_log.wait_idle()
         usage = up_log.usage(off, big_digest=image["big_digest"])
         h["upstream"] = usage
@@ -778,11 +810,39 @@ def bench_system(ctx: Context, name: str) -> dict:
         _, hwm_end = sampler.snapshot()
         res["vmhwm_end_mib"] = hwm_end / 1024
     finally:
+        tick = os.sysconf("SC_CLK_TCK")
+        servers = (sum(proc_cpu_ticks(pid) for pid in group_pids(proc.pid))
+                   + proc_cpu_ticks(up_proc.pid)) / tick
+        wall = time.monotonic() - t_phase0
+        foreign = (machine_busy_s() - busy0) - (own_cpu_s() - own0) - servers
+        res["other_cpu_pct"] = max(0.0, 100.0 * foreign / (wall * (os.cpu_count() or 1)))
         ctx.procs.stop(proc)
         ctx.procs.stop(up_proc)
     if proc.returncode not in (0, -signal.SIGTERM, None):
         res["exit_code"] = proc.returncode
+    res["log_problems"] = log_problems(log_path)
     return res
+
+
+def log_problems(path: Path) -> dict:
+    """Counts the warn/error lines (and panics) in a system's own log; keeps the first few."""
+    count = 0
+    first: list[str] = []
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return {"count": 0, "first": []}
+    for line in lines:
+        low = line.lower()
+        if "rempositoryremover" in low:  # distribution's proxy mode always says this at start
+            continue
+        if ("panicked" in low or '"level":"warn' in low or '"level":"error' in low
+                or "[warn]" in low or "[error]" in low or "[crit]" in low or "[emerg]" in low
+                or " warn " in low or " error " in low):
+            count += 1
+            if len(first) < 3:
+                first.append(line[:300])
+    return {"count": count, "first": first}
 
 
 def mem_available() -> int:
@@ -829,8 +889,10 @@ def print_table(title: str, rows: list[tuple], results: dict) -> list[str]:
     for label, path, spec, goal, met in rows:
         vals = [get(results, s, *path) for s in SYSTEMS]
         m = met(vals) if met and vals[0] is not None else None
-        table.append((label, *(fmt(v, spec) for v in vals), ratio(vals[0], vals[1]),
-                      ratio(vals[0], vals[2]), goal,
+        no_ratio = label.startswith("other processes")
+        table.append((label, *(fmt(v, spec) for v in vals),
+                      "-" if no_ratio else ratio(vals[0], vals[1]),
+                      "-" if no_ratio else ratio(vals[0], vals[2]), goal,
                       "-" if m is None else ("yes" if m else "NO")))
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
     for j, r in enumerate(table):
@@ -858,12 +920,13 @@ def report(results: dict, args: argparse.Namespace, image: dict) -> str:
          lambda v: v[0] <= 1.01),
         ("upstream blob GETs", ("herd", "upstream", "big_blob_gets"), "d", "1", lambda v: v[0] == 1),
         ("wall time, all done (s)", ("herd", "wall_s"), ".2f", "well under nginx (<=0.8x)",
-         lambda v: v[2] is not None and v[0] <= 0.8 * v[2]),
+         lambda v: None if v[2] is None else v[0] <= 0.8 * v[2]),
         ("first byte, min (s)", ("herd", "first_byte_min_s"), ".3f", "", None),
         ("first byte, median (s)", ("herd", "first_byte_median_s"), ".3f", "", None),
         ("first byte, max (s)", ("herd", "first_byte_max_s"), ".3f", "", None),
         ("bodies with right sha256", ("herd", "ok"), "d", f"all {args.clients}",
          lambda v: v[0] == args.clients),
+        ("CPU used during herd (s)", ("herd", "cpu_s"), ".2f", "", None),
         ("RSS before herd (MiB)", ("herd", "rss_before_mib"), ".1f", "", None),
         ("peak RSS during herd (MiB)", ("herd", "rss_peak_mib"), ".1f", "flat, < 64 MiB",
          lambda v: v[0] < 64),
@@ -874,17 +937,19 @@ def report(results: dict, args: argparse.Namespace, image: dict) -> str:
     out.append("")
     warm_rows = [
         ("manifest by tag (GETs/s)", ("manifest", "rps"), ".0f", ">= 10x distribution",
-         lambda v: v[1] is not None and v[0] >= 10 * v[1]),
+         lambda v: None if v[1] is None else v[0] >= 10 * v[1]),
         ("  upstream requests meanwhile", ("manifest", "upstream", "requests"), "d", "", None),
         ("  non-2xx + socket errors", ("manifest", "errors"), "d", "0", lambda v: v[0] == 0),
         ("1 MiB blob (GETs/s)", ("small_blob", "rps"), ".0f", ">= nginx",
-         lambda v: v[2] is not None and v[0] >= v[2]),
+         lambda v: None if v[2] is None else v[0] >= v[2]),
         ("  upstream requests meanwhile", ("small_blob", "upstream", "requests"), "d", "", None),
         ("  non-2xx + socket errors", ("small_blob", "errors"), "d", "0", lambda v: v[0] == 0),
         (f"{args.parallel} x {size_mib:.0f} MiB blob (GB/s)", ("big_blob", "gb_per_s"), ".2f",
-         ">= nginx", lambda v: v[2] is not None and v[0] >= v[2]),
+         ">= nginx", lambda v: None if v[2] is None else v[0] >= v[2]),
         ("  pulls completed", ("big_blob", "pulls"), "d", "", None),
         ("  upstream requests meanwhile", ("big_blob", "upstream", "requests"), "d", "", None),
+        ("other processes' CPU (% of machine)", ("other_cpu_pct",), ".1f", "~0 (idle machine)",
+         None),
     ]
     out += print_table(f"WARM: wrk -t2 -c16 -d{args.duration}s; {args.parallel} curl loops",
                        warm_rows, results)
@@ -898,10 +963,17 @@ def report(results: dict, args: argparse.Namespace, image: dict) -> str:
                 errs = (r.get(part) or {}).get("errors")
                 if errs:
                     out.append(f"{LABELS[s]} {part} errors: {errs}")
+            lp = r.get("log_problems") or {}
+            if lp.get("count"):
+                out.append(f"{LABELS[s]} log: {lp['count']} warn/error lines, e.g. {lp['first'][0]}")
             for part in ("manifest", "small_blob"):
                 se = (r.get(part) or {}).get("socket_errors")
                 if se:
                     out.append(f"{LABELS[s]} {part}: {se} wrk socket errors")
+    busy = [LABELS[x] for x in SYSTEMS if (get(results, x, "other_cpu_pct") or 0) > 5]
+    if busy:
+        out.append(f"WARNING: other processes used > 5% of the CPUs during the run of "
+                   f"{', '.join(busy)}: these figures are disturbed; rerun on an idle machine.")
     out.append("")
     out.append("upstream bytes = sum of http.response.written in the upstream registry's request log "
                "(one upstream instance per system).")
