@@ -275,7 +275,12 @@ pub fn read_file(
                 None => end.unwrap_or(pos),
                 Some(rx) => match &*rx.borrow_and_update() {
                     Progress::Connecting => 0,
-                    Progress::Streaming { written, .. } => *written,
+                    // The blob's last byte is held back until it is verified: a client never
+                    // holds a complete-looking body of bytes that failed their digest.
+                    Progress::Streaming { written, total } => match total {
+                        Some(t) => (*written).min(t.saturating_sub(1)),
+                        None => *written,
+                    },
                     Progress::Done { size } => {
                         end = Some(end.map_or(*size, |e| e.min(*size)));
                         *size
