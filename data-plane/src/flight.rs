@@ -9,6 +9,7 @@
 //! every client's body ends in an error, never in a complete-looking wrong body.
 
 use std::collections::HashMap;
+use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -59,7 +60,8 @@ pub enum FetchFailure {
 
 /// A fetch in progress, shared by all its clients.
 pub struct Flight {
-    file: Arc<std::fs::File>,
+    staging: PathBuf,
+    dest: PathBuf,
     progress: watch::Receiver<Progress>,
 }
 
@@ -81,12 +83,25 @@ impl Flight {
     }
 
     /// The body from `start` to `end` (exclusive; `None`: to the end), as the fetch writes it.
-    pub fn body(
+    /// Each client reads through a file descriptor of its own.
+    pub async fn body(
         &self,
         start: u64,
         end: Option<u64>,
-    ) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
-        read_file(self.file.clone(), start, end, Some(self.progress.clone()))
+    ) -> Result<impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static, FetchFailure> {
+        let file = match std::fs::File::open(&self.staging).or_else(|_| std::fs::File::open(&self.dest)) {
+            Ok(f) => f,
+            // Neither: the fetch failed and removed its file, or finished a moment ago.
+            Err(_) => {
+                let mut rx = self.progress.clone();
+                let verdict = rx.wait_for(|p| matches!(p, Progress::Done { .. } | Progress::Failed(_))).await;
+                match verdict.as_deref() {
+                    Ok(Progress::Failed(f)) => return Err(f.clone()),
+                    _ => std::fs::File::open(&self.dest).map_err(|e| FetchFailure::Io(e.to_string()))?,
+                }
+            }
+        };
+        Ok(read_file(file, start, end, Some(self.progress.clone())))
     }
 }
 
@@ -111,7 +126,7 @@ pub struct Flights {
     map: Mutex<HashMap<Digest, Arc<Flight>>>,
 }
 
-const READ_CHUNK: usize = 256 * 1024;
+const READ_CHUNK: usize = 512 * 1024;
 /// Upstream chunks already received are written in one go, up to this many.
 const WRITE_BATCH: usize = 64;
 
@@ -138,7 +153,8 @@ impl Flights {
         let (path, file) = ctx.store.staging_file(&ctx.digest).map_err(|e| FetchFailure::Io(e.to_string()))?;
         let file = Arc::new(file);
         let (tx, rx) = watch::channel(Progress::Connecting);
-        let flight = Arc::new(Flight { file: file.clone(), progress: rx });
+        let dest = ctx.store.blob_path(&ctx.digest);
+        let flight = Arc::new(Flight { staging: path.clone(), dest, progress: rx });
         map.insert(ctx.digest.clone(), flight.clone());
         drop(map);
         tokio::spawn(self.clone().run(ctx, path, file, tx));
@@ -261,57 +277,70 @@ async fn fetch_into(
     Ok(written)
 }
 
-/// Streams `file[start..end]` with positional reads. With `progress`, the file is still being
-/// written: reads stop at what is written, wait for more, and fail when the fetch fails.
+/// Streams `file[start..end]`. With `progress`, the file is still being written: reads stop at what
+/// is written, wait for more, and fail when the fetch fails. The file descriptor is the stream's
+/// own, so it reads sequentially, one blocking task per chunk, into buffers that are not zero-filled.
 pub fn read_file(
-    file: Arc<std::fs::File>,
+    file: std::fs::File,
     start: u64,
     end: Option<u64>,
     progress: Option<watch::Receiver<Progress>>,
 ) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
-    futures_util::stream::try_unfold((file, start, end, progress), |(file, pos, mut end, mut progress)| async move {
-        loop {
-            let available = match &mut progress {
-                None => end.unwrap_or(pos),
-                Some(rx) => match &*rx.borrow_and_update() {
-                    Progress::Connecting => 0,
-                    // The blob's last byte is held back until it is verified: a client never
-                    // holds a complete-looking body of bytes that failed their digest.
-                    Progress::Streaming { written, total } => match total {
-                        Some(t) => (*written).min(t.saturating_sub(1)),
-                        None => *written,
+    futures_util::stream::try_unfold(
+        (Some(file), start, end, progress),
+        |(file, pos, mut end, mut progress)| async move {
+            loop {
+                let available = match &mut progress {
+                    None => end.unwrap_or(pos),
+                    Some(rx) => match &*rx.borrow_and_update() {
+                        Progress::Connecting => 0,
+                        // The blob's last byte is held back until it is verified: a client never
+                        // holds a complete-looking body of bytes that failed their digest.
+                        Progress::Streaming { written, total } => match total {
+                            Some(t) => (*written).min(t.saturating_sub(1)),
+                            None => *written,
+                        },
+                        Progress::Done { size } => {
+                            end = Some(end.map_or(*size, |e| e.min(*size)));
+                            *size
+                        }
+                        Progress::Failed(e) => return Err(std::io::Error::other(e.to_string())),
                     },
-                    Progress::Done { size } => {
-                        end = Some(end.map_or(*size, |e| e.min(*size)));
-                        *size
-                    }
-                    Progress::Failed(e) => return Err(std::io::Error::other(e.to_string())),
-                },
-            };
-            let limit = end.map_or(available, |e| e.min(available));
-            if pos < limit {
-                let len = (limit - pos).min(READ_CHUNK as u64) as usize;
-                let f = file.clone();
-                let buf = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
-                    let mut buf = vec![0u8; len];
-                    f.read_exact_at(&mut buf, pos)?;
-                    Ok(buf)
-                })
-                .await
-                .map_err(std::io::Error::other)??;
-                return Ok(Some((Bytes::from(buf), (file, pos + len as u64, end, progress))));
-            }
-            if end.is_some_and(|e| pos >= e) {
-                return Ok(None);
-            }
-            match &mut progress {
-                None => return Ok(None),
-                Some(rx) => {
-                    if rx.changed().await.is_err() {
-                        return Err(std::io::Error::other("fetch ended unexpectedly"));
+                };
+                let limit = end.map_or(available, |e| e.min(available));
+                if pos < limit {
+                    let len = (limit - pos).min(READ_CHUNK as u64);
+                    let f = file.ok_or_else(|| std::io::Error::other("file already consumed"))?;
+                    let (f, buf) = tokio::task::spawn_blocking(move || -> std::io::Result<(std::fs::File, Vec<u8>)> {
+                        let mut f = f;
+                        f.seek(SeekFrom::Start(pos))?;
+                        let mut buf = Vec::with_capacity(len as usize);
+                        (&mut f).take(len).read_to_end(&mut buf)?;
+                        if buf.len() as u64 != len {
+                            return Err(std::io::Error::new(
+                                std::io::ErrorKind::UnexpectedEof,
+                                "cached file is shorter than expected",
+                            ));
+                        }
+                        Ok((f, buf))
+                    })
+                    .await
+                    .map_err(std::io::Error::other)??;
+                    let next = pos + buf.len() as u64;
+                    return Ok(Some((Bytes::from(buf), (Some(f), next, end, progress))));
+                }
+                if end.is_some_and(|e| pos >= e) {
+                    return Ok(None);
+                }
+                match &mut progress {
+                    None => return Ok(None),
+                    Some(rx) => {
+                        if rx.changed().await.is_err() {
+                            return Err(std::io::Error::other("fetch ended unexpectedly"));
+                        }
                     }
                 }
             }
-        }
-    })
+        },
+    )
 }

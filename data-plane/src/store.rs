@@ -60,10 +60,48 @@ struct Index {
     links: HashSet<(RepoKey, String, Digest)>,
 }
 
+/// Hot tags and manifests, kept in memory so that a warm manifest pull touches no disk. Bounded;
+/// what falls out is read from disk (and verified) again.
+#[derive(Default)]
+struct Memo {
+    tags: HashMap<(RepoKey, String, String), TagEntry>,
+    manifests: HashMap<Digest, (String, Bytes)>,
+    manifest_bytes: usize,
+}
+
+const MEMO_MANIFEST_BYTES: usize = 32 << 20;
+const MEMO_TAGS: usize = 100_000;
+
+impl Memo {
+    fn put_manifest(&mut self, d: &Digest, media_type: &str, bytes: Bytes) {
+        if self.manifest_bytes + bytes.len() > MEMO_MANIFEST_BYTES {
+            // Drop an arbitrary quarter: cheap, and anything dropped is still on disk.
+            let drop: Vec<Digest> = self.manifests.keys().take(self.manifests.len() / 4 + 1).cloned().collect();
+            for k in drop {
+                if let Some((_, b)) = self.manifests.remove(&k) {
+                    self.manifest_bytes -= b.len();
+                }
+            }
+        }
+        self.manifest_bytes += bytes.len();
+        if let Some((_, old)) = self.manifests.insert(d.clone(), (media_type.to_owned(), bytes)) {
+            self.manifest_bytes -= old.len();
+        }
+    }
+
+    fn put_tag(&mut self, key: (RepoKey, String, String), entry: TagEntry) {
+        if self.tags.len() >= MEMO_TAGS {
+            self.tags.clear();
+        }
+        self.tags.insert(key, entry);
+    }
+}
+
 /// The disk cache of one node.
 pub struct Store {
     root: PathBuf,
     index: Mutex<Index>,
+    memo: Mutex<Memo>,
 }
 
 pub fn now_secs() -> u64 {
@@ -100,7 +138,7 @@ impl Store {
             links = index.links.len(),
             "cache index rebuilt"
         );
-        Ok(Self { root, index: Mutex::new(index) })
+        Ok(Self { root, index: Mutex::new(index), memo: Mutex::default() })
     }
 
     pub fn root(&self) -> &Path {
@@ -109,6 +147,10 @@ impl Store {
 
     fn index(&self) -> std::sync::MutexGuard<'_, Index> {
         self.index.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn memo(&self) -> std::sync::MutexGuard<'_, Memo> {
+        self.memo.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn content_path(&self, kind: &str, d: &Digest) -> PathBuf {
@@ -167,6 +209,7 @@ impl Store {
         self.index()
             .manifests
             .insert(d.clone(), Entry { size: bytes.len() as u64, last_access: AtomicU64::new(now_secs()) });
+        self.memo().put_manifest(d, media_type, Bytes::copy_from_slice(bytes));
         Ok(())
     }
 
@@ -178,6 +221,9 @@ impl Store {
                 Some(e) => e.last_access.store(now_secs(), Ordering::Relaxed),
                 None => return Ok(None),
             }
+        }
+        if let Some(hit) = self.memo().manifests.get(d) {
+            return Ok(Some(hit.clone()));
         }
         let path = self.content_path("manifests", d);
         let bytes = match std::fs::read(&path) {
@@ -195,7 +241,9 @@ impl Store {
             let _ = std::fs::remove_file(&path);
             return Err(StoreError::Corrupt { path, why: "bytes do not match the digest; removed".into() });
         }
-        Ok(Some((media_type, Bytes::from(bytes))))
+        let bytes = Bytes::from(bytes);
+        self.memo().put_manifest(d, &media_type, bytes.clone());
+        Ok(Some((media_type, bytes)))
     }
 
     fn repo_dir(&self, repo: &RepoKey, name: &str) -> PathBuf {
@@ -204,9 +252,14 @@ impl Store {
     }
 
     pub fn get_tag(&self, repo: &RepoKey, name: &str, tag: &str) -> Option<TagEntry> {
+        let key = (repo.clone(), name.to_owned(), tag.to_owned());
+        if let Some(e) = self.memo().tags.get(&key) {
+            return Some(e.clone());
+        }
         let path = self.repo_dir(repo, name).join("_tags").join(tag);
-        let text = std::fs::read(&path).ok()?;
-        serde_json::from_slice(&text).ok()
+        let entry: TagEntry = serde_json::from_slice(&std::fs::read(&path).ok()?).ok()?;
+        self.memo().put_tag(key, entry.clone());
+        Some(entry)
     }
 
     pub fn put_tag(&self, repo: &RepoKey, name: &str, tag: &str, entry: &TagEntry) -> Result<(), StoreError> {
@@ -215,10 +268,13 @@ impl Store {
         let bytes =
             serde_json::to_vec(entry).map_err(|e| StoreError::Corrupt { path: dir.clone(), why: e.to_string() })?;
         // Not fsynced: a tag entry lost in a crash is fetched again; a torn one fails to parse, same.
-        write_atomic(&self.root.join("staging"), &dir.join(tag), &bytes, false)
+        write_atomic(&self.root.join("staging"), &dir.join(tag), &bytes, false)?;
+        self.memo().put_tag((repo.clone(), name.to_owned(), tag.to_owned()), entry.clone());
+        Ok(())
     }
 
     pub fn remove_tag(&self, repo: &RepoKey, name: &str, tag: &str) {
+        self.memo().tags.remove(&(repo.clone(), name.to_owned(), tag.to_owned()));
         let _ = std::fs::remove_file(self.repo_dir(repo, name).join("_tags").join(tag));
     }
 
@@ -368,6 +424,9 @@ mod tests {
         let s = Store::open(dir.path()).unwrap();
         s.put_manifest(&d, "t", b"{}").unwrap();
         std::fs::write(s.content_path("manifests", &d), b"{x}").unwrap();
+        // Served from memory, where it was verified on the way in; a fresh start reads the disk.
+        assert!(s.get_manifest(&d).unwrap().is_some());
+        let s = Store::open(dir.path()).unwrap();
         assert!(s.get_manifest(&d).is_err());
         assert!(s.get_manifest(&d).unwrap().is_none());
     }

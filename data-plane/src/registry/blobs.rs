@@ -1,8 +1,6 @@
 //! Blobs: hits stream the verified file; misses join the one fetch of their digest; `Range`,
 //! `If-None-Match` and HEAD as CDNs and lazy-pulling clients expect.
 
-use std::sync::Arc;
-
 use axum::body::Body;
 use axum::response::Response;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
@@ -69,10 +67,15 @@ pub async fn get(ctx: &Ctx, digest: Digest, log: &mut RequestLog) -> Result<Resp
             {
                 return Ok(r);
             }
-            partial(Body::from_stream(flight.body(start, Some(end))), start, end, total)
+            partial(
+                Body::from_stream(flight.body(start, Some(end)).await.map_err(|e| fetch_error(&e))?),
+                start,
+                end,
+                total,
+            )
         }
         None => {
-            let mut r = Response::new(Body::from_stream(flight.body(0, None)));
+            let mut r = Response::new(Body::from_stream(flight.body(0, None).await.map_err(|e| fetch_error(&e))?));
             if let Some(t) = total {
                 r.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(t));
             }
@@ -165,7 +168,7 @@ fn serve_file(ctx: &Ctx, digest: &Digest, size: u64) -> Result<Response, Registr
         // Opened now: an eviction after this point cannot take the bytes from under the client.
         let file =
             std::fs::File::open(&path).map_err(|e| RegistryError::internal(format!("cached blob unreadable: {e}")))?;
-        Body::from_stream(read_file(Arc::new(file), start, Some(end), None))
+        Body::from_stream(read_file(file, start, Some(end), None))
     };
     let mut r = if ranged {
         partial(body, start, end, size)
