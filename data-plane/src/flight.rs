@@ -22,6 +22,7 @@ use serde_json::Value;
 use tokio::sync::watch;
 use wharf_core::{Digest, DigestHasher, Repo};
 
+use crate::bufpool;
 use crate::store::Store;
 use crate::upstream::{Upstream, UpstreamError, UpstreamRequest};
 
@@ -126,7 +127,6 @@ pub struct Flights {
     map: Mutex<HashMap<Digest, Arc<Flight>>>,
 }
 
-const READ_CHUNK: usize = 512 * 1024;
 /// Upstream chunks already received are written in one go, up to this many.
 const WRITE_BATCH: usize = 64;
 
@@ -278,69 +278,71 @@ async fn fetch_into(
 }
 
 /// Streams `file[start..end]`. With `progress`, the file is still being written: reads stop at what
-/// is written, wait for more, and fail when the fetch fails. The file descriptor is the stream's
-/// own, so it reads sequentially, one blocking task per chunk, into buffers that are not zero-filled.
+/// is written, wait for more, and fail when the fetch fails.
+///
+/// The file descriptor is the stream's own, read sequentially, one blocking task per chunk, into
+/// buffers from [`bufpool`] that are reused once hyper has written them out.
 pub fn read_file(
     file: std::fs::File,
     start: u64,
     end: Option<u64>,
     progress: Option<watch::Receiver<Progress>>,
 ) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
-    futures_util::stream::try_unfold(
-        (Some(file), start, end, progress),
-        |(file, pos, mut end, mut progress)| async move {
-            loop {
-                let available = match &mut progress {
-                    None => end.unwrap_or(pos),
-                    Some(rx) => match &*rx.borrow_and_update() {
-                        Progress::Connecting => 0,
-                        // The blob's last byte is held back until it is verified: a client never
-                        // holds a complete-looking body of bytes that failed their digest.
-                        Progress::Streaming { written, total } => match total {
-                            Some(t) => (*written).min(t.saturating_sub(1)),
-                            None => *written,
-                        },
-                        Progress::Done { size } => {
-                            end = Some(end.map_or(*size, |e| e.min(*size)));
-                            *size
-                        }
-                        Progress::Failed(e) => return Err(std::io::Error::other(e.to_string())),
+    let reader = Reader { file: Some(file), pos: start, end, progress };
+    futures_util::stream::try_unfold(reader, |mut r| async move {
+        loop {
+            let available = match &mut r.progress {
+                None => r.end.unwrap_or(r.pos),
+                Some(rx) => match &*rx.borrow_and_update() {
+                    Progress::Connecting => 0,
+                    // The blob's last byte is held back until it is verified: a client never
+                    // holds a complete-looking body of bytes that failed their digest.
+                    Progress::Streaming { written, total } => match total {
+                        Some(t) => (*written).min(t.saturating_sub(1)),
+                        None => *written,
                     },
-                };
-                let limit = end.map_or(available, |e| e.min(available));
-                if pos < limit {
-                    let len = (limit - pos).min(READ_CHUNK as u64);
-                    let f = file.ok_or_else(|| std::io::Error::other("file already consumed"))?;
-                    let (f, buf) = tokio::task::spawn_blocking(move || -> std::io::Result<(std::fs::File, Vec<u8>)> {
-                        let mut f = f;
-                        f.seek(SeekFrom::Start(pos))?;
-                        let mut buf = Vec::with_capacity(len as usize);
-                        (&mut f).take(len).read_to_end(&mut buf)?;
-                        if buf.len() as u64 != len {
-                            return Err(std::io::Error::new(
-                                std::io::ErrorKind::UnexpectedEof,
-                                "cached file is shorter than expected",
-                            ));
-                        }
-                        Ok((f, buf))
-                    })
-                    .await
-                    .map_err(std::io::Error::other)??;
-                    let next = pos + buf.len() as u64;
-                    return Ok(Some((Bytes::from(buf), (Some(f), next, end, progress))));
-                }
-                if end.is_some_and(|e| pos >= e) {
-                    return Ok(None);
-                }
-                match &mut progress {
-                    None => return Ok(None),
-                    Some(rx) => {
-                        if rx.changed().await.is_err() {
-                            return Err(std::io::Error::other("fetch ended unexpectedly"));
-                        }
+                    Progress::Done { size } => {
+                        r.end = Some(r.end.map_or(*size, |e| e.min(*size)));
+                        *size
+                    }
+                    Progress::Failed(e) => return Err(std::io::Error::other(e.to_string())),
+                },
+            };
+            let limit = r.end.map_or(available, |e| e.min(available));
+            if r.pos < limit {
+                let len = (limit - r.pos).min(bufpool::CHUNK as u64) as usize;
+                let (mut file, pos) =
+                    (r.file.take().ok_or_else(|| std::io::Error::other("read after a failed read"))?, r.pos);
+                let (file, chunk) = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
+                    let mut buf = bufpool::take();
+                    file.seek(SeekFrom::Start(pos))?;
+                    file.read_exact(&mut buf[..len])?;
+                    Ok((file, bufpool::freeze(buf, len)))
+                })
+                .await
+                .map_err(std::io::Error::other)??;
+                r.file = Some(file);
+                r.pos += chunk.len() as u64;
+                return Ok(Some((chunk, r)));
+            }
+            if r.end.is_some_and(|e| r.pos >= e) {
+                return Ok(None);
+            }
+            match &mut r.progress {
+                None => return Ok(None),
+                Some(rx) => {
+                    if rx.changed().await.is_err() {
+                        return Err(std::io::Error::other("fetch ended unexpectedly"));
                     }
                 }
             }
-        },
-    )
+        }
+    })
+}
+
+struct Reader {
+    file: Option<std::fs::File>,
+    pos: u64,
+    end: Option<u64>,
+    progress: Option<watch::Receiver<Progress>>,
 }

@@ -7,6 +7,7 @@
 //! - [`registry`]: the `/v2/` HTTP API, errors as OCI error JSON, one log line per request.
 //! - [`server`]: `run(listener, state, shutdown)`.
 
+pub mod bufpool;
 pub mod config;
 pub mod error;
 pub mod flight;
