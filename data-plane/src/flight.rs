@@ -9,7 +9,6 @@
 //! every client's body ends in an error, never in a complete-looking wrong body.
 
 use std::collections::HashMap;
-use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -280,15 +279,15 @@ async fn fetch_into(
 /// Streams `file[start..end]`. With `progress`, the file is still being written: reads stop at what
 /// is written, wait for more, and fail when the fetch fails.
 ///
-/// The file descriptor is the stream's own, read sequentially, one blocking task per chunk, into
-/// buffers from [`bufpool`] that are reused once hyper has written them out.
+/// Chunks are read into buffers from [`bufpool`], which are reused once hyper has written them out;
+/// from the page cache directly when the bytes are there, else in a blocking task.
 pub fn read_file(
     file: std::fs::File,
     start: u64,
     end: Option<u64>,
     progress: Option<watch::Receiver<Progress>>,
 ) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
-    let reader = Reader { file: Some(file), pos: start, end, progress };
+    let reader = Reader { file: Arc::new(file), pos: start, end, progress };
     futures_util::stream::try_unfold(reader, |mut r| async move {
         loop {
             let available = match &mut r.progress {
@@ -311,17 +310,21 @@ pub fn read_file(
             let limit = r.end.map_or(available, |e| e.min(available));
             if r.pos < limit {
                 let len = (limit - r.pos).min(bufpool::CHUNK as u64) as usize;
-                let (mut file, pos) =
-                    (r.file.take().ok_or_else(|| std::io::Error::other("read after a failed read"))?, r.pos);
-                let (file, chunk) = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
-                    let mut buf = bufpool::take();
-                    file.seek(SeekFrom::Start(pos))?;
-                    file.read_exact(&mut buf[..len])?;
-                    Ok((file, bufpool::freeze(buf, len)))
-                })
-                .await
-                .map_err(std::io::Error::other)??;
-                r.file = Some(file);
+                let (file, pos) = (r.file.clone(), r.pos);
+                let mut buf = bufpool::take();
+                // From the page cache without leaving this thread when the bytes are there; a
+                // blocking task for the rest (cold disk).
+                let got = read_cached(&file, &mut buf[..len], pos);
+                let chunk = if got == len {
+                    bufpool::freeze(buf, len)
+                } else {
+                    tokio::task::spawn_blocking(move || -> std::io::Result<_> {
+                        file.read_exact_at(&mut buf[got..len], pos + got as u64)?;
+                        Ok(bufpool::freeze(buf, len))
+                    })
+                    .await
+                    .map_err(std::io::Error::other)??
+                };
                 r.pos += chunk.len() as u64;
                 return Ok(Some((chunk, r)));
             }
@@ -341,8 +344,21 @@ pub fn read_file(
 }
 
 struct Reader {
-    file: Option<std::fs::File>,
+    file: Arc<std::fs::File>,
     pos: u64,
     end: Option<u64>,
     progress: Option<watch::Receiver<Progress>>,
+}
+
+/// Reads what the page cache holds of `buf.len()` bytes at `pos` without blocking (`RWF_NOWAIT`).
+/// Returns how many bytes it read: 0 when none were cached or the filesystem cannot say.
+#[cfg(target_os = "linux")]
+fn read_cached(file: &std::fs::File, buf: &mut [u8], pos: u64) -> usize {
+    let mut slices = [std::io::IoSliceMut::new(buf)];
+    rustix::io::preadv2(file, &mut slices, pos, rustix::io::ReadWriteFlags::NOWAIT).unwrap_or(0)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn read_cached(_file: &std::fs::File, _buf: &mut [u8], _pos: u64) -> usize {
+    0
 }
