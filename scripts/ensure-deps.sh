@@ -7,6 +7,8 @@ want=${1:-test}
 need=()
 have() { command -v "$1" >/dev/null 2>&1; }
 have docker-registry || need+=(docker-registry)
+have protoc || need+=(protobuf-compiler)   # the wharf.v1 gRPC code and etcd-client are generated at build time
+have etcd || need+=(etcd-server)           # the control plane's store in tests and multi-node setups
 if [ "$want" != run ]; then
   have skopeo || need+=(skopeo)
 fi
@@ -24,7 +26,7 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
   echo "ensure-deps: installed ${need[*]}"
 else
-  echo "ensure-deps: all tools present (docker-registry, skopeo as needed)"
+  echo "ensure-deps: all tools present (protoc, etcd, docker-registry, skopeo as needed)"
 fi
 
 if ! cargo nextest --version >/dev/null 2>&1 && [ "$want" = test ]; then
