@@ -11,6 +11,8 @@ pub mod bufpool;
 pub mod config;
 pub mod error;
 pub mod flight;
+pub mod managed;
+pub mod node;
 pub mod range;
 pub mod registry;
 pub mod server;

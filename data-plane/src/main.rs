@@ -2,16 +2,14 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
 use tokio::net::TcpListener;
-use wharf_proxy::config::{self, Config, Snapshot};
-use wharf_proxy::store::Store;
-use wharf_proxy::upstream::{Upstream, UpstreamOptions};
-use wharf_proxy::{AppState, run};
+use tokio_util::sync::CancellationToken;
+use wharf_proxy::node::{ConfigSource, NodeOptions, run_node};
+use wharf_proxy::upstream::UpstreamOptions;
 
 #[derive(Clone, Copy, ValueEnum)]
 enum LogFormat {
@@ -23,18 +21,28 @@ enum LogFormat {
 ///
 /// Clients pull `<node>/<repoKey>/<image>:<tag>`, for example
 /// `docker pull localhost:5000/dockerhub/library/alpine:3.20`.
+/// Its repos come from a TOML file (`--config`) or from control planes (`--control-plane`).
 #[derive(Parser)]
 #[command(version, about)]
 struct Args {
     /// Address to serve the registry API on.
     #[arg(long, default_value = "0.0.0.0:5000", env = "WHARF_LISTEN")]
     listen: SocketAddr,
-    /// Cache directory (blobs, manifests, tags, staging).
+    /// Cache directory (blobs, manifests, tags, staging, config.snapshot).
     #[arg(long, default_value = "./wharf-cache", env = "WHARF_CACHE_DIR")]
     cache_dir: PathBuf,
     /// Standalone configuration: a TOML file of [[repo]] tables.
-    #[arg(long, env = "WHARF_CONFIG")]
-    config: PathBuf,
+    #[arg(long, env = "WHARF_CONFIG", conflicts_with = "control_plane", required_unless_present = "control_plane")]
+    config: Option<PathBuf>,
+    /// Managed mode: control-plane endpoints, comma-separated (http://cp1:7000,http://cp2:7000).
+    #[arg(long, env = "WHARF_CONTROL_PLANE", value_delimiter = ',')]
+    control_plane: Vec<String>,
+    /// This node's id in the node list (default: the host name and listen port).
+    #[arg(long, env = "WHARF_NODE_ID")]
+    node_id: Option<String>,
+    /// Where clients reach this node, as shown in the node list (default: the listen address).
+    #[arg(long, env = "WHARF_ADVERTISE")]
+    advertise: Option<String>,
     #[arg(long, value_enum, default_value = "text", env = "WHARF_LOG_FORMAT")]
     log_format: LogFormat,
     /// Log filter: a level (info, debug) or tracing directives (wharf_proxy=debug,info).
@@ -64,52 +72,51 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     init_logging(args.log_format, &args.log_level)?;
-
-    let snapshot: Snapshot = config::load_file(&args.config)?;
-    for repo in snapshot.repos.values() {
-        tracing::info!(repo_key = %repo.key, kind = %repo.kind, upstream = %repo.upstream,
-            tag_ttl = %config::fmt_duration(repo.tag_ttl), credentials = repo.credentials.is_some(), "repo configured");
-    }
-    let cache_dir = args.cache_dir.clone();
-    let store = tokio::task::spawn_blocking(move || Store::open(cache_dir))
-        .await?
-        .with_context(|| format!("opening cache dir {}", args.cache_dir.display()))?;
-    let upstream = Upstream::new(UpstreamOptions {
-        connect_timeout: args.connect_timeout,
-        first_byte_timeout: args.first_byte_timeout,
-        idle_timeout: args.idle_timeout,
-        retries: args.retries,
-        retry_backoff: args.retry_backoff,
-        ..UpstreamOptions::default()
-    })?;
-    let state = AppState::new(Arc::new(Config::new(snapshot)), Arc::new(store), Arc::new(upstream));
-
     let listener = TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
-    let addr = listener.local_addr()?;
-    tracing::info!(addr = %addr, cache_dir = %args.cache_dir.display(), "listening");
-
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(run(listener, state, async {
-        let _ = stop_rx.await;
-    }));
+    let local = listener.local_addr()?;
+    let source = match args.config {
+        Some(path) => ConfigSource::File(path),
+        None => ConfigSource::ControlPlanes {
+            endpoints: args.control_plane,
+            node_id: args.node_id.unwrap_or_else(|| default_node_id(local)),
+            address: args.advertise.unwrap_or_else(|| local.to_string()),
+        },
+    };
+    let opts = NodeOptions {
+        cache_dir: args.cache_dir,
+        source,
+        upstream: UpstreamOptions {
+            connect_timeout: args.connect_timeout,
+            first_byte_timeout: args.first_byte_timeout,
+            idle_timeout: args.idle_timeout,
+            retries: args.retries,
+            retry_backoff: args.retry_backoff,
+            ..UpstreamOptions::default()
+        },
+        shutdown_grace: args.shutdown_grace,
+    };
+    let cancel = CancellationToken::new();
+    let node = tokio::spawn(run_node(listener, opts, cancel.clone()));
     let signal = shutdown_signal().await;
-    tracing::info!(signal, grace = %config::fmt_duration(args.shutdown_grace), "shutting down: no new connections, finishing in-flight responses");
-    let _ = stop_tx.send(());
+    tracing::info!(signal, "shutting down: no new connections, finishing in-flight responses");
+    cancel.cancel();
     tokio::select! {
-        r = server => { r??; tracing::info!("in-flight responses finished"); }
-        _ = tokio::time::sleep(args.shutdown_grace) => {
-            tracing::warn!("shutdown grace period over; dropping the remaining responses");
-        }
-        s = shutdown_signal() => { tracing::warn!(signal = s, "second signal; exiting at once"); }
+        r = node => r?.context("node")?,
+        s = shutdown_signal() => tracing::warn!(signal = s, "second signal; exiting at once"),
     }
     Ok(())
+}
+
+fn default_node_id(local: SocketAddr) -> String {
+    let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+    let host: String = host.trim().chars().filter(|c| c.is_ascii_alphanumeric() || ".-_".contains(*c)).collect();
+    format!("{}-{}", if host.is_empty() { "node" } else { &host }, local.port())
 }
 
 async fn shutdown_signal() -> &'static str {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        std::future::pending::<()>().await;
-        unreachable!()
+        return std::future::pending().await;
     };
     tokio::select! {
         _ = term.recv() => "SIGTERM",

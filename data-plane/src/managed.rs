@@ -1,0 +1,303 @@
+//! Managed mode: the node follows a control plane's `Watch` stream.
+//!
+//! Each snapshot is validated as a whole and applied atomically (a request sees the old or the new
+//! configuration, never a mix); a snapshot that fails validation is refused, reported, and the last
+//! good one stays. The last good snapshot is kept in `<cache-dir>/config.snapshot` (mode 0600: it
+//! holds upstream credentials), so the node serves it when no control plane answers, also right
+//! after its own restart. The node tries every endpoint in turn with jittered backoff and resumes
+//! from the revision it holds.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use wharf_core::{Credentials, Repo, RepoKey, RepoKind, Secret};
+use wharf_proto::v1 as pb;
+use wharf_proto::v1::config_service_client::ConfigServiceClient;
+
+use crate::config::{Config, Snapshot};
+use crate::store::Store;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManagedError {
+    #[error("snapshot at revision {revision} refused: repo {key:?}: {message}")]
+    Invalid { revision: i64, key: String, message: String },
+    #[error("stored snapshot {path}: {message}")]
+    Stored { path: PathBuf, message: String },
+}
+
+/// Who this node is and where its control planes are.
+#[derive(Debug, Clone)]
+pub struct ManagedOptions {
+    pub endpoints: Vec<String>,
+    pub node_id: String,
+    /// Where clients reach this node (shown in the node list).
+    pub address: String,
+    pub snapshot_path: PathBuf,
+    pub report_interval: Duration,
+}
+
+/// The stored form of a snapshot (also what `config.snapshot` holds).
+#[derive(Serialize, Deserialize)]
+struct StoredSnapshot {
+    revision: i64,
+    repos: Vec<StoredRepo>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredRepo {
+    key: String,
+    kind: String,
+    upstream: String,
+    tag_ttl_secs: u64,
+    #[serde(default)]
+    username: String,
+    #[serde(default)]
+    password: String,
+}
+
+fn repo_from(r: &StoredRepo) -> Result<Repo, String> {
+    let key: RepoKey = r.key.parse().map_err(|e: wharf_core::RepoError| e.to_string())?;
+    let kind: RepoKind = r.kind.parse().map_err(|e: wharf_core::RepoError| e.to_string())?;
+    let credentials = (!r.username.is_empty())
+        .then(|| Credentials { username: r.username.clone(), password: Secret::new(r.password.clone()) });
+    let upstream = Some(r.upstream.as_str()).filter(|u| !u.is_empty());
+    Repo::new(key, kind, upstream, Duration::from_secs(r.tag_ttl_secs), credentials).map_err(|e| e.to_string())
+}
+
+fn validate(s: &StoredSnapshot) -> Result<Snapshot, ManagedError> {
+    let mut repos = Vec::with_capacity(s.repos.len());
+    for r in &s.repos {
+        let repo = repo_from(r).map_err(|message| ManagedError::Invalid {
+            revision: s.revision,
+            key: r.key.clone(),
+            message,
+        })?;
+        if repos.iter().any(|x: &Repo| x.key == repo.key) {
+            return Err(ManagedError::Invalid {
+                revision: s.revision,
+                key: r.key.clone(),
+                message: "defined twice".into(),
+            });
+        }
+        repos.push(repo);
+    }
+    Ok(Snapshot::new(repos))
+}
+
+fn from_update(u: pb::ConfigUpdate) -> StoredSnapshot {
+    let repos = u
+        .snapshot
+        .unwrap_or_default()
+        .repos
+        .into_iter()
+        .map(|r| StoredRepo {
+            key: r.key,
+            kind: r.kind,
+            upstream: r.upstream,
+            tag_ttl_secs: r.tag_ttl.map_or(0, |d| d.seconds.max(0) as u64),
+            username: r.username,
+            password: r.password,
+        })
+        .collect();
+    StoredSnapshot { revision: u.revision, repos }
+}
+
+/// Loads the stored snapshot, if any, into `config`; returns its revision (0: none).
+pub fn load_stored(path: &Path, config: &Config) -> Result<i64, ManagedError> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(ManagedError::Stored { path: path.into(), message: e.to_string() }),
+    };
+    let stored: StoredSnapshot = serde_json::from_slice(&bytes)
+        .map_err(|e| ManagedError::Stored { path: path.into(), message: e.to_string() })?;
+    let snapshot = validate(&stored)?;
+    tracing::info!(
+        revision = stored.revision,
+        repos = snapshot.repos.len(),
+        "serving the stored configuration snapshot"
+    );
+    config.replace(snapshot);
+    Ok(stored.revision)
+}
+
+fn store_snapshot(path: &Path, s: &StoredSnapshot) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new().create(true).truncate(true).write(true).mode(0o600).open(&tmp)?;
+    f.write_all(&serde_json::to_vec(s).map_err(std::io::Error::other)?)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Follows the control planes until `cancel`. `applied` is the revision in force.
+pub async fn run(opts: ManagedOptions, config: Arc<Config>, store: Arc<Store>, cancel: CancellationToken) {
+    let applied = Arc::new(AtomicI64::new(match load_stored(&opts.snapshot_path, &config) {
+        Ok(rev) => rev,
+        Err(e) => {
+            tracing::error!(error = %e, "stored configuration snapshot unusable; waiting for a control plane");
+            0
+        }
+    }));
+    let last_error = Arc::new(std::sync::Mutex::new(String::new()));
+    let mut backoff = Duration::from_millis(200);
+    let mut i = 0usize;
+    loop {
+        if opts.endpoints.is_empty() {
+            return;
+        }
+        let endpoint = opts.endpoints[i % opts.endpoints.len()].clone();
+        i += 1;
+        let result = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = follow(&opts, &endpoint, &config, &store, &applied, &last_error, &mut backoff) => r,
+        };
+        if let Err(error) = result {
+            tracing::warn!(%endpoint, %error, "control plane stream ended; trying the next endpoint");
+        }
+        // Jittered backoff, reset by a stream that delivered something.
+        let wait = backoff + backoff.mul_f64(rand::random::<f64>() * 0.5);
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+async fn follow(
+    opts: &ManagedOptions,
+    endpoint: &str,
+    config: &Config,
+    store: &Store,
+    applied: &AtomicI64,
+    last_error: &std::sync::Mutex<String>,
+    backoff: &mut Duration,
+) -> Result<(), String> {
+    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_owned())
+        .map_err(|e| format!("invalid endpoint: {e}"))?
+        .connect_timeout(Duration::from_secs(3))
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let mut client = ConfigServiceClient::new(channel);
+    let req = pb::WatchRequest {
+        node_id: opts.node_id.clone(),
+        address: opts.address.clone(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        revision: applied.load(Ordering::Relaxed),
+    };
+    let mut stream = client.watch(req).await.map_err(|s| format!("watch: {}", s.message()))?.into_inner();
+    tracing::info!(%endpoint, revision = applied.load(Ordering::Relaxed), "following control plane");
+    *backoff = Duration::from_millis(200);
+    let mut report = tokio::time::interval(opts.report_interval);
+    loop {
+        tokio::select! {
+            msg = stream.message() => match msg {
+                Ok(Some(update)) => {
+                    apply(opts, update, config, applied, last_error);
+                    send_report(&mut client, opts, store, applied, last_error).await;
+                }
+                Ok(None) => return Err("stream closed".into()),
+                Err(s) => return Err(format!("{}: {}", s.code(), s.message())),
+            },
+            _ = report.tick() => send_report(&mut client, opts, store, applied, last_error).await,
+        }
+    }
+}
+
+fn apply(
+    opts: &ManagedOptions,
+    update: pb::ConfigUpdate,
+    config: &Config,
+    applied: &AtomicI64,
+    last_error: &std::sync::Mutex<String>,
+) {
+    let stored = from_update(update);
+    match validate(&stored) {
+        Ok(snapshot) => {
+            let repos = snapshot.repos.len();
+            config.replace(snapshot);
+            applied.store(stored.revision, Ordering::Relaxed);
+            last_error.lock().unwrap_or_else(|e| e.into_inner()).clear();
+            if let Err(e) = store_snapshot(&opts.snapshot_path, &stored) {
+                tracing::error!(error = %e, path = %opts.snapshot_path.display(), "could not store the configuration snapshot");
+            }
+            tracing::info!(revision = stored.revision, repos, "configuration applied");
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "configuration refused; keeping the last good one");
+            *last_error.lock().unwrap_or_else(|e| e.into_inner()) = e.to_string();
+        }
+    }
+}
+
+async fn send_report(
+    client: &mut ConfigServiceClient<tonic::transport::Channel>,
+    opts: &ManagedOptions,
+    store: &Store,
+    applied: &AtomicI64,
+    last_error: &std::sync::Mutex<String>,
+) {
+    let (entries, bytes) = store.usage();
+    let report = pb::NodeReport {
+        node_id: opts.node_id.clone(),
+        applied_revision: applied.load(Ordering::Relaxed),
+        cache_bytes: bytes,
+        cache_entries: entries as u64,
+        cache_hits: 0,
+        cache_misses: 0,
+        last_error: last_error.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+    };
+    if let Err(s) = client.report(report).await {
+        tracing::debug!(error = %s.message(), "report refused");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn repo(key: &str, kind: &str) -> StoredRepo {
+        StoredRepo {
+            key: key.into(),
+            kind: kind.into(),
+            upstream: String::new(),
+            tag_ttl_secs: 60,
+            username: String::new(),
+            password: String::new(),
+        }
+    }
+
+    #[test]
+    fn invalid_snapshots_are_refused_whole() {
+        let good = StoredSnapshot { revision: 3, repos: vec![repo("a", "ghcr"), repo("b", "quay")] };
+        assert_eq!(validate(&good).unwrap().repos.len(), 2);
+        let bad = StoredSnapshot { revision: 4, repos: vec![repo("a", "ghcr"), repo("b", "nope")] };
+        assert!(matches!(validate(&bad), Err(ManagedError::Invalid { ref key, .. }) if key == "b"));
+        let dup = StoredSnapshot { revision: 5, repos: vec![repo("a", "ghcr"), repo("a", "quay")] };
+        assert!(validate(&dup).is_err());
+    }
+
+    #[test]
+    fn stored_snapshot_round_trips_with_private_permissions() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.snapshot");
+        let mut r = repo("a", "ghcr");
+        r.username = "u".into();
+        r.password = "p".into();
+        store_snapshot(&path, &StoredSnapshot { revision: 7, repos: vec![r] }).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        let config = Config::default();
+        assert_eq!(load_stored(&path, &config).unwrap(), 7);
+        assert_eq!(config.snapshot().repos.len(), 1);
+    }
+}

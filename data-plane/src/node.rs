@@ -1,0 +1,88 @@
+//! A whole node: cache, upstream client, configuration (a file, or followed from control planes),
+//! and the registry server. Used by `wharf-proxy` and by `wharf-control --dev`'s in-process node.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{self, Config, ConfigError, Snapshot};
+use crate::managed::{self, ManagedOptions};
+use crate::server::{AppState, run};
+use crate::store::{Store, StoreError};
+use crate::upstream::{Upstream, UpstreamError, UpstreamOptions};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cache dir: {0}")]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    #[error("server: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Where the node's repos come from.
+#[derive(Debug, Clone)]
+pub enum ConfigSource {
+    /// A standalone TOML file.
+    File(PathBuf),
+    /// Control planes (`config.snapshot` in the cache dir keeps the last one).
+    ControlPlanes { endpoints: Vec<String>, node_id: String, address: String },
+}
+
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    pub cache_dir: PathBuf,
+    pub source: ConfigSource,
+    pub upstream: UpstreamOptions,
+    /// How long in-flight responses may take after `cancel`.
+    pub shutdown_grace: Duration,
+}
+
+/// Runs a node on `listener` until `cancel`, then lets in-flight responses finish within the grace.
+pub async fn run_node(listener: TcpListener, opts: NodeOptions, cancel: CancellationToken) -> Result<(), NodeError> {
+    let config = Arc::new(Config::default());
+    if let ConfigSource::File(path) = &opts.source {
+        let snapshot: Snapshot = config::load_file(path)?;
+        config.replace(snapshot);
+    }
+    for repo in config.snapshot().repos.values() {
+        tracing::info!(repo_key = %repo.key, kind = %repo.kind, upstream = %repo.upstream,
+            tag_ttl = %config::fmt_duration(repo.tag_ttl), credentials = repo.credentials.is_some(), "repo configured");
+    }
+    let cache_dir = opts.cache_dir.clone();
+    let store = Arc::new(
+        tokio::task::spawn_blocking(move || Store::open(cache_dir))
+            .await
+            .map_err(|e| NodeError::Io(std::io::Error::other(e)))??,
+    );
+    let upstream = Arc::new(Upstream::new(opts.upstream.clone())?);
+    if let ConfigSource::ControlPlanes { endpoints, node_id, address } = &opts.source {
+        let managed = ManagedOptions {
+            endpoints: endpoints.clone(),
+            node_id: node_id.clone(),
+            address: address.clone(),
+            snapshot_path: opts.cache_dir.join("config.snapshot"),
+            report_interval: Duration::from_secs(10),
+        };
+        tokio::spawn(managed::run(managed, config.clone(), store.clone(), cancel.clone()));
+    }
+    let state = AppState::new(config, store, upstream);
+    tracing::info!(addr = %listener.local_addr()?, cache_dir = %opts.cache_dir.display(), "listening");
+    let stop = cancel.clone();
+    let server = tokio::spawn(run(listener, state, async move { stop.cancelled().await }));
+    cancel.cancelled().await;
+    match tokio::time::timeout(opts.shutdown_grace, server).await {
+        Ok(r) => {
+            r.map_err(|e| NodeError::Io(std::io::Error::other(e)))??;
+            tracing::info!("in-flight responses finished");
+        }
+        Err(_) => tracing::warn!("shutdown grace period over; dropping the remaining responses"),
+    }
+    Ok(())
+}
