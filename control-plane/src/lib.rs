@@ -1,3 +1,19 @@
-//! Wharf control plane. Not built yet: see the control-plane issue. No binary is shipped until it works.
+//! Wharf's control plane: repos in a configuration store (etcd, or the embedded store), served
+//! over gRPC and a REST gateway on one port, and streamed to every data-plane node.
+//!
+//! - [`store`]: the `ConfigStore` trait, etcd and embedded implementations.
+//! - [`repos`]: validation and compare-and-swap writes, the one implementation behind both APIs.
+//! - [`grpc`], [`rest`]: the two edges; [`error`]: how failures leave through each.
+//! - [`hub`], [`distribute`]: one store watch per replica, fanned out to node Watch streams.
+//! - [`nodes`]: the node list, held by leases.
+//! - [`server`]: `run(listener, state, shutdown)`.
 
+pub mod distribute;
+pub mod error;
+pub mod grpc;
+pub mod hub;
+pub mod nodes;
+pub mod repos;
+pub mod rest;
+pub mod server;
 pub mod store;

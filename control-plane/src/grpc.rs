@@ -1,0 +1,129 @@
+//! The gRPC services (`wharf.v1`): conversions between proto and domain types happen here and
+//! nowhere else.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tonic::{Request, Response, Status};
+use wharf_proto::v1 as pb;
+
+use crate::error::ApiError;
+use crate::nodes::NodeInfo;
+use crate::repos::{RepoRecord, RepoSpec};
+use crate::server::ApiState;
+
+pub fn timestamp(t: SystemTime) -> prost_types::Timestamp {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    prost_types::Timestamp { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 }
+}
+
+fn duration(d: Duration) -> prost_types::Duration {
+    prost_types::Duration { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 }
+}
+
+fn from_duration(d: &prost_types::Duration) -> Result<Duration, ApiError> {
+    if d.seconds < 0 || d.nanos < 0 {
+        return Err(ApiError::invalid("tag_ttl", "must not be negative"));
+    }
+    Ok(Duration::new(d.seconds as u64, d.nanos as u32))
+}
+
+/// A repo as the API returns it; `with_secret` only for the node config stream.
+pub fn repo_to_proto(r: &RepoRecord, with_secret: bool) -> pb::Repo {
+    pb::Repo {
+        key: r.repo.key.to_string(),
+        kind: r.repo.kind.to_string(),
+        upstream: r.repo.upstream.clone(),
+        tag_ttl: Some(duration(r.repo.tag_ttl)),
+        username: r.repo.credentials.as_ref().map(|c| c.username.clone()).unwrap_or_default(),
+        password: if with_secret {
+            r.repo.credentials.as_ref().map(|c| c.password.expose().to_owned()).unwrap_or_default()
+        } else {
+            String::new()
+        },
+        password_set: r.repo.credentials.is_some(),
+        created_at: Some(timestamp(r.created_at)),
+        updated_at: Some(timestamp(r.updated_at)),
+        revision: r.revision,
+    }
+}
+
+fn spec_from_proto(r: pb::Repo) -> Result<RepoSpec, ApiError> {
+    let none_if_empty = |s: String| if s.is_empty() { None } else { Some(s) };
+    Ok(RepoSpec {
+        key: r.key,
+        kind: none_if_empty(r.kind),
+        upstream: none_if_empty(r.upstream),
+        tag_ttl: r.tag_ttl.as_ref().map(from_duration).transpose()?,
+        username: none_if_empty(r.username),
+        password: none_if_empty(r.password),
+    })
+}
+
+fn expected(rev: i64) -> Option<i64> {
+    (rev != 0).then_some(rev)
+}
+
+pub struct RepoApi(pub ApiState);
+
+#[tonic::async_trait]
+impl pb::repo_service_server::RepoService for RepoApi {
+    async fn create_repo(&self, req: Request<pb::CreateRepoRequest>) -> Result<Response<pb::Repo>, Status> {
+        let repo = req.into_inner().repo.ok_or_else(|| ApiError::invalid("repo", "repo is required"))?;
+        let r = self.0.repos.create(spec_from_proto(repo)?).await?;
+        Ok(Response::new(repo_to_proto(&r, false)))
+    }
+
+    async fn get_repo(&self, req: Request<pb::GetRepoRequest>) -> Result<Response<pb::Repo>, Status> {
+        let r = self.0.repos.get(&req.into_inner().key).await?;
+        Ok(Response::new(repo_to_proto(&r, false)))
+    }
+
+    async fn list_repos(&self, _: Request<pb::ListReposRequest>) -> Result<Response<pb::ListReposResponse>, Status> {
+        let (repos, revision) = self.0.repos.list().await?;
+        let repos = repos.iter().map(|r| repo_to_proto(r, false)).collect();
+        Ok(Response::new(pb::ListReposResponse { repos, revision }))
+    }
+
+    async fn update_repo(&self, req: Request<pb::UpdateRepoRequest>) -> Result<Response<pb::Repo>, Status> {
+        let req = req.into_inner();
+        let repo = req.repo.ok_or_else(|| ApiError::invalid("repo", "repo is required"))?;
+        let r =
+            self.0.repos.update(spec_from_proto(repo)?, expected(req.expected_revision), req.clear_password).await?;
+        Ok(Response::new(repo_to_proto(&r, false)))
+    }
+
+    async fn delete_repo(
+        &self,
+        req: Request<pb::DeleteRepoRequest>,
+    ) -> Result<Response<pb::DeleteRepoResponse>, Status> {
+        let req = req.into_inner();
+        let revision = self.0.repos.delete(&req.key, expected(req.expected_revision)).await?;
+        Ok(Response::new(pb::DeleteRepoResponse { revision }))
+    }
+}
+
+pub fn node_to_proto(n: &NodeInfo) -> pb::Node {
+    pb::Node {
+        id: n.id.clone(),
+        address: n.address.clone(),
+        version: n.version.clone(),
+        applied_revision: n.applied_revision,
+        control_plane: n.control_plane.clone(),
+        last_seen: Some(timestamp(UNIX_EPOCH + Duration::from_millis(n.last_seen_ms))),
+        cache_bytes: n.cache_bytes,
+        cache_entries: n.cache_entries,
+        cache_hits: n.cache_hits,
+        cache_misses: n.cache_misses,
+        last_error: n.last_error.clone().unwrap_or_default(),
+    }
+}
+
+pub struct NodeApi(pub ApiState);
+
+#[tonic::async_trait]
+impl pb::node_service_server::NodeService for NodeApi {
+    async fn list_nodes(&self, _: Request<pb::ListNodesRequest>) -> Result<Response<pb::ListNodesResponse>, Status> {
+        let nodes = self.0.nodes.list().await?;
+        Ok(Response::new(pb::ListNodesResponse { nodes: nodes.iter().map(node_to_proto).collect() }))
+    }
+}

@@ -1,0 +1,343 @@
+//! The REST gateway (`/api/repos`, `/api/nodes`): the same `Repos` as gRPC, in JSON, with ETags
+//! carrying revisions, `If-Match` for compare-and-swap and RFC 9457 problem details for errors.
+
+use std::time::{Duration, SystemTime};
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Request, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use http::{HeaderMap, HeaderValue, StatusCode, header};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::error::ApiError;
+use crate::nodes::NodeInfo;
+use crate::repos::{RepoRecord, RepoSpec, spec_of};
+use crate::server::ApiState;
+
+/// Largest request body accepted.
+pub const MAX_BODY: usize = 1024 * 1024;
+
+pub fn router() -> Router<ApiState> {
+    Router::new()
+        .route("/api/repos", get(list_repos).post(create_repo))
+        .route("/api/repos/{key}", get(get_repo).put(put_repo).patch(patch_repo).delete(delete_repo))
+        .route("/api/nodes", get(list_nodes))
+}
+
+/// A repo as the REST API shows it (the password is write-only).
+#[derive(Serialize, Deserialize, Debug, PartialEq)]
+pub struct RepoView {
+    pub key: String,
+    pub kind: String,
+    pub upstream: String,
+    pub tag_ttl: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    pub password_set: bool,
+    pub created_at: String,
+    pub updated_at: String,
+    pub revision: i64,
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+impl From<&RepoRecord> for RepoView {
+    fn from(r: &RepoRecord) -> Self {
+        RepoView {
+            key: r.repo.key.to_string(),
+            kind: r.repo.kind.to_string(),
+            upstream: r.repo.upstream.clone(),
+            tag_ttl: humantime::format_duration(r.repo.tag_ttl).to_string(),
+            username: r.repo.credentials.as_ref().map(|c| c.username.clone()),
+            password_set: r.repo.credentials.is_some(),
+            created_at: rfc3339(r.created_at),
+            updated_at: rfc3339(r.updated_at),
+            revision: r.revision,
+        }
+    }
+}
+
+/// What a client may send for a repo.
+#[derive(Deserialize, Serialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RepoInput {
+    #[serde(default)]
+    pub key: Option<String>,
+    #[serde(default)]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub upstream: Option<String>,
+    /// A duration: `"5m"`, `"1h30m"`, `"30s"`.
+    #[serde(default)]
+    pub tag_ttl: Option<String>,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+}
+
+impl RepoInput {
+    fn into_spec(self, key: String) -> Result<RepoSpec, ApiError> {
+        let tag_ttl = match self.tag_ttl.as_deref() {
+            None => None,
+            Some(t) => Some(humantime::parse_duration(t).map_err(|e| {
+                ApiError::invalid("tag_ttl", format!("{t:?} is not a duration like \"5m\" or \"1h\": {e}"))
+            })?),
+        };
+        Ok(RepoSpec {
+            key,
+            kind: self.kind,
+            upstream: self.upstream,
+            tag_ttl: tag_ttl.map(|d: Duration| d),
+            username: self.username,
+            password: self.password,
+        })
+    }
+}
+
+/// An RFC 9457 problem.
+pub struct Problem {
+    pub status: StatusCode,
+    pub title: &'static str,
+    pub detail: String,
+    pub field: Option<String>,
+}
+
+impl Problem {
+    pub fn new(status: StatusCode, title: &'static str, detail: impl Into<String>) -> Self {
+        Self { status, title, detail: detail.into(), field: None }
+    }
+
+    fn invalid(field: impl Into<String>, detail: impl Into<String>) -> Self {
+        Self { field: Some(field.into()), ..Self::new(StatusCode::BAD_REQUEST, "Invalid request", detail) }
+    }
+}
+
+impl IntoResponse for Problem {
+    fn into_response(self) -> Response {
+        let mut body = json!({
+            "type": "about:blank",
+            "title": self.title,
+            "status": self.status.as_u16(),
+            "detail": self.detail,
+        });
+        if let Some(f) = self.field {
+            body["field"] = Value::String(f);
+        }
+        let mut r = (self.status, body.to_string()).into_response();
+        r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        r
+    }
+}
+
+impl From<ApiError> for Problem {
+    fn from(e: ApiError) -> Self {
+        let detail = e.to_string();
+        match e {
+            ApiError::Invalid { field, message } => Problem::invalid(field, message),
+            ApiError::NotFound { .. } => Problem::new(StatusCode::NOT_FOUND, "Not found", detail),
+            ApiError::AlreadyExists { .. } => {
+                Problem { field: Some("key".into()), ..Problem::new(StatusCode::CONFLICT, "Already exists", detail) }
+            }
+            ApiError::Stale { .. } => Problem::new(StatusCode::PRECONDITION_FAILED, "Changed by someone else", detail),
+            ApiError::Unavailable(_) => Problem::new(StatusCode::SERVICE_UNAVAILABLE, "Store unavailable", detail),
+            ApiError::Internal(_) => Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "Internal error", detail),
+        }
+    }
+}
+
+type ApiResult = Result<Response, Problem>;
+
+fn etag(revision: i64) -> HeaderValue {
+    HeaderValue::from_str(&format!("\"{revision}\"")).unwrap_or_else(|_| HeaderValue::from_static("\"0\""))
+}
+
+fn repo_response(status: StatusCode, r: &RepoRecord) -> Response {
+    let mut resp = (status, axum::Json(RepoView::from(r))).into_response();
+    resp.headers_mut().insert(header::ETAG, etag(r.revision));
+    resp
+}
+
+/// The revision in `If-Match` (`"12"`, `W/"12"` or `*`, which means: any).
+fn if_match(headers: &HeaderMap) -> Result<Option<i64>, Problem> {
+    let Some(v) = headers.get(header::IF_MATCH) else { return Ok(None) };
+    let s = v.to_str().unwrap_or("").trim();
+    if s == "*" {
+        return Ok(None);
+    }
+    s.trim_start_matches("W/").trim_matches('"').parse::<i64>().map(Some).map_err(|_| {
+        Problem::invalid("If-Match", format!("If-Match {s:?} is not an ETag this API issued (like \"12\")"))
+    })
+}
+
+fn require_if_match(headers: &HeaderMap) -> Result<Option<i64>, Problem> {
+    if !headers.contains_key(header::IF_MATCH) {
+        return Err(Problem::new(
+            StatusCode::PRECONDITION_REQUIRED,
+            "If-Match required",
+            "send the ETag of the repo you read as If-Match (or If-Match: * to overwrite whatever is there)",
+        ));
+    }
+    if_match(headers)
+}
+
+/// Reads a JSON body of at most `MAX_BODY` bytes into `T`, naming the field at fault.
+async fn json_body<T: serde::de::DeserializeOwned>(req: Request) -> Result<T, Problem> {
+    let bytes: Bytes = axum::body::to_bytes(req.into_body(), MAX_BODY).await.map_err(|_| {
+        Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "Body too large",
+            format!("request bodies are limited to {MAX_BODY} bytes"),
+        )
+    })?;
+    parse_json(&bytes)
+}
+
+/// Parses a JSON object into `T` (serde would also take an array for a struct: refused here).
+fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Problem> {
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(Problem::invalid("body", "the body must be a JSON object"));
+    }
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let msg = inner.to_string();
+        if inner.is_syntax() || inner.is_eof() {
+            return Problem::invalid("body", format!("invalid JSON: {msg}"));
+        }
+        // An unknown field is named in serde's message, not in the path.
+        let field = msg
+            .strip_prefix("unknown field `")
+            .and_then(|r| r.split('`').next())
+            .map(str::to_owned)
+            .unwrap_or_else(|| if path == "." { "body".into() } else { path });
+        Problem::invalid(field, msg)
+    })
+}
+
+async fn list_repos(State(s): State<ApiState>) -> ApiResult {
+    let (repos, revision) = s.repos.list().await?;
+    let views: Vec<RepoView> = repos.iter().map(RepoView::from).collect();
+    Ok(axum::Json(json!({ "repos": views, "revision": revision })).into_response())
+}
+
+async fn create_repo(State(s): State<ApiState>, req: Request) -> ApiResult {
+    let input: RepoInput = json_body(req).await?;
+    let key = input.key.clone().ok_or_else(|| Problem::invalid("key", "key is required"))?;
+    let r = s.repos.create(input.into_spec(key)?).await?;
+    let mut resp = repo_response(StatusCode::CREATED, &r);
+    if let Ok(loc) = HeaderValue::from_str(&format!("/api/repos/{}", r.repo.key)) {
+        resp.headers_mut().insert(header::LOCATION, loc);
+    }
+    Ok(resp)
+}
+
+async fn get_repo(State(s): State<ApiState>, Path(key): Path<String>) -> ApiResult {
+    Ok(repo_response(StatusCode::OK, &s.repos.get(&key).await?))
+}
+
+fn check_key(path_key: &str, body_key: Option<&str>) -> Result<(), Problem> {
+    match body_key {
+        Some(k) if k != path_key => {
+            Err(Problem::invalid("key", format!("key {k:?} in the body differs from {path_key:?} in the path")))
+        }
+        _ => Ok(()),
+    }
+}
+
+async fn put_repo(State(s): State<ApiState>, Path(key): Path<String>, headers: HeaderMap, req: Request) -> ApiResult {
+    let expected = require_if_match(&headers)?;
+    let input: RepoInput = json_body(req).await?;
+    check_key(&key, input.key.as_deref())?;
+    let r = s.repos.update(input.into_spec(key)?, expected, false).await?;
+    Ok(repo_response(StatusCode::OK, &r))
+}
+
+/// JSON merge patch (RFC 7386) onto the repo as the client sees it; `"password": null` clears it.
+async fn patch_repo(State(s): State<ApiState>, Path(key): Path<String>, headers: HeaderMap, req: Request) -> ApiResult {
+    let expected = require_if_match(&headers)?;
+    let patch: Value = json_body(req).await?;
+    let clear_password = patch.get("password").is_some_and(Value::is_null);
+    let current = s.repos.get(&key).await?;
+    let spec = spec_of(&current);
+    let mut doc = json!({
+        "key": spec.key,
+        "kind": spec.kind,
+        "upstream": spec.upstream,
+        "tag_ttl": spec.tag_ttl.map(|d| humantime::format_duration(d).to_string()),
+        "username": spec.username,
+    });
+    merge_patch(&mut doc, &patch);
+    let input: RepoInput = parse_json(doc.to_string().as_bytes())?;
+    check_key(&key, input.key.as_deref())?;
+    let expected = expected.or(Some(current.revision));
+    let r = s.repos.update(input.into_spec(key)?, expected, clear_password).await?;
+    Ok(repo_response(StatusCode::OK, &r))
+}
+
+fn merge_patch(target: &mut Value, patch: &Value) {
+    match (target, patch) {
+        (Value::Object(t), Value::Object(p)) => {
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        (t, p) => *t = p.clone(),
+    }
+}
+
+async fn delete_repo(State(s): State<ApiState>, Path(key): Path<String>, headers: HeaderMap) -> ApiResult {
+    let expected = if_match(&headers)?;
+    s.repos.delete(&key, expected).await?;
+    let mut r = Response::new(Body::empty());
+    *r.status_mut() = StatusCode::NO_CONTENT;
+    Ok(r)
+}
+
+async fn list_nodes(State(s): State<ApiState>) -> ApiResult {
+    let nodes: Vec<NodeInfo> = s.nodes.list().await?;
+    Ok(axum::Json(json!({ "nodes": nodes })).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_errors_name_the_field() {
+        let f = |s: &str| parse_json::<RepoInput>(s.as_bytes()).err().and_then(|p| p.field);
+        assert_eq!(f(r#"{"key":"a","bogus":1}"#).as_deref(), Some("bogus"));
+        assert_eq!(f(r#"{"key":5}"#).as_deref(), Some("key"));
+        assert_eq!(f(r#"{"key":"a""#).as_deref(), Some("body"));
+        assert_eq!(f("[]").as_deref(), Some("body"));
+    }
+
+    #[test]
+    fn merge_patch_rfc7386() {
+        let mut doc = json!({"a": 1, "b": {"c": 2, "d": 3}});
+        merge_patch(&mut doc, &json!({"a": null, "b": {"c": 4}, "e": "x"}));
+        assert_eq!(doc, json!({"b": {"c": 4, "d": 3}, "e": "x"}));
+    }
+
+    #[test]
+    fn if_match_values() {
+        let mut h = HeaderMap::new();
+        assert_eq!(if_match(&h).ok(), Some(None));
+        h.insert(header::IF_MATCH, HeaderValue::from_static("\"12\""));
+        assert_eq!(if_match(&h).ok(), Some(Some(12)));
+        h.insert(header::IF_MATCH, HeaderValue::from_static("*"));
+        assert_eq!(if_match(&h).ok(), Some(None));
+        h.insert(header::IF_MATCH, HeaderValue::from_static("abc"));
+        assert!(if_match(&h).is_err());
+    }
+}

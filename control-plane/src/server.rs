@@ -1,0 +1,89 @@
+//! The control plane's server: gRPC and the REST gateway on one port, `run(listener, state, shutdown)`.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use http::StatusCode;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use wharf_proto::v1 as pb;
+
+use crate::distribute::{ConfigApi, Connected};
+use crate::grpc::{NodeApi, RepoApi};
+use crate::hub::ConfigHub;
+use crate::nodes::Nodes;
+use crate::repos::Repos;
+use crate::rest::{self, Problem};
+use crate::store::ConfigStore;
+
+/// What every API call needs.
+#[derive(Clone)]
+pub struct ApiState {
+    pub store: Arc<dyn ConfigStore>,
+    pub repos: Repos,
+    pub nodes: Nodes,
+    pub hub: Arc<ConfigHub>,
+    pub connected: Arc<Connected>,
+    /// This replica's address, as nodes see it in the node list.
+    pub replica: String,
+    /// Cancelled at shutdown: Watch streams end so nodes move to another replica at once.
+    pub cancel: CancellationToken,
+}
+
+impl ApiState {
+    pub fn new(store: Arc<dyn ConfigStore>, replica: String, cancel: CancellationToken) -> Self {
+        Self {
+            repos: Repos::new(store.clone()),
+            nodes: Nodes::new(store.clone()),
+            hub: ConfigHub::start(store.clone(), cancel.clone()),
+            connected: Arc::default(),
+            replica,
+            cancel,
+            store,
+        }
+    }
+}
+
+pub fn router(state: ApiState) -> Router {
+    let grpc = tonic::service::Routes::new(pb::repo_service_server::RepoServiceServer::new(RepoApi(state.clone())))
+        .add_service(pb::node_service_server::NodeServiceServer::new(NodeApi(state.clone())))
+        .add_service(pb::config_service_server::ConfigServiceServer::new(ConfigApi(state.clone())))
+        .into_axum_router();
+    // The gRPC router's own fallback answers in gRPC; REST clients get problem JSON instead.
+    rest::router()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .with_state(state)
+        .merge(grpc.fallback(not_found))
+}
+
+async fn readyz(State(s): State<ApiState>) -> Response {
+    match s.store.current_revision().await {
+        Ok(rev) => format!("ready: store at revision {rev}\n").into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")).into_response(),
+    }
+}
+
+async fn not_found() -> Problem {
+    Problem::new(StatusCode::NOT_FOUND, "Not found", "no such endpoint: see /api/openapi.json")
+}
+
+/// Serves until `shutdown` resolves; cancels `state.cancel` then, so streams end and the server
+/// can finish.
+pub async fn run(
+    listener: TcpListener,
+    state: ApiState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let cancel = state.cancel.clone();
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            cancel.cancel();
+        })
+        .await
+}
