@@ -1,14 +1,18 @@
 # The two commands a newcomer types: `make run` and `make test`.
 SHELL := /bin/bash
 CACHE_DIR ?= ./wharf-cache
+DATA_DIR ?= ./wharf-data
 LISTEN ?= 0.0.0.0:5000
+CONTROL_LISTEN ?= 0.0.0.0:7000
 
 .PHONY: run test build lint bench clean
 
 run:
 	@scripts/ensure-deps.sh run
-	cargo build --release --bin wharf-proxy
-	./target/release/wharf-proxy --config deploy/wharf-dev.toml --cache-dir $(CACHE_DIR) --listen $(LISTEN)
+	cargo build --release --bin wharf-control --bin wharf-proxy
+	@echo "make run: control plane on $(CONTROL_LISTEN) (embedded store in $(DATA_DIR)), one node on $(LISTEN) (cache in $(CACHE_DIR))"
+	./target/release/wharf-control --dev --listen $(CONTROL_LISTEN) --data-dir $(DATA_DIR) \
+		--dev-node-listen $(LISTEN) --dev-cache-dir $(CACHE_DIR)
 
 test:
 	@scripts/ensure-deps.sh test
@@ -25,4 +29,4 @@ bench:
 
 clean:
 	cargo clean
-	rm -rf $(CACHE_DIR)
+	rm -rf $(CACHE_DIR) $(DATA_DIR)

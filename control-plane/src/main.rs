@@ -90,7 +90,9 @@ async fn main() -> anyhow::Result<()> {
     let listener = TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
     let local = listener.local_addr()?;
     let cancel = CancellationToken::new();
-    let state = ApiState::new(store, args.advertise.clone().unwrap_or_else(|| local.to_string()), cancel.clone());
+    let state = ApiState::new(store, args.advertise.clone().unwrap_or_else(|| local.to_string()), cancel.clone())
+        .with_metrics()
+        .context("installing the metrics recorder")?;
     if args.dev {
         seed_dev_repos(&state).await?;
     }

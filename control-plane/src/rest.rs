@@ -25,6 +25,14 @@ pub fn router() -> Router<ApiState> {
         .route("/api/repos", get(list_repos).post(create_repo))
         .route("/api/repos/{key}", get(get_repo).put(put_repo).patch(patch_repo).delete(delete_repo))
         .route("/api/nodes", get(list_nodes))
+        .route("/api/openapi.json", get(openapi))
+}
+
+/// The gateway's OpenAPI 3 document (checked in; a test compares it with the running server).
+pub const OPENAPI: &str = include_str!("../openapi.json");
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
 }
 
 /// A repo as the REST API shows it (the password is write-only).

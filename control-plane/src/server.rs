@@ -8,6 +8,7 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use http::StatusCode;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use wharf_proto::v1 as pb;
@@ -32,6 +33,8 @@ pub struct ApiState {
     pub replica: String,
     /// Cancelled at shutdown: Watch streams end so nodes move to another replica at once.
     pub cancel: CancellationToken,
+    /// Renders `/metrics` (absent when no recorder was installed, as in unit tests).
+    pub metrics: Option<PrometheusHandle>,
 }
 
 impl ApiState {
@@ -44,7 +47,14 @@ impl ApiState {
             replica,
             cancel,
             store,
+            metrics: None,
         }
+    }
+
+    /// Installs the process-wide Prometheus recorder and serves it at `/metrics`.
+    pub fn with_metrics(mut self) -> Result<Self, metrics_exporter_prometheus::BuildError> {
+        self.metrics = Some(PrometheusBuilder::new().install_recorder()?);
+        Ok(self)
     }
 }
 
@@ -57,8 +67,39 @@ pub fn router(state: ApiState) -> Router {
     rest::router()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(render_metrics))
         .with_state(state)
         .merge(grpc.fallback(not_found))
+        .layer(axum::middleware::from_fn(count_requests))
+}
+
+/// `wharf_control_api_requests_total{api, method, code}` for every call, REST and gRPC.
+async fn count_requests(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let grpc =
+        req.headers().get(http::header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    let method =
+        if grpc { req.uri().path().rsplit('/').next().unwrap_or("").to_owned() } else { req.method().to_string() };
+    let started = std::time::Instant::now();
+    let resp = next.run(req).await;
+    let code = if grpc {
+        resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()).unwrap_or("0").to_owned()
+    } else {
+        resp.status().as_u16().to_string()
+    };
+    let api = if grpc { "grpc" } else { "rest" };
+    metrics::counter!("wharf_control_api_requests_total", "api" => api, "method" => method.clone(), "code" => code)
+        .increment(1);
+    metrics::histogram!("wharf_control_api_request_duration_seconds", "api" => api, "method" => method)
+        .record(started.elapsed().as_secs_f64());
+    resp
+}
+
+async fn render_metrics(State(s): State<ApiState>) -> Response {
+    metrics::gauge!("wharf_control_connected_nodes").set(s.connected.count() as f64);
+    match &s.metrics {
+        Some(h) => ([(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], h.render()).into_response(),
+        None => (StatusCode::NOT_FOUND, "metrics are not enabled\n").into_response(),
+    }
 }
 
 async fn readyz(State(s): State<ApiState>) -> Response {

@@ -111,9 +111,23 @@ impl EtcdStore {
         ctx: impl FnOnce() -> String,
         fut: impl Future<Output = Result<T, etcd_client::Error>>,
     ) -> Result<T, StoreError> {
+        self.call_lease(None, ctx, fut).await
+    }
+
+    /// [`EtcdStore::call`] for an operation on `lease`: etcd's "lease not found" becomes
+    /// [`StoreError::LeaseNotFound`].
+    async fn call_lease<T>(
+        &self,
+        lease: Option<LeaseId>,
+        ctx: impl FnOnce() -> String,
+        fut: impl Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T, StoreError> {
         match tokio::time::timeout(self.timeout, fut).await {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(map_err(&ctx(), e)),
+            Ok(Err(e)) => match lease {
+                Some(lease) if is_lease_not_found(&e) => Err(StoreError::LeaseNotFound { lease }),
+                _ => Err(map_err(&ctx(), e)),
+            },
             Err(_) => {
                 let ctx = ctx();
                 tracing::warn!(op = %ctx, timeout = ?self.timeout, "etcd call timed out");
@@ -264,7 +278,12 @@ fn map_err(ctx: &str, e: etcd_client::Error) -> StoreError {
 
 /// Whether `e` is etcd's "requested lease not found".
 fn is_lease_not_found(e: &etcd_client::Error) -> bool {
-    matches!(e, etcd_client::Error::GRpcStatus(s) if s.message().contains("lease not found"))
+    match e {
+        etcd_client::Error::GRpcStatus(s) => s.message().contains("lease not found"),
+        // What the keep-alive stream says about an expired lease.
+        etcd_client::Error::LeaseKeepAliveError(m) => m.contains("lease not found"),
+        _ => false,
+    }
 }
 
 #[async_trait]
@@ -365,7 +384,7 @@ impl ConfigStore for EtcdStore {
             keeper.keep_alive().await?;
             stream.message().await
         };
-        match self.call(|| format!("keep lease {lease} alive"), once).await? {
+        match self.call_lease(Some(lease), || format!("keep lease {lease} alive"), once).await? {
             Some(resp) if resp.ttl() > 0 => Ok(Duration::from_secs(resp.ttl().unsigned_abs())),
             Some(_) => Err(StoreError::LeaseNotFound { lease }),
             None => Err(StoreError::Unavailable(format!("keep lease {lease} alive: etcd closed the stream"))),
@@ -376,33 +395,15 @@ impl ConfigStore for EtcdStore {
         check_key(key)?;
         let mut client = self.client.clone();
         let fut = client.put(self.full(key), value, Some(PutOptions::new().with_lease(lease.0)));
-        let resp = match tokio::time::timeout(self.timeout, fut).await {
-            Ok(Err(e)) if is_lease_not_found(&e) => return Err(StoreError::LeaseNotFound { lease }),
-            Ok(res) => res.map_err(|e| map_err(&format!("put {key:?} with lease {lease}"), e))?,
-            Err(_) => {
-                return Err(StoreError::Unavailable(format!(
-                    "put {key:?} with lease {lease}: no answer from etcd within {:?}",
-                    self.timeout
-                )));
-            }
-        };
+        let resp = self.call_lease(Some(lease), || format!("put {key:?} with lease {lease}"), fut).await?;
         header_revision(resp.header(), "put_with_lease", key)
     }
 
     async fn revoke_lease(&self, lease: LeaseId) -> Result<(), StoreError> {
         let mut client = self.client.clone();
-        match tokio::time::timeout(self.timeout, client.lease_revoke(lease.0)).await {
-            Ok(Ok(_)) => {
-                tracing::debug!(%lease, "lease revoked");
-                Ok(())
-            }
-            Ok(Err(e)) if is_lease_not_found(&e) => Err(StoreError::LeaseNotFound { lease }),
-            Ok(Err(e)) => Err(map_err(&format!("revoke lease {lease}"), e)),
-            Err(_) => Err(StoreError::Unavailable(format!(
-                "revoke lease {lease}: no answer from etcd within {:?}",
-                self.timeout
-            ))),
-        }
+        self.call_lease(Some(lease), || format!("revoke lease {lease}"), client.lease_revoke(lease.0)).await?;
+        tracing::debug!(%lease, "lease revoked");
+        Ok(())
     }
 
     async fn current_revision(&self) -> Result<Revision, StoreError> {
