@@ -3,7 +3,7 @@
 //! `nodes/` is held by a lease; when it ends (or the replica shuts down) the lease is revoked.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -107,23 +107,30 @@ async fn register(state: &ApiState, info: &NodeInfo) -> Result<Lease, StoreError
 async fn stream_to_node(
     state: ApiState,
     node_id: String,
-    mut sent: i64,
+    held: i64,
     mut lease: Lease,
     tx: mpsc::Sender<Result<pb::ConfigUpdate, Status>>,
 ) {
     let mut config = state.hub.subscribe();
     let mut keepalive = tokio::time::interval(lease.ttl / 3);
     keepalive.tick().await;
+    // What the node holds: at first only its revision; then the very snapshot last sent (compared
+    // by identity, so two publications at one revision are both delivered).
+    let mut last: Option<Arc<Published>> = None;
     loop {
         let latest = config.borrow_and_update().clone();
-        if let Some(p) = latest
-            && p.revision != sent
-        {
-            if tx.send(Ok(update(&p))).await.is_err() {
-                break;
+        if let Some(p) = latest {
+            let fresh = match &last {
+                None => p.revision != held,
+                Some(l) => !Arc::ptr_eq(l, &p),
+            };
+            if fresh {
+                if tx.send(Ok(update(&p))).await.is_err() {
+                    break;
+                }
+                tracing::debug!(%node_id, revision = p.revision, "configuration sent");
             }
-            tracing::debug!(%node_id, revision = p.revision, "configuration sent");
-            sent = p.revision;
+            last = Some(p);
         }
         tokio::select! {
             _ = tx.closed() => break,
@@ -148,7 +155,13 @@ async fn stream_to_node(
             }
         }
     }
-    state.connected.lock().remove(&node_id);
+    {
+        // A node that reconnected meanwhile has a newer entry with another lease: keep that one.
+        let mut connected = state.connected.lock();
+        if connected.get(&node_id).is_some_and(|(l, _)| l.id == lease.id) {
+            connected.remove(&node_id);
+        }
+    }
     if let Err(e) = state.store.revoke_lease(lease.id).await {
         tracing::debug!(%node_id, error = %e, "could not revoke the node's lease; it expires by itself");
     }
