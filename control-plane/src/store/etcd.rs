@@ -55,6 +55,8 @@ pub struct EtcdStore {
     client: Client,
     prefix: String,
     timeout: Duration,
+    /// The endpoints, comma-separated, for error messages.
+    endpoints: String,
 }
 
 impl std::fmt::Debug for EtcdStore {
@@ -81,7 +83,7 @@ impl EtcdStore {
         if let Some((user, password)) = &opts.user {
             co = co.with_user(user.clone(), password.clone());
         }
-        let endpoints = opts.endpoints.join(",");
+        let endpoints = opts.endpoints.iter().map(|e| redact(e)).collect::<Vec<_>>().join(",");
         let client = match tokio::time::timeout(opts.timeout, Client::connect(&opts.endpoints, Some(co))).await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => return Err(map_err(&format!("connecting to etcd at {endpoints}"), e)),
@@ -93,7 +95,7 @@ impl EtcdStore {
             }
         };
         tracing::info!(%endpoints, prefix = %opts.prefix, "etcd store configured");
-        Ok(Self { client, prefix: opts.prefix, timeout: opts.timeout })
+        Ok(Self { client, prefix: opts.prefix, timeout: opts.timeout, endpoints })
     }
 
     /// The underlying client (for tests and administrative tasks).
@@ -122,18 +124,22 @@ impl EtcdStore {
         ctx: impl FnOnce() -> String,
         fut: impl Future<Output = Result<T, etcd_client::Error>>,
     ) -> Result<T, StoreError> {
-        match tokio::time::timeout(self.timeout, fut).await {
-            Ok(Ok(v)) => Ok(v),
+        let err = match tokio::time::timeout(self.timeout, fut).await {
+            Ok(Ok(v)) => return Ok(v),
             Ok(Err(e)) => match lease {
-                Some(lease) if is_lease_not_found(&e) => Err(StoreError::LeaseNotFound { lease }),
-                _ => Err(map_err(&ctx(), e)),
+                Some(lease) if is_lease_not_found(&e) => return Err(StoreError::LeaseNotFound { lease }),
+                _ => map_err(&ctx(), e),
             },
             Err(_) => {
                 let ctx = ctx();
                 tracing::warn!(op = %ctx, timeout = ?self.timeout, "etcd call timed out");
-                Err(StoreError::Unavailable(format!("{ctx}: no answer from etcd within {:?}", self.timeout)))
+                StoreError::Unavailable(format!("{ctx}: no answer within {:?}", self.timeout))
             }
-        }
+        };
+        Err(match err {
+            StoreError::Unavailable(msg) => StoreError::Unavailable(format!("{msg} (etcd at {})", self.endpoints)),
+            e => e,
+        })
     }
 
     fn kv(&self, kv: &etcd_client::KeyValue) -> Result<KeyValue, StoreError> {
@@ -229,6 +235,14 @@ impl EtcdStore {
 fn header_revision(h: Option<&etcd_client::ResponseHeader>, op: &str, key: &str) -> Result<Revision, StoreError> {
     h.map(etcd_client::ResponseHeader::revision)
         .ok_or_else(|| StoreError::Internal(format!("etcd answered {op} {key:?} without a header")))
+}
+
+/// `url` without any `user:password@` part, for messages and logs.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => format!("{}{}", &url[..scheme_end + 3], &url[at + 1..]),
+        _ => url.to_string(),
+    }
 }
 
 /// The end of the key range holding every key that starts with `prefix` (etcd's convention).
@@ -527,5 +541,23 @@ impl EtcdWatch {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_end_follows_etcd() {
+        assert_eq!(prefix_end(b"/wharf/"), b"/wharf0");
+        assert_eq!(prefix_end(b"a\xff"), b"b");
+        assert_eq!(prefix_end(b"\xff\xff"), b"\0");
+    }
+
+    #[test]
+    fn endpoints_lose_credentials_in_messages() {
+        assert_eq!(redact("http://user:secret@10.0.0.1:2379"), "http://10.0.0.1:2379");
+        assert_eq!(redact("http://10.0.0.1:2379"), "http://10.0.0.1:2379");
     }
 }
