@@ -97,9 +97,10 @@ async fn main() -> anyhow::Result<()> {
         seed_dev_repos(&state).await?;
     }
     tracing::info!(addr = %local, "listening");
+    let metrics = state.metrics.clone();
     let stop = cancel.clone();
     let server = tokio::spawn(run(listener, state, async move { stop.cancelled().await }));
-    let node = if args.dev { Some(start_dev_node(&args, local, cancel.clone()).await?) } else { None };
+    let node = if args.dev { Some(start_dev_node(&args, local, metrics, cancel.clone()).await?) } else { None };
 
     let mut server = server;
     tokio::select! {
@@ -142,6 +143,7 @@ async fn seed_dev_repos(state: &ApiState) -> anyhow::Result<()> {
 async fn start_dev_node(
     args: &Args,
     control: SocketAddr,
+    metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     cancel: CancellationToken,
 ) -> anyhow::Result<tokio::task::JoinHandle<Result<(), wharf_proxy::node::NodeError>>> {
     use wharf_proxy::node::{ConfigSource, NodeOptions, run_node};
@@ -158,6 +160,7 @@ async fn start_dev_node(
         },
         upstream: Default::default(),
         shutdown_grace: args.shutdown_grace,
+        metrics,
     };
     tracing::info!(node = %node_addr, cache_dir = %args.dev_cache_dir.display(), "dev mode: starting a node in-process");
     Ok(tokio::spawn(run_node(listener, opts, cancel)))

@@ -8,7 +8,7 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use http::StatusCode;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use wharf_proto::v1 as pb;
@@ -53,7 +53,7 @@ impl ApiState {
 
     /// Installs the process-wide Prometheus recorder and serves it at `/metrics`.
     pub fn with_metrics(mut self) -> Result<Self, metrics_exporter_prometheus::BuildError> {
-        self.metrics = Some(PrometheusBuilder::new().install_recorder()?);
+        self.metrics = Some(wharf_proxy::metrics::install()?);
         Ok(self)
     }
 }

@@ -142,6 +142,7 @@ impl Flights {
     pub fn join_or_start(self: &Arc<Self>, ctx: FetchContext) -> Result<Joined, FetchFailure> {
         let mut map = self.map();
         if let Some(f) = map.get(&ctx.digest) {
+            metrics::counter!("wharf_coalesced_waiters_total", "repo_key" => ctx.repo.key.to_string()).increment(1);
             return Ok(Joined::Flight { flight: f.clone(), coalesced: true });
         }
         // A fetch commits to the index before it leaves this map: checked under the map's lock,
@@ -155,6 +156,7 @@ impl Flights {
         let dest = ctx.store.blob_path(&ctx.digest);
         let flight = Arc::new(Flight { staging: path.clone(), dest, progress: rx });
         map.insert(ctx.digest.clone(), flight.clone());
+        metrics::gauge!("wharf_inflight_fetches").set(map.len() as f64);
         drop(map);
         tokio::spawn(self.clone().run(ctx, path, file, tx));
         Ok(Joined::Flight { flight, coalesced: false })
@@ -186,7 +188,11 @@ impl Flights {
         if result.is_err() {
             let _ = tokio::fs::remove_file(&path).await;
         }
-        self.map().remove(&ctx.digest);
+        {
+            let mut map = self.map();
+            map.remove(&ctx.digest);
+            metrics::gauge!("wharf_inflight_fetches").set(map.len() as f64);
+        }
         let duration_ms = started.elapsed().as_millis() as u64;
         match result {
             Ok(size) => {
@@ -259,6 +265,7 @@ async fn fetch_into(
         .map_err(|e| FetchFailure::Io(e.to_string()))?
         .map_err(|e| FetchFailure::Io(e.to_string()))?;
         written += n;
+        metrics::counter!("wharf_upstream_fetched_bytes_total", "repo_key" => ctx.repo.key.to_string()).increment(n);
         tx.send_replace(Progress::Streaming { written, total });
         if let Some(source) = failed {
             return Err(FetchFailure::Body { after: written, source });

@@ -12,6 +12,7 @@ pub mod config;
 pub mod error;
 pub mod flight;
 pub mod managed;
+pub mod metrics;
 pub mod node;
 pub mod range;
 pub mod registry;

@@ -94,6 +94,7 @@ async fn main() -> anyhow::Result<()> {
             ..UpstreamOptions::default()
         },
         shutdown_grace: args.shutdown_grace,
+        metrics: Some(wharf_proxy::metrics::install().context("installing the metrics recorder")?),
     };
     let cancel = CancellationToken::new();
     let node = tokio::spawn(run_node(listener, opts, cancel.clone()));

@@ -226,6 +226,7 @@ fn apply(
             let repos = snapshot.repos.len();
             config.replace(snapshot);
             applied.store(stored.revision, Ordering::Relaxed);
+            metrics::gauge!("wharf_config_revision").set(stored.revision as f64);
             last_error.lock().unwrap_or_else(|e| e.into_inner()).clear();
             if let Err(e) = store_snapshot(&opts.snapshot_path, &stored) {
                 tracing::error!(error = %e, path = %opts.snapshot_path.display(), "could not store the configuration snapshot");
@@ -252,8 +253,8 @@ async fn send_report(
         applied_revision: applied.load(Ordering::Relaxed),
         cache_bytes: bytes,
         cache_entries: entries as u64,
-        cache_hits: 0,
-        cache_misses: 0,
+        cache_hits: crate::metrics::hits_and_misses().0,
+        cache_misses: crate::metrics::hits_and_misses().1,
         last_error: last_error.lock().unwrap_or_else(|e| e.into_inner()).clone(),
     };
     if let Err(s) = client.report(report).await {

@@ -42,6 +42,8 @@ pub struct NodeOptions {
     pub upstream: UpstreamOptions,
     /// How long in-flight responses may take after `cancel`.
     pub shutdown_grace: Duration,
+    /// The process's metrics recorder, served at `/metrics`.
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 }
 
 /// Runs a node on `listener` until `cancel`, then lets in-flight responses finish within the grace.
@@ -72,7 +74,8 @@ pub async fn run_node(listener: TcpListener, opts: NodeOptions, cancel: Cancella
         };
         tokio::spawn(managed::run(managed, config.clone(), store.clone(), cancel.clone()));
     }
-    let state = AppState::new(config, store, upstream);
+    let mut state = AppState::new(config, store, upstream);
+    state.metrics = opts.metrics.clone();
     tracing::info!(addr = %listener.local_addr()?, cache_dir = %opts.cache_dir.display(), "listening");
     let stop = cancel.clone();
     let server = tokio::spawn(run(listener, state, async move { stop.cancelled().await }));

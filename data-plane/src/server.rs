@@ -4,7 +4,10 @@ use std::future::Future;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::routing::any;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 
 use crate::config::Config;
@@ -20,11 +23,13 @@ pub struct AppState {
     pub store: Arc<Store>,
     pub upstream: Arc<Upstream>,
     pub flights: Arc<Flights>,
+    /// Renders `/metrics`; `None` when no recorder is installed (then `/metrics` is 404).
+    pub metrics: Option<PrometheusHandle>,
 }
 
 impl AppState {
     pub fn new(config: Arc<Config>, store: Arc<Store>, upstream: Arc<Upstream>) -> Self {
-        Self { config, store, upstream, flights: Arc::default() }
+        Self { config, store, upstream, flights: Arc::default(), metrics: None }
     }
 }
 
@@ -34,6 +39,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v2", any(registry::handle))
         .route("/v2/", any(registry::handle))
         .route("/v2/{*rest}", any(registry::handle))
+        .route("/metrics", get(render_metrics))
         .fallback(registry::fallback)
         .with_state(state)
 }
@@ -46,4 +52,14 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
+}
+
+async fn render_metrics(State(state): State<AppState>) -> Response {
+    let Some(handle) = &state.metrics else {
+        return (http::StatusCode::NOT_FOUND, "metrics are not enabled\n").into_response();
+    };
+    let (entries, bytes) = state.store.usage();
+    metrics::gauge!("wharf_cache_entries").set(entries as f64);
+    metrics::gauge!("wharf_cache_size_bytes").set(bytes as f64);
+    ([(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], handle.render()).into_response()
 }

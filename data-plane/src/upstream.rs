@@ -263,7 +263,20 @@ impl Upstream {
                 r = r.header(header::AUTHORIZATION, a.clone());
             }
             let shown = redact(url.as_str());
-            let resp = match tokio::time::timeout(self.opts.first_byte_timeout, r.send()).await {
+            let started = std::time::Instant::now();
+            let sent = tokio::time::timeout(self.opts.first_byte_timeout, r.send()).await;
+            let outcome = match &sent {
+                Ok(Ok(resp)) => resp.status().as_str().to_owned(),
+                Ok(Err(_)) => "error".to_owned(),
+                Err(_) => "timeout".to_owned(),
+            };
+            crate::metrics::upstream(
+                req.repo.key.as_str(),
+                req.method.as_str(),
+                &outcome,
+                started.elapsed().as_secs_f64(),
+            );
+            let resp = match sent {
                 Err(_) => {
                     return Err(UpstreamError::Timeout { url: shown, phase: "waiting for the response" });
                 }
@@ -275,6 +288,9 @@ impl Upstream {
                 }
                 Ok(Ok(resp)) => resp,
             };
+            if let Some(v) = resp.headers().get("ratelimit-remaining").and_then(|v| v.to_str().ok()) {
+                crate::metrics::ratelimit_remaining(req.repo.key.as_str(), v);
+            }
             let status = resp.status();
             if status.is_redirection()
                 && let Some(loc) = resp.headers().get(header::LOCATION).and_then(|l| l.to_str().ok())

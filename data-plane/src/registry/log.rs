@@ -42,7 +42,9 @@ impl RequestLog {
     }
 
     fn emit(&self, status: u16, bytes: u64, started: Instant, complete: bool) {
-        let duration_ms = (started.elapsed().as_secs_f64() * 1e6).round() / 1e3;
+        let seconds = started.elapsed().as_secs_f64();
+        crate::metrics::request(&self.repo_key, self.kind, self.cache, status, bytes, seconds);
+        let duration_ms = (seconds * 1e6).round() / 1e3;
         tracing::info!(
             method = %self.method,
             path = %self.path,
