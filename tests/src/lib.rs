@@ -7,11 +7,13 @@
 //! - [`FakeUpstream`]: an in-process registry for what a real one cannot do on demand (token auth,
 //!   redirects, faults, request recording);
 //! - [`http`]: a small client (reqwest, plus a raw HTTP/1.1 client for paths reqwest would normalise).
+//! - [`control::ControlPlane`], [`control::Node`]: `wharf-control` and managed `wharf-proxy` nodes;
 //! - [`etcd::EtcdCluster`]: a real etcd (one member or several) for the control plane's store.
 //!
 //! Every process is killed and reaped when its guard drops, also when a test fails.
 
 pub mod checks;
+pub mod control;
 pub mod etcd;
 pub mod fake;
 pub mod http;
