@@ -206,6 +206,12 @@ impl ControlPlane {
     pub fn log_tail(&self, n: usize) -> String {
         self.child.tail(n)
     }
+
+    /// With `--dev`: the address of the in-process node (its own `"listening"` event).
+    pub fn dev_node_addr(&self) -> anyhow::Result<SocketAddr> {
+        wait_listening(&self.child, "wharf_proxy")
+            .with_context(|| format!("no \"listening\" event of the dev node\n{}", self.log_tail(30)))
+    }
 }
 
 fn start_control(opts: &ControlOptions, data_dir: &Path, port: u16) -> anyhow::Result<ChildGuard> {
