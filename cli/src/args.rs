@@ -1,0 +1,340 @@
+//! The command line: every command, flag and its help (with examples).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use wharf_core::{RepoKey, RepoKind};
+
+use crate::image_ref::ImageRef;
+
+/// The control plane's default address.
+pub const DEFAULT_SERVER: &str = "http://127.0.0.1:7000";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "regctl",
+    version,
+    about = "The operator's CLI of Wharf: repos, nodes, cache warming, CDN checks",
+    after_help = "\
+Examples:
+  regctl repo add ghcr --kind ghcr --tag-ttl 10m
+  regctl repo list -o json
+  regctl node list
+  regctl cache warm ghcr/org/image:v1 --platform linux/amd64
+  regctl check-cdn https://cdn.example/v2/dockerhub/library/alpine/blobs/sha256:<hex>
+
+The control plane is --server, else $WHARF_SERVER, else http://127.0.0.1:7000. An API token is read
+from --token-file or $WHARF_TOKEN. Exit codes: 0 ok, 1 error, 2 usage."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Global {
+    /// The control plane's URL (gRPC).
+    #[arg(long, global = true, env = "WHARF_SERVER", default_value = DEFAULT_SERVER, value_name = "URL")]
+    pub server: String,
+    /// A file holding the API token (else $WHARF_TOKEN), sent as `authorization: Bearer`.
+    #[arg(long, global = true, value_name = "PATH")]
+    pub token_file: Option<PathBuf>,
+    /// Output format.
+    #[arg(short, long, global = true, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    /// How long to wait for the control plane to answer one call.
+    #[arg(long, global = true, value_parser = parse_duration, default_value = "30s", value_name = "DURATION")]
+    pub timeout: Duration,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    /// A readable table.
+    Table,
+    /// The full objects as JSON (stable for scripts).
+    Json,
+    /// The full objects as YAML.
+    Yaml,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Manage repos: the upstream registries the nodes serve under /v2/<repoKey>/.
+    #[command(
+        subcommand,
+        after_help = "\
+Examples:
+  regctl repo add ghcr --kind ghcr --tag-ttl 10m
+  regctl repo list
+  regctl repo get ghcr -o json
+  regctl repo update ghcr --tag-ttl 1m
+  regctl repo rm ghcr --yes"
+    )]
+    Repo(RepoCmd),
+    /// Data-plane nodes.
+    #[command(
+        subcommand,
+        after_help = "\
+Examples:
+  regctl node list
+  regctl node list -o yaml"
+    )]
+    Node(NodeCmd),
+    /// The nodes' caches.
+    #[command(
+        subcommand,
+        after_help = "\
+Examples:
+  regctl cache warm ghcr/org/image:v1 --platform linux/amd64"
+    )]
+    Cache(CacheCmd),
+    /// Check that a blob or manifest URL is served in a CDN-friendly way.
+    #[command(after_help = "\
+Checks status, ETag, Cache-Control, Accept-Ranges, a Range request (206, bytes, Content-Range),
+If-None-Match (304), HEAD against GET, and Docker-Content-Digest against the bytes. Exits 1 when any
+check fails.
+
+Examples:
+  regctl check-cdn http://node1:5000/v2/dockerhub/library/alpine/blobs/sha256:<hex>
+  regctl check-cdn https://cdn.example/v2/ghcr/org/image/manifests/sha256:<hex> -o json")]
+    CheckCdn(CheckCdnArgs),
+    /// Print a shell completion script.
+    #[command(after_help = "\
+Examples:
+  regctl completion bash > /etc/bash_completion.d/regctl
+  regctl completion zsh > \"${fpath[1]}/_regctl\"
+  regctl completion fish > ~/.config/fish/completions/regctl.fish")]
+    Completion {
+        #[arg(value_enum)]
+        shell: Shell,
+    },
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy)]
+pub enum Shell {
+    Bash,
+    Zsh,
+    Fish,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RepoCmd {
+    /// Add a repo.
+    #[command(after_help = "\
+Examples:
+  regctl repo add ghcr --kind ghcr --tag-ttl 10m
+  regctl repo add corp --upstream https://registry.corp.example --username bot --password-stdin < secret
+  regctl repo add ecr --kind ecr --upstream https://1234.dkr.ecr.eu-west-1.amazonaws.com \\
+      --username AWS --password-file /run/secrets/ecr")]
+    Add(RepoAddArgs),
+    /// List every repo.
+    #[command(after_help = "\
+Examples:
+  regctl repo list
+  regctl repo list -o json | jq -r '.repos[].key'")]
+    List,
+    /// Show one repo.
+    #[command(after_help = "\
+Examples:
+  regctl repo get ghcr
+  regctl repo get ghcr -o yaml")]
+    Get {
+        /// The repoKey.
+        #[arg(value_parser = parse_key)]
+        key: RepoKey,
+    },
+    /// Change a repo: reads it, applies the flags, writes it back only if nobody changed it since.
+    #[command(after_help = "\
+A change made by someone else between the read and the write is reported (exit 1), not overwritten:
+re-run the command. --revision N writes only if the repo is still at revision N.
+
+Examples:
+  regctl repo update ghcr --tag-ttl 1m
+  regctl repo update corp --username bot --password-env CORP_PASSWORD
+  regctl repo update corp --clear-credentials
+  regctl repo update ghcr --tag-ttl 5m --revision 42")]
+    Update(RepoUpdateArgs),
+    /// Delete a repo (asks first on a terminal).
+    #[command(
+        visible_alias = "delete",
+        after_help = "\
+Examples:
+  regctl repo rm ghcr
+  regctl repo rm ghcr --yes      # no question: for scripts"
+    )]
+    Rm {
+        /// The repoKey.
+        #[arg(value_parser = parse_key)]
+        key: RepoKey,
+        /// Delete without asking.
+        #[arg(long, short)]
+        yes: bool,
+    },
+}
+
+/// Where a password comes from: never a flag value (it would land in shell history).
+#[derive(Args, Debug, Default)]
+#[group(multiple = false)]
+pub struct PasswordSource {
+    /// Read the upstream password from standard input (one line or the whole input; a trailing newline is dropped).
+    #[arg(long)]
+    pub password_stdin: bool,
+    /// Read the upstream password from this environment variable.
+    #[arg(long, value_name = "VAR")]
+    pub password_env: Option<String>,
+    /// Read the upstream password from this file (a trailing newline is dropped).
+    #[arg(long, value_name = "PATH")]
+    pub password_file: Option<PathBuf>,
+}
+
+impl PasswordSource {
+    pub fn given(&self) -> bool {
+        self.password_stdin || self.password_env.is_some() || self.password_file.is_some()
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct RepoAddArgs {
+    /// The repoKey: [a-z0-9]+([._-][a-z0-9]+)*, at most 64 characters.
+    #[arg(value_parser = parse_key)]
+    pub key: RepoKey,
+    /// dockerhub | ghcr | quay | ecr | gcr | acr | generic.
+    #[arg(long, value_parser = parse_kind, default_value = "generic")]
+    pub kind: RepoKind,
+    /// scheme://host[:port]; optional for dockerhub, ghcr, quay, gcr.
+    #[arg(long, value_name = "URL")]
+    pub upstream: Option<String>,
+    /// How long a tag's digest is trusted before a revalidating HEAD (5m, 1h, ...).
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub tag_ttl: Option<Duration>,
+    /// Static upstream username (needs a password from one of the --password-* flags).
+    #[arg(long)]
+    pub username: Option<String>,
+    #[command(flatten)]
+    pub password: PasswordSource,
+}
+
+#[derive(Args, Debug)]
+#[command(group = clap::ArgGroup::new("change").multiple(true).required(true).args([
+    "kind", "upstream", "tag_ttl", "username", "password_stdin", "password_env", "password_file", "clear_credentials",
+]))]
+pub struct RepoUpdateArgs {
+    /// The repoKey.
+    #[arg(value_parser = parse_key)]
+    pub key: RepoKey,
+    /// New kind.
+    #[arg(long, value_parser = parse_kind)]
+    pub kind: Option<RepoKind>,
+    /// New upstream URL (an empty string: the kind's default).
+    #[arg(long, value_name = "URL")]
+    pub upstream: Option<String>,
+    /// New tag TTL.
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub tag_ttl: Option<Duration>,
+    /// New username (the stored password is kept unless a new one is given).
+    #[arg(long, conflicts_with = "clear_credentials")]
+    pub username: Option<String>,
+    #[command(flatten)]
+    pub password: PasswordSource,
+    /// Remove the stored username and password.
+    #[arg(long, conflicts_with_all = ["password_stdin", "password_env", "password_file"])]
+    pub clear_credentials: bool,
+    /// Write only if the repo is still at this revision (default: the revision just read).
+    #[arg(long, value_name = "N")]
+    pub revision: Option<i64>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NodeCmd {
+    /// Every node with an open config stream: address, applied revision, last seen, cache size, hit ratio.
+    #[command(after_help = "\
+Examples:
+  regctl node list
+  regctl node list -o json | jq -r '.nodes[].address'")]
+    List,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CacheCmd {
+    /// Pre-pull an image through every node: the manifest(s), the config and every layer.
+    #[command(after_help = "\
+REF is <repoKey>/<name>:<tag> or <repoKey>/<name>@sha256:<hex>. The tag (and, for an index, the
+platform's manifest) is resolved through one node; then every node fetches every blob, each checked
+against its digest. Nodes come from `regctl node list` unless --node is given. A node that fails is
+reported and the others go on; the exit code is 1 if any failed.
+
+Examples:
+  regctl cache warm ghcr/org/image:v1 --platform linux/amd64
+  regctl cache warm dockerhub/library/alpine:3.20 --node 10.0.0.5:5000 --node 10.0.0.6:5000
+  regctl cache warm corp/app@sha256:<hex> --parallel 8 -o json")]
+    Warm(WarmArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct WarmArgs {
+    /// <repoKey>/<name>:<tag> or <repoKey>/<name>@<digest>.
+    #[arg(value_name = "REF", value_parser = parse_ref)]
+    pub image: ImageRef,
+    /// The platform to pick from an image index: os/arch[/variant].
+    #[arg(long, default_value_t = default_platform(), value_name = "OS/ARCH")]
+    pub platform: String,
+    /// A node's address (host:port or URL); repeatable. Default: every node in `regctl node list`.
+    #[arg(long = "node", value_name = "ADDR")]
+    pub nodes: Vec<String>,
+    /// Blob downloads at once, per node.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub parallel: u16,
+    /// Longest silence while reading from a node.
+    #[arg(long, value_parser = parse_duration, default_value = "60s", value_name = "DURATION")]
+    pub read_timeout: Duration,
+}
+
+#[derive(Args, Debug)]
+pub struct CheckCdnArgs {
+    /// The URL of a blob or manifest: .../v2/<repoKey>/<name>/blobs/<digest> or .../manifests/<ref>.
+    pub url: String,
+    /// Longest wait for each request.
+    #[arg(long = "request-timeout", value_parser = parse_duration, default_value = "60s", value_name = "DURATION")]
+    pub request_timeout: Duration,
+}
+
+fn default_platform() -> String {
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "x86" => "386",
+        "powerpc64" => "ppc64le",
+        other => other,
+    };
+    format!("linux/{arch}")
+}
+
+fn parse_key(s: &str) -> Result<RepoKey, String> {
+    s.parse::<RepoKey>().map_err(|e| e.to_string())
+}
+
+fn parse_kind(s: &str) -> Result<RepoKind, String> {
+    s.parse::<RepoKind>().map_err(|e| e.to_string())
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (a duration like 30s, 10m, 1h)"))
+}
+
+fn parse_ref(s: &str) -> Result<ImageRef, String> {
+    s.parse::<ImageRef>().map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory as _;
+        Cli::command().debug_assert();
+    }
+}
