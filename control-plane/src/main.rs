@@ -161,6 +161,7 @@ async fn start_dev_node(
         upstream: Default::default(),
         shutdown_grace: args.shutdown_grace,
         metrics,
+        eviction: Default::default(),
     };
     tracing::info!(node = %node_addr, cache_dir = %args.dev_cache_dir.display(), "dev mode: starting a node in-process");
     Ok(tokio::spawn(run_node(listener, opts, cancel)))

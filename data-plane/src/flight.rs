@@ -56,6 +56,10 @@ pub enum FetchFailure {
     Body { after: u64, source: UpstreamError },
     #[error("cache write failed: {0}")]
     Io(String),
+    /// The blob does not fit (size cap reached with nothing evictable, or the disk is full):
+    /// clients are served from upstream without caching.
+    #[error("no room in the cache for this blob")]
+    NoSpace,
 }
 
 /// A fetch in progress, shared by all its clients.
@@ -228,6 +232,9 @@ async fn fetch_into(
         return Err(FetchFailure::Status { status, retry_after, detail: resp.error_detail().await });
     }
     let total = resp.content_length();
+    if !ctx.store.has_room(total.unwrap_or(0)) {
+        return Err(FetchFailure::NoSpace);
+    }
     tx.send_replace(Progress::Streaming { written: 0, total });
     let mut hasher = DigestHasher::new();
     let mut written = 0u64;
@@ -263,7 +270,10 @@ async fn fetch_into(
         })
         .await
         .map_err(|e| FetchFailure::Io(e.to_string()))?
-        .map_err(|e| FetchFailure::Io(e.to_string()))?;
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded => FetchFailure::NoSpace,
+            _ => FetchFailure::Io(e.to_string()),
+        })?;
         written += n;
         metrics::counter!("wharf_upstream_fetched_bytes_total", "repo_key" => ctx.repo.key.to_string()).increment(n);
         tx.send_replace(Progress::Streaming { written, total });

@@ -10,6 +10,7 @@
 pub mod bufpool;
 pub mod config;
 pub mod error;
+pub mod evict;
 pub mod flight;
 pub mod managed;
 pub mod metrics;

@@ -8,7 +8,8 @@ use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use wharf_proxy::node::{ConfigSource, NodeOptions, run_node};
+use wharf_proxy::evict::SizeSpec;
+use wharf_proxy::node::{ConfigSource, EvictionOptions, NodeOptions, run_node};
 use wharf_proxy::upstream::UpstreamOptions;
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -63,6 +64,21 @@ struct Args {
     /// First backoff between retries (doubles each time, with jitter).
     #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
     retry_backoff: Duration,
+    /// Cache size cap: bytes (500MB, 10GiB) or a share of the disk (80%). Default: the disk.
+    #[arg(long, env = "WHARF_CACHE_MAX_SIZE")]
+    cache_max_size: Option<SizeSpec>,
+    /// Eviction starts above this fraction of --cache-max-size ...
+    #[arg(long, default_value_t = 0.9)]
+    cache_high_watermark: f64,
+    /// ... and stops under this one (least recently used first).
+    #[arg(long, default_value_t = 0.8)]
+    cache_low_watermark: f64,
+    /// Entries not accessed for this long are evicted (e.g. 30d).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    cache_ttl: Option<Duration>,
+    /// How often eviction runs, besides when the cache grows past the high watermark.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    eviction_interval: Duration,
     /// How long in-flight responses may take to finish after SIGTERM/SIGINT.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
@@ -72,6 +88,12 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     init_logging(args.log_format, &args.log_level)?;
+    let (high, low) = (args.cache_high_watermark, args.cache_low_watermark);
+    if !(0.0 < low && low < high && high <= 1.0) {
+        anyhow::bail!(
+            "watermarks must satisfy 0 < --cache-low-watermark < --cache-high-watermark <= 1 (got {low} and {high})"
+        );
+    }
     let listener = TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
     let local = listener.local_addr()?;
     let source = match args.config {
@@ -95,6 +117,13 @@ async fn main() -> anyhow::Result<()> {
         },
         shutdown_grace: args.shutdown_grace,
         metrics: Some(wharf_proxy::metrics::install().context("installing the metrics recorder")?),
+        eviction: EvictionOptions {
+            max_size: args.cache_max_size,
+            high,
+            low,
+            ttl: args.cache_ttl,
+            interval: args.eviction_interval,
+        },
     };
     let cancel = CancellationToken::new();
     let node = tokio::spawn(run_node(listener, opts, cancel.clone()));

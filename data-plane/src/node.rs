@@ -9,9 +9,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, Config, ConfigError, Snapshot};
+use crate::evict::{self, LruWatermarks, SizeSpec};
 use crate::managed::{self, ManagedOptions};
 use crate::server::{AppState, run};
-use crate::store::{Store, StoreError};
+use crate::store::{Limits, Store, StoreError};
 use crate::upstream::{Upstream, UpstreamError, UpstreamOptions};
 
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +45,26 @@ pub struct NodeOptions {
     pub shutdown_grace: Duration,
     /// The process's metrics recorder, served at `/metrics`.
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    pub eviction: EvictionOptions,
+}
+
+/// How the cache is kept in bounds.
+#[derive(Debug, Clone)]
+pub struct EvictionOptions {
+    pub max_size: Option<SizeSpec>,
+    /// Fractions of the max size: eviction starts above `high`, stops under `low`.
+    pub high: f64,
+    pub low: f64,
+    /// Entries not accessed for this long go.
+    pub ttl: Option<Duration>,
+    /// How often eviction runs besides when the cache grows past `high`.
+    pub interval: Duration,
+}
+
+impl Default for EvictionOptions {
+    fn default() -> Self {
+        Self { max_size: None, high: 0.9, low: 0.8, ttl: None, interval: Duration::from_secs(60) }
+    }
 }
 
 /// Runs a node on `listener` until `cancel`, then lets in-flight responses finish within the grace.
@@ -58,11 +79,18 @@ pub async fn run_node(listener: TcpListener, opts: NodeOptions, cancel: Cancella
             tag_ttl = %config::fmt_duration(repo.tag_ttl), credentials = repo.credentials.is_some(), "repo configured");
     }
     let cache_dir = opts.cache_dir.clone();
-    let store = Arc::new(
-        tokio::task::spawn_blocking(move || Store::open(cache_dir))
-            .await
-            .map_err(|e| NodeError::Io(std::io::Error::other(e)))??,
-    );
+    let store = tokio::task::spawn_blocking(move || Store::open(cache_dir))
+        .await
+        .map_err(|e| NodeError::Io(std::io::Error::other(e)))??;
+    let ev = &opts.eviction;
+    let disk = rustix::fs::statvfs(&opts.cache_dir).map_or(0, |st| st.f_blocks.saturating_mul(st.f_frsize));
+    let max_size = ev.max_size.map(|m| m.resolve(disk));
+    let store = Arc::new(store.with_limits(Limits { max_size, high: ev.high }));
+    if max_size.is_some() || ev.ttl.is_some() {
+        tracing::info!(?max_size, high = ev.high, low = ev.low, ttl = ?ev.ttl, "eviction on");
+        let policy = Arc::new(LruWatermarks { max_size, high: ev.high, low: ev.low, ttl: ev.ttl });
+        tokio::spawn(evict::run(store.clone(), policy, ev.interval, store.eviction_wake(), cancel.clone()));
+    }
     let upstream = Arc::new(Upstream::new(opts.upstream.clone())?);
     if let ConfigSource::ControlPlanes { endpoints, node_id, address } = &opts.source {
         let managed = ManagedOptions {

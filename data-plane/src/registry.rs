@@ -26,6 +26,7 @@ use crate::server::AppState;
 use crate::upstream::UpstreamError;
 
 pub use log::RequestLog;
+pub use manifests::referenced;
 
 /// What a `/v2/<repoKey>/<name>/...` path asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -255,7 +256,7 @@ pub fn fetch_error(f: &FetchFailure) -> RegistryError {
         FetchFailure::Length { .. } | FetchFailure::Mismatch { .. } => {
             RegistryError::new(StatusCode::BAD_GATEWAY, "UNKNOWN", format!("{f}; nothing was cached"))
         }
-        FetchFailure::Io(_) => RegistryError::internal(f.to_string()),
+        FetchFailure::Io(_) | FetchFailure::NoSpace => RegistryError::internal(f.to_string()),
     }
 }
 

@@ -16,13 +16,16 @@
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
 use wharf_core::{Digest, RepoKey};
+
+use crate::evict::{Candidate, EntryKind};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -65,27 +68,47 @@ struct Index {
 #[derive(Default)]
 struct Memo {
     tags: HashMap<(RepoKey, String, String), TagEntry>,
-    manifests: HashMap<Digest, (String, Bytes)>,
+    manifests: HashMap<Digest, MemoManifest>,
     manifest_bytes: usize,
+}
+
+#[derive(Clone)]
+struct MemoManifest {
+    media_type: String,
+    bytes: Bytes,
+    /// What the manifest references: refreshed whenever it is served.
+    referenced: Arc<[Digest]>,
 }
 
 const MEMO_MANIFEST_BYTES: usize = 32 << 20;
 const MEMO_TAGS: usize = 100_000;
 
 impl Memo {
-    fn put_manifest(&mut self, d: &Digest, media_type: &str, bytes: Bytes) {
+    fn put_manifest(&mut self, d: &Digest, media_type: &str, bytes: Bytes) -> Arc<[Digest]> {
         if self.manifest_bytes + bytes.len() > MEMO_MANIFEST_BYTES {
             // Drop an arbitrary quarter: cheap, and anything dropped is still on disk.
             let drop: Vec<Digest> = self.manifests.keys().take(self.manifests.len() / 4 + 1).cloned().collect();
             for k in drop {
-                if let Some((_, b)) = self.manifests.remove(&k) {
-                    self.manifest_bytes -= b.len();
+                if let Some(m) = self.manifests.remove(&k) {
+                    self.manifest_bytes -= m.bytes.len();
                 }
             }
         }
         self.manifest_bytes += bytes.len();
-        if let Some((_, old)) = self.manifests.insert(d.clone(), (media_type.to_owned(), bytes)) {
-            self.manifest_bytes -= old.len();
+        let referenced: Arc<[Digest]> = serde_json::from_slice::<serde_json::Value>(&bytes)
+            .map(|j| crate::registry::referenced(&j))
+            .unwrap_or_default()
+            .into();
+        let m = MemoManifest { media_type: media_type.to_owned(), bytes, referenced: referenced.clone() };
+        if let Some(old) = self.manifests.insert(d.clone(), m) {
+            self.manifest_bytes -= old.bytes.len();
+        }
+        referenced
+    }
+
+    fn remove_manifest(&mut self, d: &Digest) {
+        if let Some(m) = self.manifests.remove(d) {
+            self.manifest_bytes -= m.bytes.len();
         }
     }
 
@@ -102,6 +125,18 @@ pub struct Store {
     root: PathBuf,
     index: Mutex<Index>,
     memo: Mutex<Memo>,
+    limits: Limits,
+    /// Woken when the cache grows past the high watermark.
+    evict: Arc<Notify>,
+}
+
+/// How large the cache may grow.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Limits {
+    /// The size cap in bytes (`None`: only the disk limits it).
+    pub max_size: Option<u64>,
+    /// The fraction of `max_size` above which eviction starts.
+    pub high: f64,
 }
 
 pub fn now_secs() -> u64 {
@@ -138,11 +173,100 @@ impl Store {
             links = index.links.len(),
             "cache index rebuilt"
         );
-        Ok(Self { root, index: Mutex::new(index), memo: Mutex::default() })
+        Ok(Self {
+            root,
+            index: Mutex::new(index),
+            memo: Mutex::default(),
+            limits: Limits::default(),
+            evict: Arc::default(),
+        })
     }
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Sets the size cap; the returned `Notify` is woken when the cache grows past the high mark.
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    pub fn eviction_wake(&self) -> Arc<Notify> {
+        self.evict.clone()
+    }
+
+    fn grew(&self) {
+        if let Some(max) = self.limits.max_size
+            && self.usage().1 as f64 > self.limits.high * max as f64
+        {
+            self.evict.notify_one();
+        }
+    }
+
+    /// Whether `bytes` more fit: under the size cap, and the disk has them free.
+    pub fn has_room(&self, bytes: u64) -> bool {
+        if let Some(max) = self.limits.max_size
+            && self.usage().1 + bytes > max
+        {
+            return false;
+        }
+        match rustix::fs::statvfs(&self.root) {
+            Ok(st) => st.f_bavail.saturating_mul(st.f_frsize) > bytes,
+            Err(_) => true,
+        }
+    }
+
+    /// Every cached entry, for the eviction policy.
+    pub fn candidates(&self) -> Vec<Candidate> {
+        let idx = self.index();
+        let one = |kind: EntryKind| {
+            move |(d, e): (&Digest, &Entry)| Candidate {
+                kind,
+                digest: d.clone(),
+                size: e.size,
+                last_access: e.last_access.load(Ordering::Relaxed),
+            }
+        };
+        idx.blobs.iter().map(one(EntryKind::Blob)).chain(idx.manifests.iter().map(one(EntryKind::Manifest))).collect()
+    }
+
+    /// Removes an entry: from the index first (no new reader finds it), then its file (readers that
+    /// have it open keep reading). Returns whether it was there.
+    pub fn remove_entry(&self, kind: EntryKind, d: &Digest) -> Result<bool, StoreError> {
+        let path = match kind {
+            EntryKind::Blob => {
+                if self.index().blobs.remove(d).is_none() {
+                    return Ok(false);
+                }
+                self.blob_path(d)
+            }
+            EntryKind::Manifest => {
+                if self.index().manifests.remove(d).is_none() {
+                    return Ok(false);
+                }
+                self.memo().remove_manifest(d);
+                let path = self.content_path("manifests", d);
+                let _ = std::fs::remove_file(path.with_extension("type"));
+                path
+            }
+        };
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
+            Err(e) => Err(io(&path)(e)),
+        }
+    }
+
+    /// Refreshes the last access of what a served manifest references.
+    fn touch(&self, digests: &[Digest]) {
+        let now = now_secs();
+        let idx = self.index();
+        for d in digests {
+            if let Some(e) = idx.blobs.get(d).or_else(|| idx.manifests.get(d)) {
+                e.last_access.store(now, Ordering::Relaxed);
+            }
+        }
     }
 
     fn index(&self) -> std::sync::MutexGuard<'_, Index> {
@@ -190,6 +314,7 @@ impl Store {
         let dest = self.blob_path(d);
         commit(staging, file, &dest)?;
         self.index().blobs.insert(d.clone(), Entry { size, last_access: AtomicU64::new(now_secs()) });
+        self.grew();
         Ok(())
     }
 
@@ -210,6 +335,7 @@ impl Store {
             .manifests
             .insert(d.clone(), Entry { size: bytes.len() as u64, last_access: AtomicU64::new(now_secs()) });
         self.memo().put_manifest(d, media_type, Bytes::copy_from_slice(bytes));
+        self.grew();
         Ok(())
     }
 
@@ -222,8 +348,10 @@ impl Store {
                 None => return Ok(None),
             }
         }
-        if let Some(hit) = self.memo().manifests.get(d) {
-            return Ok(Some(hit.clone()));
+        let hit = self.memo().manifests.get(d).cloned();
+        if let Some(m) = hit {
+            self.touch(&m.referenced);
+            return Ok(Some((m.media_type, m.bytes)));
         }
         let path = self.content_path("manifests", d);
         let bytes = match std::fs::read(&path) {
@@ -242,7 +370,8 @@ impl Store {
             return Err(StoreError::Corrupt { path, why: "bytes do not match the digest; removed".into() });
         }
         let bytes = Bytes::from(bytes);
-        self.memo().put_manifest(d, &media_type, bytes.clone());
+        let referenced = self.memo().put_manifest(d, &media_type, bytes.clone());
+        self.touch(&referenced);
         Ok(Some((media_type, bytes)))
     }
 

@@ -3,6 +3,7 @@
 
 use axum::body::Body;
 use axum::response::Response;
+use futures_util::StreamExt;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use wharf_core::Digest;
 
@@ -10,7 +11,7 @@ use super::{
     Ctx, RequestLog, content_headers, fetch_error, not_modified, not_modified_response, upstream_error, upstream_status,
 };
 use crate::error::RegistryError;
-use crate::flight::{FetchContext, Joined, Progress, read_file};
+use crate::flight::{FetchContext, FetchFailure, Joined, Progress, read_file};
 use crate::range::{self, Resolved};
 use crate::upstream::{Upstream, UpstreamRequest};
 
@@ -49,6 +50,7 @@ pub async fn get(ctx: &Ctx, digest: Digest, log: &mut RequestLog) -> Result<Resp
     };
     log.cache = if coalesced { "coalesced" } else { "miss" };
     let total = match flight.head().await {
+        Progress::Failed(FetchFailure::NoSpace) => return uncached(ctx, &digest, log).await,
         Progress::Failed(f) => return Err(fetch_error(&f)),
         Progress::Streaming { total, .. } => total,
         Progress::Done { size } => Some(size),
@@ -224,4 +226,37 @@ async fn ranged_upstream(
     let mut r = partial(Body::from_stream(resp.into_stream()), start, end, total);
     blob_headers(r.headers_mut(), digest);
     Ok(Some(r))
+}
+
+/// The cache has no room for this blob: the client gets it straight from upstream (its `Range`
+/// passed on), uncached. The client checks the digest, as it does for any registry.
+async fn uncached(ctx: &Ctx, digest: &Digest, log: &mut RequestLog) -> Result<Response, RegistryError> {
+    let mut headers = HeaderMap::new();
+    if let Some(r) = ctx.headers.get(header::RANGE) {
+        headers.insert(header::RANGE, r.clone());
+    }
+    let req = blob_request(ctx, digest, Method::GET, headers);
+    let resp = ctx.state.upstream.send(&req).await.map_err(|e| upstream_error(&e))?;
+    if !matches!(resp.status, StatusCode::OK | StatusCode::PARTIAL_CONTENT) {
+        let status = resp.status;
+        return Err(upstream_status(status, resp.error_detail().await, "blob", None));
+    }
+    log.cache = "bypass";
+    tracing::warn!(repo_key = %ctx.repo.key, %digest, "no room in the cache: serving from upstream uncached");
+    let status = resp.status;
+    let mut r = Response::new(Body::empty());
+    for k in [header::CONTENT_LENGTH, header::CONTENT_RANGE] {
+        if let Some(v) = resp.headers.get(&k) {
+            r.headers_mut().insert(k, v.clone());
+        }
+    }
+    let counter = metrics::counter!("wharf_uncached_bytes_total", "repo_key" => ctx.repo.key.to_string());
+    *r.body_mut() = Body::from_stream(resp.into_stream().inspect(move |c| {
+        if let Ok(b) = c {
+            counter.increment(b.len() as u64);
+        }
+    }));
+    *r.status_mut() = status;
+    blob_headers(r.headers_mut(), digest);
+    Ok(r)
 }

@@ -246,7 +246,7 @@ async fn fetch(ctx: &Ctx, reference: &Reference, log: &mut RequestLog) -> Result
 }
 
 /// The digests a manifest or index references: config, layers, child manifests, subject, blobs.
-fn referenced(j: &Value) -> Vec<Digest> {
+pub fn referenced(j: &Value) -> Vec<Digest> {
     let one = |v: &Value| v.get("digest").and_then(Value::as_str).and_then(|d| d.parse::<Digest>().ok());
     let mut out: Vec<Digest> = ["config", "subject"].iter().filter_map(|k| j.get(*k)).filter_map(one).collect();
     for list in ["layers", "manifests", "blobs"] {
