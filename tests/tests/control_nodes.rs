@@ -8,6 +8,8 @@
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use wharf_proto::v1 as pb;
+use wharf_proto::v1::node_service_client::NodeServiceClient;
 use wharf_tests::control::{
     ControlOptions, ControlPlane, Node, create_repo, etag_revision, get_manifest, list_nodes, poll, repo_json, rest,
     rest_json, wait_served,
@@ -71,6 +73,13 @@ async fn control_nodes_follow_changes_and_survive_control_plane_outages() -> any
     assert_eq!(entry["address"], node.host(), "{entry}");
     assert_eq!(entry["control_plane"], cp.addr().to_string(), "{entry}");
     assert!(entry["version"].as_str().is_some_and(|v| !v.is_empty()), "{entry}");
+    // gRPC's NodeService says the same.
+    let mut grpc = NodeServiceClient::connect(cp.url()).await?;
+    let listed = grpc.list_nodes(pb::ListNodesRequest {}).await?.into_inner().nodes;
+    let n1 = listed.iter().find(|n| n.id == "n1").ok_or_else(|| anyhow::anyhow!("n1 not in {listed:?}"))?;
+    assert!(n1.applied_revision >= rev, "{n1:?}");
+    assert_eq!(n1.address, node.host());
+    assert!(n1.last_seen.is_some(), "{n1:?}");
 
     // Deleted: NAME_UNKNOWN from the next request on (after a brief propagation).
     let resp = rest("DELETE", &cp.api("/api/repos/lab"), &[], None).await?;
@@ -217,5 +226,30 @@ async fn control_dev_mode_runs_a_node_with_the_seeded_repos() -> anyhow::Result<
     assert_eq!(nodes.len(), 1, "{nodes:?}");
     assert_eq!(nodes[0]["address"], node_addr.to_string(), "{nodes:?}");
     assert!(cache.join("config.snapshot").exists(), "the dev node keeps no snapshot in {}", cache.display());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_nodes_that_vanish_leave_the_node_list() -> anyhow::Result<()> {
+    let cp = ControlPlane::embedded()?;
+    let mut a = Node::spawn("vanishing", &[cp.url()])?;
+    let b = Node::spawn("staying", &[cp.url()])?;
+    for n in [&a, &b] {
+        wait_node_entry(&cp.url(), n.id(), |_| true).await?;
+    }
+    let t = Instant::now();
+    a.kill_9();
+    // Its stream breaks at once; at the latest its lease (10 s) expires.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let nodes = list_nodes(&cp.url()).await?;
+        if !nodes.iter().any(|n| n["id"] == "vanishing") {
+            assert!(nodes.iter().any(|n| n["id"] == "staying"), "the other node went too: {nodes:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "a killed node is still listed after {:?}: {nodes:?}", t.elapsed());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("killed node left the list after {:?}", t.elapsed());
     Ok(())
 }
