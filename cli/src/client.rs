@@ -122,7 +122,15 @@ impl ControlPlane {
 
     /// A gRPC status as a one-line error.
     pub fn status(&self, s: &Status, key: &str) -> CliError {
-        let msg = one_line(s.message());
+        let mut msg = one_line(s.message());
+        if let Some(src) = std::error::Error::source(s) {
+            let chain = error_chain(src);
+            if chain.starts_with(&msg) {
+                msg = chain;
+            } else if !msg.contains(&chain) {
+                msg = format!("{msg}: {chain}");
+            }
+        }
         let url = self.url.clone();
         let protocol = |m: &str| {
             let m = m.to_ascii_lowercase();
