@@ -9,6 +9,7 @@
 //! - [`http`]: a small client (reqwest, plus a raw HTTP/1.1 client for paths reqwest would normalise).
 //! - [`control::ControlPlane`], [`control::Node`]: `wharf-control` and managed `wharf-proxy` nodes;
 //! - [`etcd::EtcdCluster`]: a real etcd (one member or several) for the control plane's store.
+//! - [`regctl::Regctl`]: the `regctl` binary, its exit code and output captured; golden files.
 //!
 //! Every process is killed and reaped when its guard drops, also when a test fails.
 
@@ -20,6 +21,7 @@ pub mod http;
 pub mod image;
 pub mod process;
 pub mod proxy;
+pub mod regctl;
 pub mod registry;
 
 use std::path::{Path, PathBuf};
