@@ -466,6 +466,16 @@ async fn control_rest_password_is_write_only() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_rest_concurrent_puts_with_the_same_if_match_one_wins() -> anyhow::Result<()> {
     let cp = ControlPlane::embedded()?;
+    // Two concurrent creates of one key: one 201, one 409.
+    for round in 0..5 {
+        let key = format!("dup{round}");
+        let (a, b) = (repo_json(&key, "http://a.example"), repo_json(&key, "http://b.example"));
+        let (ra, rb) = tokio::join!(create(&cp, &a), create(&cp, &b));
+        let (ra, rb) = (ra?, rb?);
+        let mut statuses = [ra.status, rb.status];
+        statuses.sort_unstable();
+        assert_eq!(statuses, [201, 409], "round {round}: {} / {}", ra.text(), rb.text());
+    }
     let resp = create(&cp, &repo_json("race", "http://start.example")).await?;
     assert_eq!(resp.status, 201, "{}", resp.text());
     let url = cp.api("/api/repos/race");
