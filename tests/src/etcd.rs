@@ -170,6 +170,32 @@ impl EtcdCluster {
         }
     }
 
+    /// The index of the current leader, asked of the running members (etcd's JSON gateway,
+    /// `/v3/maintenance/status`). `None` while there is none (an election) or no member answers.
+    pub fn leader(&mut self) -> Option<usize> {
+        for i in 0..self.members.len() {
+            if !self.members[i].is_running() {
+                continue;
+            }
+            let Ok(body) = http_call(self.members[i].client_port, "POST", "/v3/maintenance/status", "{}") else {
+                continue;
+            };
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(json_part(&body)) else { continue };
+            let Some(leader) = v["leader"].as_str() else { continue };
+            // Find the member whose id is the leader's, by asking each its own id.
+            for j in 0..self.members.len() {
+                let Ok(b) = http_call(self.members[j].client_port, "POST", "/v3/maintenance/status", "{}") else {
+                    continue;
+                };
+                let Ok(w) = serde_json::from_str::<serde_json::Value>(json_part(&b)) else { continue };
+                if w["header"]["member_id"].as_str() == Some(leader) {
+                    return Some(j);
+                }
+            }
+        }
+        None
+    }
+
     fn wait_healthy_all(&mut self, timeout: Duration) -> Result<(), StartError> {
         for i in 0..self.members.len() {
             self.wait_healthy(i, timeout)?;
@@ -253,15 +279,30 @@ pub fn closed_port() -> u16 {
     free_ports(1).ok().and_then(|p| p.first().copied()).unwrap_or(1)
 }
 
-/// Whether etcd's `/health` on `port` says healthy. A plain blocking HTTP/1.0 request with short
-/// timeouts: used while polling, before any async client is around.
+/// Whether etcd's `/health` on `port` says healthy.
 fn health(port: u16) -> std::io::Result<bool> {
+    let resp = http_call(port, "GET", "/health", "")?;
+    Ok(resp.starts_with("HTTP/1.") && resp.contains(" 200 ") && resp.contains(r#""health":"true""#))
+}
+
+/// A plain blocking HTTP/1.0 request to 127.0.0.1:`port` with short timeouts (used while polling,
+/// also outside any async runtime). Returns the whole response, head and body.
+fn http_call(port: u16, method: &str, path: &str, body: &str) -> std::io::Result<String> {
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(200))?;
     s.set_read_timeout(Some(Duration::from_secs(1)))?;
     s.set_write_timeout(Some(Duration::from_secs(1)))?;
-    s.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
-    let mut body = String::new();
-    s.read_to_string(&mut body)?;
-    Ok(body.starts_with("HTTP/1.") && body.contains(" 200 ") && body.contains(r#""health":"true""#))
+    let req = format!(
+        "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes())?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    Ok(resp)
+}
+
+/// The body of an HTTP response.
+fn json_part(resp: &str) -> &str {
+    resp.split_once("\r\n\r\n").map_or("", |(_, b)| b)
 }

@@ -475,3 +475,54 @@ async fn etcd_store_killed_etcd_fails_calls_and_ends_watches() {
     assert!(matches!(s.get("repos/a").await, Err(StoreError::Unavailable(_))));
     assert!(started.elapsed() < Duration::from_millis(1500), "took {:?}", started.elapsed());
 }
+
+/// A CAS update retried while the store is Unavailable, as a client of the API would retry a 503. A
+/// write whose answer was lost may have been applied: then the retry sees a mismatch against a key that
+/// already holds our value, which counts as success.
+async fn update_retrying(s: &dyn ConfigStore, key: &str, value: Vec<u8>, expected: i64) -> (i64, u32) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut failures = 0;
+    loop {
+        match s.update(key, value.clone(), Some(expected)).await {
+            Ok(r) => return (r, failures),
+            Err(StoreError::Unavailable(e)) if Instant::now() < deadline => {
+                eprintln!("write to {key}: {e}");
+                failures += 1;
+            }
+            Err(StoreError::RevisionMismatch { current, .. }) if failures > 0 => {
+                let kv = s.get(key).await.unwrap().unwrap();
+                assert_eq!((kv.value, kv.mod_revision), (value, current), "a lost answer, not a lost race");
+                return (current, failures);
+            }
+            Err(e) => panic!("write to {key}: {e}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_store_three_members_survive_losing_one() {
+    let mut etcd = tokio::task::spawn_blocking(|| EtcdCluster::start(3)).await.unwrap().unwrap();
+    let s = EtcdStore::connect(EtcdOptions::new(etcd.endpoints())).await.unwrap();
+    let mut rev = s.create("repos/ha", b"0".to_vec()).await.unwrap();
+    let leader = tokio::task::block_in_place(|| etcd.leader()).expect("a leader");
+
+    // Two of three keep a quorum, whichever member dies. Reads always succeed (repeated past a dead
+    // connection or an election); a write sent just as a member dies may fail with Unavailable (etcd
+    // cannot tell whether it was applied), and a retry succeeds.
+    for (what, victim) in [("a follower", (leader + 1) % 3), ("the leader", leader)] {
+        etcd.kill(victim);
+        let started = Instant::now();
+        let mut failures = 0;
+        for i in 1..=10u8 {
+            let (r, f) = update_retrying(&s, "repos/ha", vec![i], rev).await;
+            (rev, failures) = (r, failures + f);
+            let kv = s.get("repos/ha").await.unwrap_or_else(|e| panic!("read {i} with {what} down: {e}"));
+            assert_eq!(kv.unwrap().mod_revision, rev);
+        }
+        eprintln!("{what} down: 10 writes and reads in {:?}, {failures} writes retried", started.elapsed());
+        assert!(failures <= 2, "{failures} writes failed with {what} down");
+        tokio::task::block_in_place(|| etcd.restart(victim)).unwrap();
+    }
+    let (kvs, _) = s.list("").await.unwrap();
+    assert_eq!(kvs[0].value, vec![10]);
+}

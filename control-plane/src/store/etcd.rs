@@ -76,7 +76,8 @@ impl EtcdStore {
             return Err(StoreError::InvalidArgument("the etcd key prefix must not be empty".into()));
         }
         let mut co = ConnectOptions::new()
-            .with_connect_timeout(opts.timeout)
+            // A quarter of the call budget, so a member that drops packets leaves time to try another.
+            .with_connect_timeout((opts.timeout / 4).max(Duration::from_millis(100)))
             // Detects a dead connection under a long-lived watch (etcd accepts pings every 5 s or more).
             .with_keep_alive(Duration::from_secs(10), opts.timeout)
             .with_require_leader(true);
@@ -86,7 +87,7 @@ impl EtcdStore {
         let endpoints = opts.endpoints.iter().map(|e| redact(e)).collect::<Vec<_>>().join(",");
         let client = match tokio::time::timeout(opts.timeout, Client::connect(&opts.endpoints, Some(co))).await {
             Ok(Ok(c)) => c,
-            Ok(Err(e)) => return Err(map_err(&format!("connecting to etcd at {endpoints}"), e)),
+            Ok(Err(e)) => return Err(map_err(&format!("connecting to etcd at {endpoints}"), &e)),
             Err(_) => {
                 return Err(StoreError::Unavailable(format!(
                     "connecting to etcd at {endpoints}: no answer within {:?}",
@@ -107,37 +108,79 @@ impl EtcdStore {
         format!("{}{key}", self.prefix)
     }
 
-    /// Awaits `fut` within the timeout, mapping errors with `ctx`.
-    async fn call<T>(
-        &self,
-        ctx: impl FnOnce() -> String,
-        fut: impl Future<Output = Result<T, etcd_client::Error>>,
-    ) -> Result<T, StoreError> {
-        self.call_lease(None, ctx, fut).await
+    /// Runs the attempt `make(client)` builds, within the timeout, mapping errors with `ctx`.
+    ///
+    /// An attempt that failed to connect (the request never left, e.g. it was routed to a member that
+    /// is down) is retried, on whichever member the client picks next, until the timeout: with one
+    /// etcd member of three down, calls still succeed. Nothing else is retried, as a write may have
+    /// been applied.
+    async fn call<T, F>(&self, ctx: impl FnOnce() -> String, make: impl FnMut(Client) -> F) -> Result<T, StoreError>
+    where
+        F: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        self.call_lease(None, false, ctx, make).await
+    }
+
+    /// [`EtcdStore::call`] for a read (or anything safe to repeat): each attempt also gets a third of
+    /// the timeout, so a request stuck on a member that lost its leader (etcd holds it until its own
+    /// request timeout) is tried again once the cluster has elected a new one.
+    async fn read<T, F>(&self, ctx: impl FnOnce() -> String, make: impl FnMut(Client) -> F) -> Result<T, StoreError>
+    where
+        F: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        self.call_lease(None, true, ctx, make).await
     }
 
     /// [`EtcdStore::call`] for an operation on `lease`: etcd's "lease not found" becomes
     /// [`StoreError::LeaseNotFound`].
-    async fn call_lease<T>(
+    async fn call_lease<T, F>(
         &self,
         lease: Option<LeaseId>,
+        repeatable: bool,
         ctx: impl FnOnce() -> String,
-        fut: impl Future<Output = Result<T, etcd_client::Error>>,
-    ) -> Result<T, StoreError> {
-        let err = match tokio::time::timeout(self.timeout, fut).await {
-            Ok(Ok(v)) => return Ok(v),
-            Ok(Err(e)) => match lease {
-                Some(lease) if is_lease_not_found(&e) => return Err(StoreError::LeaseNotFound { lease }),
-                _ => map_err(&ctx(), e),
-            },
-            Err(_) => {
-                let ctx = ctx();
-                tracing::warn!(op = %ctx, timeout = ?self.timeout, "etcd call timed out");
-                StoreError::Unavailable(format!("{ctx}: no answer within {:?}", self.timeout))
+        mut make: impl FnMut(Client) -> F,
+    ) -> Result<T, StoreError>
+    where
+        F: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let mut backoff = Duration::from_millis(10);
+        let mut attempts = 1u32;
+        let attempt_timeout =
+            if repeatable { (self.timeout / 3).max(Duration::from_millis(200)) } else { self.timeout };
+        let err = loop {
+            let attempt_deadline = deadline.min(tokio::time::Instant::now() + attempt_timeout);
+            let e = match tokio::time::timeout_at(attempt_deadline, make(self.client.clone())).await {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) => e,
+                Err(_) if tokio::time::Instant::now() < deadline => {
+                    attempts += 1;
+                    continue;
+                }
+                Err(_) => {
+                    let ctx = ctx();
+                    tracing::warn!(op = %ctx, timeout = ?self.timeout, attempts, "etcd call timed out");
+                    break StoreError::Unavailable(format!("{ctx}: no answer within {:?}", self.timeout));
+                }
+            };
+            if let Some(lease) = lease
+                && is_lease_not_found(&e)
+            {
+                return Err(StoreError::LeaseNotFound { lease });
             }
+            let retry = is_not_sent(&e) || (repeatable && map_err("", &e).is_unavailable());
+            if !retry || tokio::time::Instant::now() + backoff >= deadline {
+                break map_err(&ctx(), &e);
+            }
+            tracing::debug!(error = %e, attempts, "etcd call failed, retrying");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(250));
+            attempts += 1;
         };
         Err(match err {
-            StoreError::Unavailable(msg) => StoreError::Unavailable(format!("{msg} (etcd at {})", self.endpoints)),
+            StoreError::Unavailable(msg) => {
+                StoreError::Unavailable(format!("{msg} (etcd at {}, {attempts} attempts)", self.endpoints))
+            }
             e => e,
         })
     }
@@ -190,8 +233,7 @@ impl EtcdStore {
             None => Compare::create_revision(full.clone(), CompareOp::Greater, 0),
         };
         let txn = Txn::new().when([cmp]).and_then([op]).or_else([TxnOp::get(full, None)]);
-        let mut client = self.client.clone();
-        let resp = self.call(|| format!("{op_name} {key:?}"), client.txn(txn)).await?;
+        let resp = self.call(|| format!("{op_name} {key:?}"), |c| c_txn(c, &txn)).await?;
         if !resp.succeeded() {
             return Err(self.cas_failure(key, expected, &resp));
         }
@@ -212,8 +254,15 @@ impl EtcdStore {
             if revision > 0 {
                 opts = opts.with_revision(revision);
             }
-            let mut client = self.client.clone();
-            let resp = self.call(|| format!("list {prefix:?}"), client.get(start.clone(), Some(opts))).await?;
+            let resp = self
+                .read(
+                    || format!("list {prefix:?}"),
+                    |mut c| {
+                        let (start, opts) = (start.clone(), opts.clone());
+                        async move { c.get(start, Some(opts)).await }
+                    },
+                )
+                .await?;
             if revision == 0 {
                 revision = header_revision(resp.header(), "list", prefix)?;
             }
@@ -258,7 +307,7 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 }
 
 /// Maps a client error to a store error, with `ctx` (the operation and key) in the message.
-fn map_err(ctx: &str, e: etcd_client::Error) -> StoreError {
+fn map_err(ctx: &str, e: &etcd_client::Error) -> StoreError {
     use etcd_client::Error as E;
     use tonic::Code;
     match e {
@@ -290,6 +339,30 @@ fn map_err(ctx: &str, e: etcd_client::Error) -> StoreError {
     }
 }
 
+/// One transaction attempt (a clone of `txn`, as a failed connect retries it).
+fn c_txn(mut c: Client, txn: &Txn) -> impl Future<Output = Result<TxnResponse, etcd_client::Error>> + use<> {
+    let txn = txn.clone();
+    async move { c.txn(txn).await }
+}
+
+/// Whether the request surely was not applied, so that repeating it (on another member) cannot apply
+/// it twice: connecting failed (refused, unreachable, connect timeout), or the member refused it for
+/// want of a leader before proposing it.
+fn is_not_sent(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => {
+            let msg = s.message().to_ascii_lowercase();
+            s.code() == tonic::Code::Unavailable
+                && (msg.contains("connect error")
+                    || msg.contains("connection refused")
+                    || msg.contains("error trying to connect")
+                    || msg.contains("no leader"))
+        }
+        etcd_client::Error::TransportError(_) => true,
+        _ => false,
+    }
+}
+
 /// Whether `e` is etcd's "requested lease not found".
 fn is_lease_not_found(e: &etcd_client::Error) -> bool {
     match e {
@@ -304,8 +377,16 @@ fn is_lease_not_found(e: &etcd_client::Error) -> bool {
 impl ConfigStore for EtcdStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
         check_key(key)?;
-        let mut client = self.client.clone();
-        let resp = self.call(|| format!("get {key:?}"), client.get(self.full(key), None)).await?;
+        let full = self.full(key);
+        let resp = self
+            .read(
+                || format!("get {key:?}"),
+                |mut c| {
+                    let full = full.clone();
+                    async move { c.get(full, None).await }
+                },
+            )
+            .await?;
         resp.kvs().first().map(|kv| self.kv(kv)).transpose()
     }
 
@@ -326,8 +407,7 @@ impl ConfigStore for EtcdStore {
         let txn = Txn::new()
             .when([Compare::create_revision(full.clone(), CompareOp::Equal, 0)])
             .and_then([TxnOp::put(full, value, None)]);
-        let mut client = self.client.clone();
-        let resp = self.call(|| format!("create {key:?}"), client.txn(txn)).await?;
+        let resp = self.call(|| format!("create {key:?}"), |c| c_txn(c, &txn)).await?;
         if !resp.succeeded() {
             return Err(StoreError::AlreadyExists { key: key.to_string() });
         }
@@ -357,11 +437,18 @@ impl ConfigStore for EtcdStore {
         if from_revision > 0 {
             opts = opts.with_start_revision(from_revision);
         }
-        let mut client = self.client.clone();
         let ctx = || format!("watch {prefix:?} from revision {from_revision}");
-        let mut stream = self.call(ctx, client.watch(full, Some(opts))).await?;
         // Wait for etcd to confirm the watch, so an unreachable or leaderless cluster fails here.
-        let first = self.call(ctx, stream.message()).await?;
+        let (stream, first) = self
+            .read(ctx, |mut c| {
+                let (full, opts) = (full.clone(), opts.clone());
+                async move {
+                    let mut stream = c.watch(full, Some(opts)).await?;
+                    let first = stream.message().await?;
+                    Ok((stream, first))
+                }
+            })
+            .await?;
         let mut state = EtcdWatch {
             stream,
             store_prefix: self.prefix.clone(),
@@ -381,8 +468,9 @@ impl ConfigStore for EtcdStore {
 
     async fn grant_lease(&self, ttl: Duration) -> Result<Lease, StoreError> {
         let secs = ttl_secs(ttl)?;
-        let mut client = self.client.clone();
-        let resp = self.call(|| format!("grant a lease of {secs} s"), client.lease_grant(secs, None)).await?;
+        let resp = self
+            .call(|| format!("grant a lease of {secs} s"), |mut c| async move { c.lease_grant(secs, None).await })
+            .await?;
         if !resp.error().is_empty() {
             return Err(StoreError::Internal(format!("grant a lease of {secs} s: {}", resp.error())));
         }
@@ -392,13 +480,12 @@ impl ConfigStore for EtcdStore {
     }
 
     async fn keep_alive(&self, lease: LeaseId) -> Result<Duration, StoreError> {
-        let mut client = self.client.clone();
-        let once = async move {
-            let (mut keeper, mut stream) = client.lease_keep_alive(lease.0).await?;
+        let once = |mut c: Client| async move {
+            let (mut keeper, mut stream) = c.lease_keep_alive(lease.0).await?;
             keeper.keep_alive().await?;
             stream.message().await
         };
-        match self.call_lease(Some(lease), || format!("keep lease {lease} alive"), once).await? {
+        match self.call_lease(Some(lease), true, || format!("keep lease {lease} alive"), once).await? {
             Some(resp) if resp.ttl() > 0 => Ok(Duration::from_secs(resp.ttl().unsigned_abs())),
             Some(_) => Err(StoreError::LeaseNotFound { lease }),
             None => Err(StoreError::Unavailable(format!("keep lease {lease} alive: etcd closed the stream"))),
@@ -407,31 +494,35 @@ impl ConfigStore for EtcdStore {
 
     async fn put_with_lease(&self, key: &str, value: Vec<u8>, lease: LeaseId) -> Result<Revision, StoreError> {
         check_key(key)?;
-        let mut client = self.client.clone();
-        let fut = client.put(self.full(key), value, Some(PutOptions::new().with_lease(lease.0)));
-        let resp = self.call_lease(Some(lease), || format!("put {key:?} with lease {lease}"), fut).await?;
+        let full = self.full(key);
+        let put = |mut c: Client| {
+            let (full, value) = (full.clone(), value.clone());
+            async move { c.put(full, value, Some(PutOptions::new().with_lease(lease.0))).await }
+        };
+        let resp = self.call_lease(Some(lease), false, || format!("put {key:?} with lease {lease}"), put).await?;
         header_revision(resp.header(), "put_with_lease", key)
     }
 
     async fn revoke_lease(&self, lease: LeaseId) -> Result<(), StoreError> {
-        let mut client = self.client.clone();
-        self.call_lease(Some(lease), || format!("revoke lease {lease}"), client.lease_revoke(lease.0)).await?;
+        let revoke = |mut c: Client| async move { c.lease_revoke(lease.0).await };
+        self.call_lease(Some(lease), false, || format!("revoke lease {lease}"), revoke).await?;
         tracing::debug!(%lease, "lease revoked");
         Ok(())
     }
 
     async fn current_revision(&self) -> Result<Revision, StoreError> {
-        let mut client = self.client.clone();
-        let opts = GetOptions::new().with_count_only();
-        let resp =
-            self.call(|| "read the current revision".to_string(), client.get(self.prefix.clone(), Some(opts))).await?;
+        let read = |mut c: Client| {
+            let prefix = self.prefix.clone();
+            async move { c.get(prefix, Some(GetOptions::new().with_count_only())).await }
+        };
+        let resp = self.read(|| "read the current revision".to_string(), read).await?;
         header_revision(resp.header(), "current_revision", "")
     }
 
     async fn compact(&self, revision: Revision) -> Result<(), StoreError> {
-        let mut client = self.client.clone();
-        let opts = CompactionOptions::new().with_physical();
-        match self.call(|| format!("compact to revision {revision}"), client.compact(revision, Some(opts))).await {
+        let compact =
+            |mut c: Client| async move { c.compact(revision, Some(CompactionOptions::new().with_physical())).await };
+        match self.call(|| format!("compact to revision {revision}"), compact).await {
             Ok(_) | Err(StoreError::Compacted { .. }) => {
                 tracing::info!(revision, "etcd compacted");
                 Ok(())
@@ -536,7 +627,7 @@ impl EtcdWatch {
                     self.fail(e);
                 }
                 Err(e) => {
-                    let e = map_err(&format!("watch {:?}", self.watched), e);
+                    let e = map_err(&format!("watch {:?}", self.watched), &e);
                     self.fail(e);
                 }
             }
