@@ -135,15 +135,10 @@ fn store_snapshot(path: &Path, s: &StoredSnapshot) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
-/// Follows the control planes until `cancel`. `applied` is the revision in force.
-pub async fn run(opts: ManagedOptions, config: Arc<Config>, store: Arc<Store>, cancel: CancellationToken) {
-    let applied = Arc::new(AtomicI64::new(match load_stored(&opts.snapshot_path, &config) {
-        Ok(rev) => rev,
-        Err(e) => {
-            tracing::error!(error = %e, "stored configuration snapshot unusable; waiting for a control plane");
-            0
-        }
-    }));
+/// Follows the control planes until `cancel`, from `held`, the revision of the configuration
+/// already in force (the stored snapshot, loaded before the node serves: [`load_stored`]).
+pub async fn run(opts: ManagedOptions, config: Arc<Config>, store: Arc<Store>, held: i64, cancel: CancellationToken) {
+    let applied = Arc::new(AtomicI64::new(held));
     let last_error = Arc::new(std::sync::Mutex::new(String::new()));
     let mut backoff = Duration::from_millis(200);
     let mut i = 0usize;

@@ -100,7 +100,15 @@ pub async fn run_node(listener: TcpListener, opts: NodeOptions, cancel: Cancella
             snapshot_path: opts.cache_dir.join("config.snapshot"),
             report_interval: Duration::from_secs(10),
         };
-        tokio::spawn(managed::run(managed, config.clone(), store.clone(), cancel.clone()));
+        // Before serving: a restarted node answers its first request with its last configuration.
+        let held = match managed::load_stored(&managed.snapshot_path, &config) {
+            Ok(rev) => rev,
+            Err(e) => {
+                tracing::error!(error = %e, "stored configuration snapshot unusable; waiting for a control plane");
+                0
+            }
+        };
+        tokio::spawn(managed::run(managed, config.clone(), store.clone(), held, cancel.clone()));
     }
     let mut state = AppState::new(config, store, upstream);
     state.metrics = opts.metrics.clone();

@@ -257,7 +257,6 @@ async fn control_nodes_that_vanish_leave_the_node_list() -> anyhow::Result<()> {
 /// A node that restarts with no control plane answering serves its stored snapshot from its very
 /// first request: the snapshot is in force before the node reports "listening" (here a large one,
 /// 20,000 repos, so that loading it takes a while).
-#[ignore = "bug: the node logs \"listening\" and serves before its stored snapshot is loaded (data-plane/src/managed.rs run calls load_stored inside the task node.rs spawns)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_node_serves_its_stored_snapshot_from_the_first_request() -> anyhow::Result<()> {
     let registry = Registry::start()?;
