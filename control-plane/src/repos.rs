@@ -55,6 +55,11 @@ fn millis(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Now, at the resolution the store keeps (ms), so a write answers what a later read returns.
+fn now() -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(millis(SystemTime::now()))
+}
+
 /// Decodes a stored repo; `None` for keys that are not repos or do not parse (logged).
 pub fn decode(kv: &KeyValue) -> Option<RepoRecord> {
     let key = kv.key.strip_prefix(PREFIX)?;
@@ -142,7 +147,7 @@ impl Repos {
 
     pub async fn create(&self, spec: RepoSpec) -> Result<RepoRecord, ApiError> {
         let repo = validate(&spec, None)?;
-        let now = SystemTime::now();
+        let now = now();
         let key = repo.key.to_string();
         let revision = self
             .store
@@ -184,7 +189,7 @@ impl Repos {
         }
         let keep = if clear_password { None } else { current.repo.credentials.as_ref() };
         let repo = validate(&spec, keep)?;
-        let now = SystemTime::now();
+        let now = now();
         let key = repo.key.to_string();
         let revision = self
             .store

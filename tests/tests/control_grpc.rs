@@ -255,7 +255,6 @@ async fn control_grpc_crud_and_one_implementation_with_rest() -> anyhow::Result<
 
 /// What Create and Update answer is what a Get reads back afterwards (timestamps included: a client
 /// that compares them must not see `created_at` move).
-#[ignore = "bug: Create/Update answer created_at/updated_at with ns precision, the store keeps ms (control-plane/src/repos.rs create/update return `now` untruncated)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_grpc_write_answers_match_what_is_read_back() -> anyhow::Result<()> {
     let cp = ControlPlane::embedded()?;
