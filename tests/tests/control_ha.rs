@@ -178,7 +178,6 @@ async fn control_ha_two_control_planes_three_nodes_on_a_three_member_etcd() -> a
 /// etcd elects a new leader within about a second here (500 ms election timeout): a write that
 /// arrives right after the leader died must not fail for it, the store has its whole timeout (2 s) to
 /// get it through. The HA test above tolerates 503 and retries; this one does not.
-#[ignore = "bug: the first write after the etcd leader dies hangs for the whole --store-timeout and answers 503 (control-plane/src/store/etcd.rs call_lease: writes get one attempt)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_ha_write_right_after_the_etcd_leader_dies_succeeds() -> anyhow::Result<()> {
     let mut etcd = start_etcd(3).await?;

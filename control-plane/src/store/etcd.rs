@@ -202,6 +202,21 @@ impl EtcdStore {
     }
 
     /// The failure of a conditional write, from the `or_else` get of its key.
+    /// A compare-and-swap transaction: safe to repeat (a repeat cannot apply twice, its comparison
+    /// fails), so like a read each attempt gets a third of the timeout and a write caught by the
+    /// death of etcd's leader is sent again once a new one is elected. Returns the attempts made,
+    /// for the caller to tell "someone else changed it" from "our first attempt landed".
+    async fn cas_write(&self, ctx: impl FnOnce() -> String, txn: &Txn) -> Result<(TxnResponse, u32), StoreError> {
+        let attempts = std::sync::atomic::AtomicU32::new(0);
+        let resp = self
+            .call_lease(None, true, ctx, |c| {
+                attempts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                c_txn(c, txn)
+            })
+            .await?;
+        Ok((resp, attempts.into_inner()))
+    }
+
     fn cas_failure(&self, key: &str, expected: Option<Revision>, resp: &TxnResponse) -> StoreError {
         let current = resp.op_responses().into_iter().find_map(|r| match r {
             TxnOpResponse::Get(g) => Some(g.kvs().first().map(etcd_client::KeyValue::mod_revision)),
@@ -223,6 +238,7 @@ impl EtcdStore {
         op_name: &'static str,
         key: &str,
         op: TxnOp,
+        written: Option<&[u8]>,
         expected: Option<Revision>,
     ) -> Result<Revision, StoreError> {
         check_key(key)?;
@@ -233,8 +249,17 @@ impl EtcdStore {
             None => Compare::create_revision(full.clone(), CompareOp::Greater, 0),
         };
         let txn = Txn::new().when([cmp]).and_then([op]).or_else([TxnOp::get(full, None)]);
-        let resp = self.call(|| format!("{op_name} {key:?}"), |c| c_txn(c, &txn)).await?;
+        let (resp, attempts) = self.cas_write(|| format!("{op_name} {key:?}"), &txn).await?;
         if !resp.succeeded() {
+            // A repeated attempt whose comparison fails may follow our own first attempt that
+            // landed: the key holds what we wrote (update), or is gone (delete).
+            if attempts > 1 {
+                match (op_name, current_kv(&resp), written) {
+                    ("update", Some((current, v)), Some(w)) if v == w => return Ok(current),
+                    ("delete", None, None) => return Ok(resp.header().map_or(0, |h| h.revision())),
+                    _ => {}
+                }
+            }
             return Err(self.cas_failure(key, expected, &resp));
         }
         let revision = header_revision(resp.header(), op_name, key)?;
@@ -340,6 +365,14 @@ fn map_err(ctx: &str, e: &etcd_client::Error) -> StoreError {
 }
 
 /// One transaction attempt (a clone of `txn`, as a failed connect retries it).
+/// The key's mod revision and value from a transaction's `or_else` get, when it exists.
+fn current_kv(resp: &TxnResponse) -> Option<(Revision, Vec<u8>)> {
+    resp.op_responses().into_iter().find_map(|r| match r {
+        TxnOpResponse::Get(g) => g.kvs().first().map(|kv| (kv.mod_revision(), kv.value().to_vec())),
+        _ => None,
+    })
+}
+
 fn c_txn(mut c: Client, txn: &Txn) -> impl Future<Output = Result<TxnResponse, etcd_client::Error>> + use<> {
     let txn = txn.clone();
     async move { c.txn(txn).await }
@@ -406,9 +439,17 @@ impl ConfigStore for EtcdStore {
         let full = self.full(key);
         let txn = Txn::new()
             .when([Compare::create_revision(full.clone(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(full, value, None)]);
-        let resp = self.call(|| format!("create {key:?}"), |c| c_txn(c, &txn)).await?;
+            .and_then([TxnOp::put(full.clone(), value.clone(), None)])
+            .or_else([TxnOp::get(full, None)]);
+        let (resp, attempts) = self.cas_write(|| format!("create {key:?}"), &txn).await?;
         if !resp.succeeded() {
+            // A repeated attempt finds the key: it may be our own first attempt that landed.
+            if attempts > 1
+                && let Some((current, v)) = current_kv(&resp)
+                && v == value
+            {
+                return Ok(current);
+            }
             return Err(StoreError::AlreadyExists { key: key.to_string() });
         }
         let revision = header_revision(resp.header(), "create", key)?;
@@ -422,13 +463,13 @@ impl ConfigStore for EtcdStore {
         value: Vec<u8>,
         expected_mod_revision: Option<Revision>,
     ) -> Result<Revision, StoreError> {
-        let op = TxnOp::put(self.full(key), value, None);
-        self.write_existing("update", key, op, expected_mod_revision).await
+        let op = TxnOp::put(self.full(key), value.clone(), None);
+        self.write_existing("update", key, op, Some(&value), expected_mod_revision).await
     }
 
     async fn delete(&self, key: &str, expected_mod_revision: Option<Revision>) -> Result<Revision, StoreError> {
         let op = TxnOp::delete(self.full(key), None);
-        self.write_existing("delete", key, op, expected_mod_revision).await
+        self.write_existing("delete", key, op, None, expected_mod_revision).await
     }
 
     async fn watch(&self, prefix: &str, from_revision: Revision) -> Result<WatchStream, StoreError> {
