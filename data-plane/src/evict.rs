@@ -13,7 +13,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use wharf_core::Digest;
 
-use crate::store::{Store, now_secs};
+use crate::store::{Store, now_ms};
 
 /// `--cache-max-size`: bytes (`500MB`, `10GiB`, `1073741824`) or a share of the disk (`80%`).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -91,13 +91,13 @@ pub struct Candidate {
     pub kind: EntryKind,
     pub digest: Digest,
     pub size: u64,
-    /// Seconds since the epoch.
+    /// Milliseconds since the epoch.
     pub last_access: u64,
 }
 
 /// Chooses what to evict.
 pub trait EvictionPolicy: Send + Sync {
-    /// The entries to remove from `entries` (the whole cache) at time `now`, with the reason.
+    /// The entries to remove from `entries` (the whole cache) at `now` (ms since the epoch).
     fn victims(&self, entries: &[Candidate], now: u64) -> Vec<(usize, Reason)>;
 }
 
@@ -119,7 +119,7 @@ impl EvictionPolicy for LruWatermarks {
         let mut keep: Vec<usize> = Vec::with_capacity(entries.len());
         for (i, e) in entries.iter().enumerate() {
             match self.ttl {
-                Some(ttl) if now.saturating_sub(e.last_access) > ttl.as_secs() => out.push((i, Reason::Ttl)),
+                Some(ttl) if now.saturating_sub(e.last_access) > ttl.as_millis() as u64 => out.push((i, Reason::Ttl)),
                 _ => keep.push(i),
             }
         }
@@ -167,7 +167,7 @@ pub async fn run(
 /// One pass: asks the policy, removes its victims. Returns how many entries went.
 pub fn evict_once(store: &Store, policy: &dyn EvictionPolicy) -> usize {
     let entries = store.candidates();
-    let victims = policy.victims(&entries, now_secs());
+    let victims = policy.victims(&entries, now_ms());
     let mut n = 0;
     for (i, reason) in victims {
         let e = &entries[i];
@@ -220,7 +220,7 @@ mod tests {
     #[test]
     fn ttl_on_last_access() {
         let p = LruWatermarks { max_size: None, high: 0.9, low: 0.8, ttl: Some(Duration::from_secs(60)) };
-        let entries = [c(1, 1, 1000), c(2, 1, 1000 - 61), c(3, 1, 1000 - 60)];
-        assert_eq!(p.victims(&entries, 1000), vec![(1, Reason::Ttl)]);
+        let entries = [c(1, 1, 100_000), c(2, 1, 100_000 - 60_001), c(3, 1, 100_000 - 60_000)];
+        assert_eq!(p.victims(&entries, 100_000), vec![(1, Reason::Ttl)]);
     }
 }

@@ -43,7 +43,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
 #[derive(Debug)]
 pub struct Entry {
     pub size: u64,
-    /// Seconds since the epoch; refreshed in memory on every hit, never written per hit.
+    /// Milliseconds since the epoch; refreshed in memory on every hit, never written per hit.
     pub last_access: AtomicU64,
 }
 
@@ -141,6 +141,11 @@ pub struct Limits {
 
 pub fn now_secs() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Milliseconds since the epoch: the resolution of last access.
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Store {
@@ -260,7 +265,7 @@ impl Store {
 
     /// Refreshes the last access of what a served manifest references.
     fn touch(&self, digests: &[Digest]) {
-        let now = now_secs();
+        let now = now_ms();
         let idx = self.index();
         for d in digests {
             if let Some(e) = idx.blobs.get(d).or_else(|| idx.manifests.get(d)) {
@@ -289,7 +294,7 @@ impl Store {
     pub fn blob_size(&self, d: &Digest) -> Option<u64> {
         let idx = self.index();
         let e = idx.blobs.get(d)?;
-        e.last_access.store(now_secs(), Ordering::Relaxed);
+        e.last_access.store(now_ms(), Ordering::Relaxed);
         Some(e.size)
     }
 
@@ -313,7 +318,7 @@ impl Store {
     pub fn commit_blob(&self, staging: &Path, file: &std::fs::File, d: &Digest, size: u64) -> Result<(), StoreError> {
         let dest = self.blob_path(d);
         commit(staging, file, &dest)?;
-        self.index().blobs.insert(d.clone(), Entry { size, last_access: AtomicU64::new(now_secs()) });
+        self.index().blobs.insert(d.clone(), Entry { size, last_access: AtomicU64::new(now_ms()) });
         self.grew();
         Ok(())
     }
@@ -333,7 +338,7 @@ impl Store {
         result?;
         self.index()
             .manifests
-            .insert(d.clone(), Entry { size: bytes.len() as u64, last_access: AtomicU64::new(now_secs()) });
+            .insert(d.clone(), Entry { size: bytes.len() as u64, last_access: AtomicU64::new(now_ms()) });
         self.memo().put_manifest(d, media_type, Bytes::copy_from_slice(bytes));
         self.grew();
         Ok(())
@@ -344,7 +349,7 @@ impl Store {
         {
             let idx = self.index();
             match idx.manifests.get(d) {
-                Some(e) => e.last_access.store(now_secs(), Ordering::Relaxed),
+                Some(e) => e.last_access.store(now_ms(), Ordering::Relaxed),
                 None => return Ok(None),
             }
         }
@@ -481,7 +486,7 @@ fn scan_content(dir: &Path, into: &mut HashMap<Digest, Entry>) -> Result<(), Sto
                 .or_else(|_| meta.modified())
                 .ok()
                 .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-                .map_or(0, |t| t.as_secs());
+                .map_or(0, |t| t.as_millis() as u64);
             into.insert(d, Entry { size: meta.len(), last_access: AtomicU64::new(last) });
         }
     }

@@ -22,14 +22,14 @@ async fn lru_order_down_to_the_low_watermark() -> anyhow::Result<()> {
     let proxy = Proxy::spawn(&repo_config("lab", &fake.url(), "generic", "5m"), &args)?;
     let url = |i: usize| proxy.v2(&format!("lab/org/img/blobs/{}", blobs[i].digest));
     // 0, 1, 2 cached (300 KiB, under the high mark); then 0 used again, so 1 is the oldest.
-    for i in 0..3 {
+    for (i, blob) in blobs.iter().enumerate().take(3) {
         assert_eq!(get(&url(i), &[]).await?.status, 200);
-        wharf_tests::checks::expect_cached(&proxy, &blobs[i]).await?;
-        // Last access has a resolution of a second.
-        tokio::time::sleep(Duration::from_millis(1100)).await;
+        wharf_tests::checks::expect_cached(&proxy, blob).await?;
+        // Distinct last-access times (millisecond resolution), not a wait for readiness.
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(get(&url(0), &[]).await?.status, 200);
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
     // 3 takes the cache to 400 KiB > high: evict LRU (1, then 2) until <= 200 KiB: 0 and 3 stay.
     assert_eq!(get(&url(3), &[]).await?.status, 200);
     wharf_tests::wait_until_async(Duration::from_secs(10), "eviction down to the low watermark", || {
