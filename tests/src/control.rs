@@ -184,6 +184,11 @@ impl ControlPlane {
         self.child.try_wait().is_none() && self.child.id().is_some()
     }
 
+    /// The process id (for resource measurements).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// The raw stdout lines.
     pub fn stdout(&self) -> &LogBuf {
         &self.child.stdout
