@@ -13,6 +13,9 @@ Measurements, per system:
   warm   manifest-by-tag GETs/s (wrk), 1 MiB blob GETs/s (wrk), P parallel clients (default 4)
          pulling the big blob over and over (curl -o /dev/null): aggregate GB/s.
 
+With --upstream-mbps N each system reaches its upstream through a throttling TCP relay
+(throttle_relay.py) that limits upstream -> system to N MB/s, shared by all its connections.
+
 Python 3.11 standard library only. See bench/README.md.
 """
 from __future__ import annotations
@@ -42,6 +45,7 @@ from pathlib import Path
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 TEMPLATES = BENCH_DIR / "templates"
+RELAY = BENCH_DIR / "throttle_relay.py"
 
 SYSTEMS = ("wharf", "distribution", "nginx")
 LABELS = {"wharf": "wharf", "distribution": "distribution-proxy", "nginx": "nginx"}
@@ -229,6 +233,18 @@ def proc_mem_kib(pid: int) -> tuple[int, int]:
     return rss, hwm
 
 
+def proc_io_chars(pid: int) -> int:
+    """rchar + wchar from /proc/<pid>/io (bytes moved by read/write calls, sockets included)."""
+    total = 0
+    try:
+        for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+            if line.startswith(("rchar:", "wchar:")):
+                total += int(line.split()[1])
+    except OSError:
+        pass
+    return total
+
+
 def proc_cpu_ticks(pid: int) -> int:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -293,6 +309,11 @@ class UpstreamLog:
     def __init__(self, path: Path, proc: subprocess.Popen) -> None:
         self.path = path
         self.proc = proc
+        self.relay: subprocess.Popen | None = None  # set when a throttling relay is in front
+
+    def _activity(self) -> tuple[int, int, int]:
+        relay_io = proc_io_chars(self.relay.pid) if self.relay is not None else 0
+        return self.offset(), proc_cpu_ticks(self.proc.pid), relay_io
 
     def offset(self) -> int:
         return self.path.stat().st_size
@@ -301,14 +322,16 @@ class UpstreamLog:
         """Waits until the upstream neither logs nor burns CPU for `quiet` seconds.
 
         A request's line is written when it completes, so a transfer still running shows only as
-        CPU use of the upstream process."""
+        CPU use of the upstream process, or (throttled, when the upstream mostly waits) as bytes
+        moving through the relay."""
         deadline = time.monotonic() + timeout
-        prev = (self.offset(), proc_cpu_ticks(self.proc.pid))
+        prev = self._activity()
         since = time.monotonic()
         while time.monotonic() < deadline:
             time.sleep(0.1)
-            cur = (self.offset(), proc_cpu_ticks(self.proc.pid))
-            if cur[0] != prev[0] or cur[1] - prev[1] > 1:  # a new line, or > 10 ms of CPU
+            cur = self._activity()
+            # a new line, > 10 ms of upstream CPU, or any byte through the relay
+            if cur[0] != prev[0] or cur[1] - prev[1] > 1 or cur[2] != prev[2]:
                 since = time.monotonic()
             prev = cur
             if time.monotonic() - since >= quiet:
@@ -642,6 +665,20 @@ def start_upstream(ctx: Context, name: str) -> tuple[subprocess.Popen, int, Upst
     return p, port, UpstreamLog(log_path, p)
 
 
+def start_relay(ctx: Context, name: str, upstream_port: int) -> tuple[subprocess.Popen, int]:
+    """The throttling relay between a system and its upstream (--upstream-mbps)."""
+    d = ctx.tmp / f"upstream-{name}"
+    port = free_port()
+    log_path = d / "relay.log"
+    p = ctx.procs.start(f"relay[{name}]", [
+        sys.executable, str(RELAY), "--listen", str(port), "--upstream", str(upstream_port),
+        "--mbps", f"{ctx.args.upstream_mbps:g}"], log_path, cwd=d)
+    # GET /v2/ through the relay: proves the whole path (it adds one "GET other" upstream line
+    # before any measurement starts).
+    wait_ready(f"relay[{name}]", port, p, log_path)
+    return p, port
+
+
 def start_wharf(ctx: Context, upstream_port: int) -> tuple[subprocess.Popen, int, Path, str]:
     d = ctx.tmp / "wharf"
     d.mkdir()
@@ -730,9 +767,17 @@ def bench_system(ctx: Context, name: str) -> dict:
     # spent minus this script's, its reaped children's (wrk, curl) and the servers'.
     t_phase0, busy0, own0 = time.monotonic(), machine_busy_s(), own_cpu_s()
     up_proc, up_port, up_log = start_upstream(ctx, name)
+    relay_proc = None
     try:
-        proc, port, log_path, base = STARTERS[name](ctx, up_port)
+        target_port = up_port
+        if args.upstream_mbps > 0:
+            relay_proc, target_port = start_relay(ctx, name, up_port)
+            up_log.relay = relay_proc
+            res["upstream_mbps"] = args.upstream_mbps
+        proc, port, log_path, base = STARTERS[name](ctx, target_port)
     except BaseException:
+        if relay_proc is not None:
+            ctx.procs.stop(relay_proc)
         ctx.procs.stop(up_proc)
         raise
     res["log"] = str(log_path)
@@ -753,6 +798,7 @@ def bench_system(ctx: Context, name: str) -> dict:
         rss_before_kib, _ = sampler.snapshot()
         cpu0 = sum(proc_cpu_ticks(pid) for pid in sampler.pids)
         up_cpu0 = proc_cpu_ticks(up_proc.pid)
+        relay_cpu0 = proc_cpu_ticks(relay_proc.pid) if relay_proc else 0
         me0 = os.times()
         with sampler:
             h = herd(port, f"{base}/blobs/{image['big_digest']}", args.clients, size,
@@ -762,6 +808,8 @@ def bench_system(ctx: Context, name: str) -> dict:
         tick = os.sysconf("SC_CLK_TCK")
         h["cpu_s"] = (cpu1 - cpu0) / tick
         h["upstream_cpu_s"] = (proc_cpu_ticks(up_proc.pid) - up_cpu0) / tick
+        if relay_proc is not None:
+            h["relay_cpu_s"] = (proc_cpu_ticks(relay_proc.pid) - relay_cpu0) / tick
         # the clients' CPU, hashing after the transfer included
         h["client_cpu_s"] = (me1.user + me1.system) - (me0.user + me0.system)
         up_log.wait_idle()
@@ -812,11 +860,14 @@ def bench_system(ctx: Context, name: str) -> dict:
     finally:
         tick = os.sysconf("SC_CLK_TCK")
         servers = (sum(proc_cpu_ticks(pid) for pid in group_pids(proc.pid))
-                   + proc_cpu_ticks(up_proc.pid)) / tick
+                   + proc_cpu_ticks(up_proc.pid)
+                   + (proc_cpu_ticks(relay_proc.pid) if relay_proc else 0)) / tick
         wall = time.monotonic() - t_phase0
         foreign = (machine_busy_s() - busy0) - (own_cpu_s() - own0) - servers
         res["other_cpu_pct"] = max(0.0, 100.0 * foreign / (wall * (os.cpu_count() or 1)))
         ctx.procs.stop(proc)
+        if relay_proc is not None:
+            ctx.procs.stop(relay_proc)
         ctx.procs.stop(up_proc)
     if proc.returncode not in (0, -signal.SIGTERM, None):
         res["exit_code"] = proc.returncode
@@ -907,8 +958,10 @@ def report(results: dict, args: argparse.Namespace, image: dict) -> str:
     size_mib = image["big_size"] / MiB
     out: list[str] = []
     out.append("")
+    throttle = (f", upstream -> system throttled to {args.upstream_mbps:g} MB/s (shared)"
+                if args.upstream_mbps > 0 else "")
     out.append(f"Wharf benchmark — {args.clients}-client herd on a cold {size_mib:.0f} MiB blob, "
-               f"warm runs of {args.duration}s; all on 127.0.0.1, {os.cpu_count()} CPUs")
+               f"warm runs of {args.duration}s; all on 127.0.0.1, {os.cpu_count()} CPUs{throttle}")
     out.append("ratios are wharf's figure divided by the other's (>1 = wharf higher)")
     out.append("")
 
@@ -932,8 +985,10 @@ def report(results: dict, args: argparse.Namespace, image: dict) -> str:
          lambda v: v[0] < 64),
         ("VmHWM after herd (MiB)", ("herd", "vmhwm_mib"), ".1f", "< 64 MiB", lambda v: v[0] < 64),
     ]
-    out += print_table(f"HERD: {args.clients} concurrent clients, cold {size_mib:.0f} MiB blob",
-                       herd_rows, results)
+    herd_title = f"HERD: {args.clients} concurrent clients, cold {size_mib:.0f} MiB blob"
+    if args.upstream_mbps > 0:
+        herd_title += f", upstream throttled to {args.upstream_mbps:g} MB/s"
+    out += print_table(herd_title, herd_rows, results)
     out.append("")
     warm_rows = [
         ("manifest by tag (GETs/s)", ("manifest", "rps"), ".0f", ">= 10x distribution",
@@ -1029,6 +1084,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "'after' when it fits in half the available memory")
     ap.add_argument("--client-timeout", type=float, default=300.0,
                     help="socket timeout of each herd client, seconds (300)")
+    ap.add_argument("--upstream-mbps", type=float, default=0.0, metavar="N",
+                    help="put a throttling TCP relay between each system and its upstream that "
+                         "limits upstream -> system to N MB/s (10^6 bytes/s), shared by all of "
+                         "that system's upstream connections; 0 = direct, unthrottled (0)")
     ap.add_argument("--no-build", action="store_true", help="do not run cargo build")
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (logs, caches)")
     ap.add_argument("--out", type=Path, default=BENCH_DIR / "out",
@@ -1041,6 +1100,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.systems = [s for s in SYSTEMS if s in only]
     if args.big_mb < 2 or args.duration < 1 or args.clients < 1 or args.parallel < 1:
         ap.error("--big-mb >= 2, --duration >= 1, --clients >= 1, --parallel >= 1")
+    if args.upstream_mbps < 0:
+        ap.error("--upstream-mbps >= 0 (0 = unthrottled)")
     return args
 
 
