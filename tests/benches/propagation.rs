@@ -101,10 +101,15 @@ async fn open_streams(url: &str, from: usize, n: usize, seen: Option<&Streams>) 
         Some(s) => (s.seen.clone(), s.notify.clone()),
         None => (Arc::default(), Arc::new(tokio::sync::Notify::new())),
     };
-    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())?.connect().await?;
     let mut tasks = Vec::with_capacity(n);
+    let mut channel = None;
     for i in from..from + n {
-        let mut client = ConfigServiceClient::new(channel.clone());
+        // One connection per 100 streams: HTTP/2 servers cap concurrent streams per connection
+        // (hyper: 200), and real nodes each have their own connection anyway.
+        if i % 100 == 0 || channel.is_none() {
+            channel = Some(tonic::transport::Endpoint::from_shared(url.to_owned())?.connect().await?);
+        }
+        let mut client = ConfigServiceClient::new(channel.clone().context("channel")?);
         let req = pb::WatchRequest {
             node_id: format!("load-{i}"),
             address: "load".into(),
