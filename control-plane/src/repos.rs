@@ -110,9 +110,12 @@ pub fn validate(spec: &RepoSpec, stored: Option<&Credentials>) -> Result<Repo, A
         Some(k) => k.parse().map_err(|e: RepoError| ApiError::invalid("kind", e.to_string()))?,
     };
     let tag_ttl = spec.tag_ttl.unwrap_or(Repo::DEFAULT_TAG_TTL);
-    let password =
-        spec.password.clone().filter(|p| !p.is_empty()).or_else(|| stored.map(|c| c.password.expose().to_owned()));
-    let credentials = match (spec.username.clone().filter(|u| !u.is_empty()), password) {
+    let username = spec.username.clone().filter(|u| !u.is_empty());
+    // The password is write-only: a replace without one keeps the stored one, as long as it still
+    // names a username (no username: no credentials).
+    let kept = || stored.filter(|_| username.is_some()).map(|c| c.password.expose().to_owned());
+    let password = spec.password.clone().filter(|p| !p.is_empty()).or_else(kept);
+    let credentials = match (username, password) {
         (Some(username), Some(p)) => Some(Credentials { username, password: Secret::new(p) }),
         (None, None) => None,
         (Some(_), None) => return Err(ApiError::invalid("password", "a username needs a password")),
