@@ -150,3 +150,41 @@ mod tests {
         assert_eq!(normalize_name("alpine", false), "alpine");
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::Digest;
+
+    proptest! {
+        /// Whatever the input, parsing answers (no panic), and what it accepts is safe to use as a
+        /// path component: no `..`, no `/` in references, no `%`, no NUL.
+        #[test]
+        fn names_and_references_never_panic(s in "\\PC{0,300}") {
+            if validate_name(&s).is_ok() {
+                prop_assert!(!s.split('/').any(|c| c.is_empty() || c == "." || c == ".."));
+                prop_assert!(!s.contains(['%', '\0', '\\']) && s.len() <= 255);
+            }
+            if let Ok(r) = Reference::parse(&s) {
+                let shown = r.to_string();
+                prop_assert!(!shown.contains(['/', '%', '\0']) && !shown.starts_with('.'));
+            }
+            let _ = s.parse::<Digest>();
+        }
+
+        #[test]
+        fn valid_names_are_accepted(parts in proptest::collection::vec("[a-z0-9]{1,8}([._-][a-z0-9]{1,8}){0,2}", 1..5)) {
+            let name = parts.join("/");
+            prop_assume!(name.len() <= 255);
+            prop_assert_eq!(validate_name(&name), Ok(()));
+        }
+
+        #[test]
+        fn digests_round_trip(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let d = Digest::of(&bytes);
+            prop_assert_eq!(d.to_string().parse::<Digest>(), Ok(d));
+        }
+    }
+}

@@ -96,3 +96,28 @@ mod tests {
         assert_eq!(r("bytes=-0"), Some(Resolved::Unsatisfiable));
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        /// Any header parses without panicking; a resolved range always lies inside the body.
+        #[test]
+        fn ranges_stay_inside_the_body(h in "\\PC{0,40}", size in 0u64..10_000) {
+            if let Some(spec) = parse(&h) {
+                if let Resolved::Partial { start, end } = spec.resolve(size) {
+                    prop_assert!(start < end && end <= size);
+                }
+            }
+        }
+
+        #[test]
+        fn well_formed_ranges_parse(a in 0u64..u64::MAX / 2, len in 0u64..1_000_000) {
+            prop_assert_eq!(parse(&format!("bytes={a}-{}", a + len)), Some(RangeSpec::From { start: a, end: Some(a + len) }));
+            prop_assert_eq!(parse(&format!("bytes=-{len}")), Some(RangeSpec::Suffix(len)));
+        }
+    }
+}

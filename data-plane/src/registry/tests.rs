@@ -49,3 +49,29 @@ fn if_none_match() {
     assert!(not_modified(&h, "\"b\""));
     assert!(!not_modified(&h, "\"c\""));
 }
+
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        /// The request-path parser answers every path (an OCI error or a parsed target); what it
+        /// accepts names nothing outside the cache dir.
+        #[test]
+        fn paths_never_panic_and_stay_inside(path in "[a-zA-Z0-9._%:/-]{0,200}") {
+            if let Ok(p) = parse_path(&path) {
+                prop_assert!(!p.name.split('/').any(|c| c == ".." || c == "." || c.is_empty()));
+                prop_assert!(!path.contains('%'));
+                if let Target::Manifest(Reference::Tag(t)) = &p.target {
+                    prop_assert!(!t.contains('/') && !t.starts_with('.'));
+                }
+            }
+        }
+
+        #[test]
+        fn arbitrary_text_never_panics(path in "\\PC{0,300}") {
+            let _ = parse_path(&path);
+        }
+    }
+}

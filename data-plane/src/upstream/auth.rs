@@ -250,3 +250,31 @@ mod tests {
         assert_eq!(parse_params(r#"a="x\"y", b=2,,c"#), vec![("a".into(), "x\"y".into()), ("b".into(), "2".into())]);
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        /// Any WWW-Authenticate value parses without panicking; a Bearer realm is always http(s).
+        #[test]
+        fn challenges_never_panic(h in "\\PC{0,200}") {
+            if let Some(Challenge::Bearer { realm, .. }) = Challenge::parse(&h) {
+                prop_assert!(realm.starts_with("https://") || realm.starts_with("http://"));
+            }
+        }
+
+        #[test]
+        fn quoted_params_round_trip(realm in "[a-z]{1,10}", service in "[a-zA-Z0-9 ,=.]{0,20}") {
+            let quoted = service.replace('\\', "\\\\").replace('"', "\\\"");
+            let h = format!("Bearer realm=\"https://{realm}/token\",service=\"{quoted}\",scope=\"repository:a:pull\"");
+            let want = Challenge::Bearer {
+                realm: format!("https://{realm}/token"),
+                service: Some(service.clone()).filter(|s| !s.is_empty()),
+            };
+            prop_assert_eq!(Challenge::parse(&h), Some(want));
+        }
+    }
+}
