@@ -148,6 +148,8 @@ struct Inner {
     requests: Vec<RecordedRequest>,
     tokens: HashMap<String, IssuedToken>,
     token_seq: u64,
+    /// Added to every answer (see [`FakeUpstream::set_response_header`]).
+    response_headers: Vec<(String, String)>,
 }
 
 #[derive(Clone, Debug)]
@@ -307,6 +309,12 @@ impl FakeUpstream {
         self.shared.gate.send_replace(false);
     }
 
+    /// Adds `name: value` to every answer from now on, faults included (as Docker Hub sends
+    /// `ratelimit-remaining: 100;w=21600` with every answer).
+    pub fn set_response_header(&self, name: &str, value: &str) {
+        self.shared.lock().response_headers.push((name.to_string(), value.to_string()));
+    }
+
     /// Makes every issued token invalid (as if expired or revoked).
     pub fn revoke_tokens(&self) {
         self.shared.lock().tokens.clear();
@@ -446,6 +454,12 @@ async fn handle(State(ctx): State<Ctx>, req: Request) -> Response {
     ctx.shared.lock().requests.push(record.clone());
     let mut resp = route(&ctx, &record).await;
     resp.headers_mut().insert("docker-distribution-api-version", HeaderValue::from_static("registry/2.0"));
+    let extra = ctx.shared.lock().response_headers.clone();
+    for (k, v) in extra {
+        if let Ok(k) = header::HeaderName::from_bytes(k.as_bytes()) {
+            resp.headers_mut().insert(k, hv(&v));
+        }
+    }
     resp
 }
 

@@ -7,6 +7,7 @@
 //! - [`FakeUpstream`]: an in-process registry for what a real one cannot do on demand (token auth,
 //!   redirects, faults, request recording);
 //! - [`http`]: a small client (reqwest, plus a raw HTTP/1.1 client for paths reqwest would normalise).
+//! - [`prom`]: the Prometheus text format parsed into a map, for exact assertions on `/metrics`.
 //! - [`control::ControlPlane`], [`control::Node`]: `wharf-control` and managed `wharf-proxy` nodes;
 //! - [`etcd::EtcdCluster`]: a real etcd (one member or several) for the control plane's store.
 //! - [`regctl::Regctl`]: the `regctl` binary, its exit code and output captured; golden files.
@@ -20,6 +21,7 @@ pub mod fake;
 pub mod http;
 pub mod image;
 pub mod process;
+pub mod prom;
 pub mod proxy;
 pub mod regctl;
 pub mod registry;
