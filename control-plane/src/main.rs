@@ -6,18 +6,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use wharf_control::repos::RepoSpec;
 use wharf_control::server::{ApiState, run};
-use wharf_control::store::{ConfigStore, EmbeddedOptions, EmbeddedStore, EtcdOptions, EtcdStore};
-
-#[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Json,
-    Text,
-}
+use wharf_control::store::{ConfigStore, EmbeddedOptions, EmbeddedStore, EtcdOptions, EtcdStore, TracedStore};
+use wharf_proxy::telemetry::{LogFormat, TelemetryOptions};
 
 /// Wharf's control plane: repos in etcd (or the embedded store), gRPC and REST (/api/repos) on one
 /// port, configuration streamed to every data-plane node.
@@ -61,6 +56,10 @@ struct Args {
     log_format: LogFormat,
     #[arg(long, default_value = "info", env = "WHARF_LOG_LEVEL")]
     log_level: String,
+    /// OTLP gRPC collector for spans (http://collector:4317). Without it (and without
+    /// OTEL_EXPORTER_OTLP_ENDPOINT), no spans are exported. Other OTEL_* variables are honoured.
+    #[arg(long)]
+    otlp_endpoint: Option<String>,
     /// How long in-flight calls may take to finish after SIGTERM/SIGINT.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
@@ -69,7 +68,12 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    init_logging(args.log_format, &args.log_level)?;
+    let telemetry = wharf_proxy::telemetry::init(&TelemetryOptions {
+        log_format: args.log_format,
+        log_level: args.log_level.clone(),
+        otlp_endpoint: args.otlp_endpoint.clone(),
+        service_name: "wharf-control",
+    })?;
     let store: Arc<dyn ConfigStore> = if args.etcd.is_empty() {
         let opts = EmbeddedOptions { prefix: args.prefix.clone(), timeout: args.store_timeout, ..Default::default() };
         let store = EmbeddedStore::open_with(&args.data_dir, opts)
@@ -87,6 +91,8 @@ async fn main() -> anyhow::Result<()> {
         tracing::info!(endpoints = ?args.etcd, "using etcd");
         Arc::new(store)
     };
+    // A span per store call (nothing recorded but the operation, key and outcome).
+    let store: Arc<dyn ConfigStore> = Arc::new(TracedStore::new(store));
     let listener = TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
     let local = listener.local_addr()?;
     let cancel = CancellationToken::new();
@@ -124,6 +130,7 @@ async fn main() -> anyhow::Result<()> {
         _ = tokio::time::sleep(grace) => tracing::warn!("shutdown grace period over"),
         s = shutdown_signal() => tracing::warn!(signal = s, "second signal; exiting at once"),
     }
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
     Ok(())
 }
 
@@ -176,15 +183,4 @@ async fn shutdown_signal() -> &'static str {
         _ = term.recv() => "SIGTERM",
         _ = int.recv() => "SIGINT",
     }
-}
-
-fn init_logging(format: LogFormat, level: &str) -> anyhow::Result<()> {
-    let filter =
-        tracing_subscriber::EnvFilter::try_new(level).with_context(|| format!("invalid --log-level {level:?}"))?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stdout);
-    match format {
-        LogFormat::Json => builder.json().with_current_span(false).init(),
-        LogFormat::Text => builder.init(),
-    }
-    Ok(())
 }

@@ -12,6 +12,7 @@ use http::StatusCode;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 use wharf_proto::v1 as pb;
 
 use crate::distribute::{ConfigApi, Connected};
@@ -72,6 +73,46 @@ pub fn router(state: ApiState) -> Router {
         .with_state(state)
         .merge(grpc.fallback(not_found))
         .layer(axum::middleware::from_fn(count_requests))
+        .layer(axum::middleware::from_fn(trace_requests))
+}
+
+/// A `control.api` server span around every call, REST and gRPC, continuing an incoming
+/// `traceparent`; store calls made for it are its children. For a server stream (Watch) the span
+/// covers the call up to the response head, not the stream.
+async fn trace_requests(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let grpc =
+        req.headers().get(http::header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    let path: String = req.uri().path().chars().take(256).collect();
+    let span = tracing::info_span!(
+        "control.api",
+        otel.kind = "server",
+        otel.name = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+        api = if grpc { "grpc" } else { "rest" },
+        http.request.method = %req.method(),
+        url.path = %path,
+        rpc.method = tracing::field::Empty,
+        http.response.status_code = tracing::field::Empty,
+        rpc.grpc.status_code = tracing::field::Empty,
+    );
+    wharf_proxy::telemetry::extract(&span, req.headers());
+    if grpc {
+        span.record("rpc.method", path.trim_start_matches('/'));
+        span.record("otel.name", format!("control.api {}", path.trim_start_matches('/')).as_str());
+    } else {
+        span.record("otel.name", format!("control.api {} {path}", req.method()).as_str());
+    }
+    let resp = next.run(req).instrument(span.clone()).await;
+    let status = resp.status().as_u16();
+    span.record("http.response.status_code", status);
+    let grpc_status = resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()?.parse::<u16>().ok());
+    if let Some(code) = grpc_status {
+        span.record("rpc.grpc.status_code", code);
+    }
+    if status >= 500 || grpc_status.is_some_and(|c| c != 0) {
+        span.record("otel.status_code", "ERROR");
+    }
+    resp
 }
 
 /// `wharf_control_api_requests_total{api, method, code}` for every call, REST and gRPC.

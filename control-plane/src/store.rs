@@ -5,6 +5,8 @@
 //! - [`EmbeddedStore`]: a durable single-machine store in a local directory (an fsynced append-only
 //!   log, see [`EmbeddedStore`] for why), for `wharf-control --dev` and small installations.
 //!
+//! [`TracedStore`] wraps either with a span per call.
+//!
 //! What both guarantee:
 //! - Keys are strings relative to a prefix (default `/wharf/`); every key seen through the trait is
 //!   relative (`repos/ghcr`, not `/wharf/repos/ghcr`).
@@ -22,6 +24,7 @@
 mod embedded;
 mod etcd;
 mod log;
+mod traced;
 
 use std::time::Duration;
 
@@ -30,6 +33,7 @@ use futures_util::stream::BoxStream;
 
 pub use embedded::{EmbeddedOptions, EmbeddedStore};
 pub use etcd::{EtcdOptions, EtcdStore};
+pub use traced::TracedStore;
 
 /// The prefix every key lives under unless configured otherwise.
 pub const DEFAULT_PREFIX: &str = "/wharf/";

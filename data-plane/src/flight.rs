@@ -19,6 +19,7 @@ use futures_util::{Stream, StreamExt};
 use http::{Method, StatusCode};
 use serde_json::Value;
 use tokio::sync::watch;
+use tracing::Instrument as _;
 use wharf_core::{Digest, DigestHasher, Repo};
 
 use crate::bufpool;
@@ -67,6 +68,8 @@ pub struct Flight {
     staging: PathBuf,
     dest: PathBuf,
     progress: watch::Receiver<Progress>,
+    /// The fetch's `blob.fetch` span: coalesced clients link to it.
+    pub span: tracing::Span,
 }
 
 impl Flight {
@@ -122,6 +125,8 @@ pub struct FetchContext {
     pub repo: Arc<Repo>,
     pub name: String,
     pub digest: Digest,
+    /// The span of the client whose request starts the fetch: the fetch's span is its child.
+    pub parent: tracing::Span,
 }
 
 /// The fetches in progress on this node, by digest.
@@ -158,11 +163,23 @@ impl Flights {
         let file = Arc::new(file);
         let (tx, rx) = watch::channel(Progress::Connecting);
         let dest = ctx.store.blob_path(&ctx.digest);
-        let flight = Arc::new(Flight { staging: path.clone(), dest, progress: rx });
+        // One fetch serves many clients; its span is a child of the first one's request (so a
+        // cold pull's trace shows the fetch it waited for); later clients link to it.
+        let span = tracing::info_span!(
+            parent: &ctx.parent,
+            "blob.fetch",
+            repo_key = %ctx.repo.key,
+            name = %ctx.name,
+            digest = %ctx.digest,
+            bytes = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+            error = tracing::field::Empty,
+        );
+        let flight = Arc::new(Flight { staging: path.clone(), dest, progress: rx, span: span.clone() });
         map.insert(ctx.digest.clone(), flight.clone());
         metrics::gauge!("wharf_inflight_fetches").set(map.len() as f64);
         drop(map);
-        tokio::spawn(self.clone().run(ctx, path, file, tx));
+        tokio::spawn(self.clone().run(ctx, path, file, tx).instrument(span));
         Ok(Joined::Flight { flight, coalesced: false })
     }
 
@@ -200,10 +217,16 @@ impl Flights {
         let duration_ms = started.elapsed().as_millis() as u64;
         match result {
             Ok(size) => {
+                let span = tracing::Span::current();
+                span.record("bytes", size);
+                span.record("outcome", "verified");
                 tracing::info!(repo_key = %ctx.repo.key, name = %ctx.name, digest = %ctx.digest, bytes = size, duration_ms, "blob fetched and verified");
                 tx.send_replace(Progress::Done { size });
             }
             Err(error) => {
+                let span = tracing::Span::current();
+                span.record("outcome", "failed");
+                span.record("error", tracing::field::display(&error));
                 tracing::warn!(repo_key = %ctx.repo.key, name = %ctx.name, digest = %ctx.digest, %error, duration_ms, "blob fetch failed; nothing cached");
                 tx.send_replace(Progress::Failed(error));
             }

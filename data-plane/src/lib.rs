@@ -6,6 +6,7 @@
 //! - [`upstream`]: the registry client (token and Basic auth, redirects, timeouts, retries).
 //! - [`registry`]: the `/v2/` HTTP API, errors as OCI error JSON, one log line per request.
 //! - [`server`]: `run(listener, state, shutdown)`.
+//! - [`telemetry`]: logs and OTLP spans for both binaries, W3C trace context in and out.
 
 pub mod bufpool;
 pub mod config;
@@ -19,6 +20,7 @@ pub mod range;
 pub mod registry;
 pub mod server;
 pub mod store;
+pub mod telemetry;
 pub mod upstream;
 
 pub use server::{AppState, run};

@@ -5,18 +5,13 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use wharf_proxy::evict::SizeSpec;
 use wharf_proxy::node::{ConfigSource, EvictionOptions, NodeOptions, run_node};
+use wharf_proxy::telemetry::{LogFormat, TelemetryOptions};
 use wharf_proxy::upstream::UpstreamOptions;
-
-#[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Json,
-    Text,
-}
 
 /// A Wharf data-plane node: a pull-through cache serving the OCI distribution pull API.
 ///
@@ -49,6 +44,10 @@ struct Args {
     /// Log filter: a level (info, debug) or tracing directives (wharf_proxy=debug,info).
     #[arg(long, default_value = "info", env = "WHARF_LOG_LEVEL")]
     log_level: String,
+    /// OTLP gRPC collector for spans (http://collector:4317). Without it (and without
+    /// OTEL_EXPORTER_OTLP_ENDPOINT), no spans are exported. Other OTEL_* variables are honoured.
+    #[arg(long)]
+    otlp_endpoint: Option<String>,
     /// Upstream connect timeout.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     connect_timeout: Duration,
@@ -87,7 +86,12 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    init_logging(args.log_format, &args.log_level)?;
+    let telemetry = wharf_proxy::telemetry::init(&TelemetryOptions {
+        log_format: args.log_format,
+        log_level: args.log_level.clone(),
+        otlp_endpoint: args.otlp_endpoint.clone(),
+        service_name: "wharf-proxy",
+    })?;
     let (high, low) = (args.cache_high_watermark, args.cache_low_watermark);
     if !(0.0 < low && low < high && high <= 1.0) {
         anyhow::bail!(
@@ -134,6 +138,8 @@ async fn main() -> anyhow::Result<()> {
         r = node => r?.context("node")?,
         s = shutdown_signal() => tracing::warn!(signal = s, "second signal; exiting at once"),
     }
+    // The last spans: bounded by the exporter's timeout, off the runtime's threads.
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
     Ok(())
 }
 
@@ -152,15 +158,4 @@ async fn shutdown_signal() -> &'static str {
         _ = term.recv() => "SIGTERM",
         _ = int.recv() => "SIGINT",
     }
-}
-
-fn init_logging(format: LogFormat, level: &str) -> anyhow::Result<()> {
-    let filter =
-        tracing_subscriber::EnvFilter::try_new(level).with_context(|| format!("invalid --log-level {level:?}"))?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stdout);
-    match format {
-        LogFormat::Json => builder.json().with_current_span(false).init(),
-        LogFormat::Text => builder.init(),
-    }
-    Ok(())
 }

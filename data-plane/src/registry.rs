@@ -18,6 +18,7 @@ use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use serde_json::{Value, json};
+use tracing::Instrument as _;
 use wharf_core::{Digest, NameError, Reference, Repo, RepoKey, normalize_name, validate_name};
 
 use crate::error::RegistryError;
@@ -122,14 +123,19 @@ pub struct Ctx {
 }
 
 /// Every request under `/v2`.
+/// Every request under `/v2`, in a `wharf.request` server span that continues an incoming
+/// `traceparent` and ends with the response body.
 pub async fn handle(State(state): State<AppState>, req: Request) -> Response {
     let started = Instant::now();
+    let span = log::request_span(req.method(), req.uri().path());
+    crate::telemetry::extract(&span, req.headers());
     let mut log = RequestLog::new(req.method(), req.uri().path());
-    let result = route(state, req, &mut log).await;
+    let result = route(state, req, &mut log).instrument(span.clone()).await;
     let resp = result.unwrap_or_else(|e| {
         log.error = Some(e.message.clone());
         e.into_response()
     });
+    log.span = span;
     log.wrap(resp, started)
 }
 

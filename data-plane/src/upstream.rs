@@ -7,6 +7,7 @@
 //! retried, so a client never receives bytes twice.
 
 mod auth;
+pub mod trace;
 
 use std::time::Duration;
 
@@ -14,9 +15,11 @@ use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use serde_json::{Value, json};
+use tracing::Instrument as _;
 use wharf_core::Repo;
 
 use self::auth::{Challenge, TokenCache};
+use self::trace::RoundTrip;
 
 /// Timeouts and retry policy towards upstreams.
 #[derive(Debug, Clone)]
@@ -87,6 +90,8 @@ pub struct UpstreamResponse {
     pub url: String,
     inner: reqwest::Response,
     idle_timeout: Duration,
+    /// The round-tripper's record: finished when the body ends or the response is dropped.
+    trace: RoundTrip,
 }
 
 impl UpstreamResponse {
@@ -102,18 +107,29 @@ impl UpstreamResponse {
     pub fn into_stream(self) -> impl Stream<Item = Result<Bytes, UpstreamError>> + Send + 'static {
         let idle = self.idle_timeout;
         let url = self.url;
-        futures_util::stream::unfold(Some(self.inner.bytes_stream()), move |state| {
+        futures_util::stream::unfold(Some((self.inner.bytes_stream(), self.trace)), move |state| {
             let url = url.clone();
             async move {
-                let mut s = state?;
+                let (mut s, mut rt) = state?;
+                let failed = |rt: &mut RoundTrip, e: UpstreamError| {
+                    rt.failed(&e.to_string());
+                    rt.finish();
+                    Some((Err(e), None))
+                };
                 match tokio::time::timeout(idle, s.next()).await {
-                    Ok(Some(Ok(b))) => Some((Ok(b), Some(s))),
-                    Ok(Some(Err(e))) => Some((
-                        Err(UpstreamError::Unreachable { url, message: format!("body: {}", error_chain(&e)) }),
-                        None,
-                    )),
-                    Ok(None) => None,
-                    Err(_) => Some((Err(UpstreamError::Timeout { url, phase: "idle between body chunks" }), None)),
+                    Ok(Some(Ok(b))) => {
+                        rt.add_bytes(b.len() as u64);
+                        Some((Ok(b), Some((s, rt))))
+                    }
+                    Ok(Some(Err(e))) => failed(
+                        &mut rt,
+                        UpstreamError::Unreachable { url, message: format!("body: {}", error_chain(&e)) },
+                    ),
+                    Ok(None) => {
+                        rt.finish();
+                        None
+                    }
+                    Err(_) => failed(&mut rt, UpstreamError::Timeout { url, phase: "idle between body chunks" }),
                 }
             }
         })
@@ -253,18 +269,22 @@ impl Upstream {
         let origin = reqwest::Url::parse(first_url)
             .map_err(|e| UpstreamError::Protocol { url: redact(first_url), message: e.to_string() })?;
         let mut url = origin.clone();
+        let mut rt = RoundTrip::start(req.repo.key.as_str(), &req.method, first_url);
         for _ in 0..=MAX_REDIRECTS {
-            let mut r = self.http.request(req.method.clone(), url.clone()).headers(req.headers.clone());
+            let mut headers = req.headers.clone();
             // Authorization goes to the registry only: a CDN or object store behind a redirect
             // either rejects it (S3, Azure Blob) or must not see it.
             if same_origin(&url, &origin)
                 && let Some(a) = authorization
             {
-                r = r.header(header::AUTHORIZATION, a.clone());
+                headers.insert(header::AUTHORIZATION, a.clone());
             }
+            crate::telemetry::inject(rt.span(), &mut headers);
+            rt.sent(&headers);
+            let r = self.http.request(req.method.clone(), url.clone()).headers(headers);
             let shown = redact(url.as_str());
             let started = std::time::Instant::now();
-            let sent = tokio::time::timeout(self.opts.first_byte_timeout, r.send()).await;
+            let sent = tokio::time::timeout(self.opts.first_byte_timeout, r.send()).instrument(rt.span().clone()).await;
             let outcome = match &sent {
                 Ok(Ok(resp)) => resp.status().as_str().to_owned(),
                 Ok(Err(_)) => "error".to_owned(),
@@ -277,16 +297,17 @@ impl Upstream {
                 started.elapsed().as_secs_f64(),
             );
             let resp = match sent {
-                Err(_) => {
-                    return Err(UpstreamError::Timeout { url: shown, phase: "waiting for the response" });
+                Err(_) => Err(UpstreamError::Timeout { url: shown.clone(), phase: "waiting for the response" }),
+                Ok(Err(e)) if e.is_timeout() => Err(UpstreamError::Timeout { url: shown.clone(), phase: "connect" }),
+                Ok(Err(e)) => Err(UpstreamError::Unreachable { url: shown.clone(), message: error_chain(&e) }),
+                Ok(Ok(resp)) => Ok(resp),
+            };
+            let resp = match resp {
+                Ok(r) => r,
+                Err(e) => {
+                    rt.failed(&e.to_string());
+                    return Err(e);
                 }
-                Ok(Err(e)) if e.is_timeout() => {
-                    return Err(UpstreamError::Timeout { url: shown, phase: "connect" });
-                }
-                Ok(Err(e)) => {
-                    return Err(UpstreamError::Unreachable { url: shown, message: error_chain(&e) });
-                }
-                Ok(Ok(resp)) => resp,
             };
             if let Some(v) = resp.headers().get("ratelimit-remaining").and_then(|v| v.to_str().ok()) {
                 crate::metrics::ratelimit_remaining(req.repo.key.as_str(), v);
@@ -295,21 +316,29 @@ impl Upstream {
             if status.is_redirection()
                 && let Some(loc) = resp.headers().get(header::LOCATION).and_then(|l| l.to_str().ok())
             {
-                url = url.join(loc).map_err(|e| UpstreamError::Protocol {
-                    url: shown.clone(),
-                    message: format!("bad redirect Location: {e}"),
-                })?;
-                tracing::debug!(from = %shown, to = %redact(url.as_str()), status = status.as_u16(), "following upstream redirect");
+                let next = match url.join(loc) {
+                    Ok(next) => next,
+                    Err(e) => {
+                        let e = UpstreamError::Protocol { url: shown, message: format!("bad redirect Location: {e}") };
+                        rt.failed(&e.to_string());
+                        return Err(e);
+                    }
+                };
+                rt.redirected(status, url.as_str(), next.as_str());
+                url = next;
                 continue;
             }
+            rt.answered(status, resp.headers());
             return Ok(UpstreamResponse {
                 status,
                 headers: resp.headers().clone(),
                 url: shown,
                 inner: resp,
                 idle_timeout: self.opts.idle_timeout,
+                trace: rt,
             });
         }
+        rt.failed("too many redirects");
         Err(UpstreamError::Protocol { url: redact(first_url), message: format!("more than {MAX_REDIRECTS} redirects") })
     }
 }

@@ -3,7 +3,8 @@
 
 use axum::body::Body;
 use axum::response::Response;
-use futures_util::StreamExt;
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use wharf_core::Digest;
 
@@ -23,11 +24,16 @@ const FAR_AHEAD: u64 = 8 * 1024 * 1024;
 
 pub async fn get(ctx: &Ctx, digest: Digest, log: &mut RequestLog) -> Result<Response, RegistryError> {
     let store = &ctx.state.store;
-    if let Some(size) = store.blob_size(&digest) {
+    let lookup = tracing::info_span!("cache.lookup", repo_key = %ctx.repo.key, %digest, cache = tracing::field::Empty);
+    if let Some(size) = lookup.in_scope(|| store.blob_size(&digest)) {
+        lookup.record("cache", "hit");
+        drop(lookup);
         authorize_cached(ctx, &digest, log).await?;
         log.cache = "hit";
         return serve_file(ctx, &digest, size);
     }
+    lookup.record("cache", "miss");
+    drop(lookup);
     if ctx.head {
         return head_upstream(ctx, &digest, log).await;
     }
@@ -37,6 +43,7 @@ pub async fn get(ctx: &Ctx, digest: Digest, log: &mut RequestLog) -> Result<Resp
         repo: ctx.repo.clone(),
         name: ctx.name.clone(),
         digest: digest.clone(),
+        parent: tracing::Span::current(),
     };
     log.upstream_url = format!("{}/v2/{}/blobs/{}", ctx.repo.upstream, ctx.name, digest);
     let (flight, coalesced) = match ctx.state.flights.join_or_start(fetch).map_err(|e| fetch_error(&e))? {
@@ -49,6 +56,9 @@ pub async fn get(ctx: &Ctx, digest: Digest, log: &mut RequestLog) -> Result<Resp
         Joined::Flight { flight, coalesced } => (flight, coalesced),
     };
     log.cache = if coalesced { "coalesced" } else { "miss" };
+    if coalesced {
+        crate::telemetry::link(&tracing::Span::current(), &flight.span);
+    }
     let total = match flight.head().await {
         Progress::Failed(FetchFailure::NoSpace) => return uncached(ctx, &digest, log).await,
         Progress::Failed(f) => return Err(fetch_error(&f)),
@@ -69,15 +79,12 @@ pub async fn get(ctx: &Ctx, digest: Digest, log: &mut RequestLog) -> Result<Resp
             {
                 return Ok(r);
             }
-            partial(
-                Body::from_stream(flight.body(start, Some(end)).await.map_err(|e| fetch_error(&e))?),
-                start,
-                end,
-                total,
-            )
+            let body = flight.body(start, Some(end)).await.map_err(|e| fetch_error(&e))?;
+            partial(Body::from_stream(stream_span(ctx, &digest, log.cache, body)), start, end, total)
         }
         None => {
-            let mut r = Response::new(Body::from_stream(flight.body(0, None).await.map_err(|e| fetch_error(&e))?));
+            let body = flight.body(0, None).await.map_err(|e| fetch_error(&e))?;
+            let mut r = Response::new(Body::from_stream(stream_span(ctx, &digest, log.cache, body)));
             if let Some(t) = total {
                 r.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(t));
             }
@@ -170,7 +177,7 @@ fn serve_file(ctx: &Ctx, digest: &Digest, size: u64) -> Result<Response, Registr
         // Opened now: an eviction after this point cannot take the bytes from under the client.
         let file =
             std::fs::File::open(&path).map_err(|e| RegistryError::internal(format!("cached blob unreadable: {e}")))?;
-        Body::from_stream(read_file(file, start, Some(end), None))
+        Body::from_stream(stream_span(ctx, digest, "hit", read_file(file, start, Some(end), None)))
     };
     let mut r = if ranged {
         partial(body, start, end, size)
@@ -181,6 +188,26 @@ fn serve_file(ctx: &Ctx, digest: &Digest, size: u64) -> Result<Response, Registr
     };
     blob_headers(r.headers_mut(), digest);
     Ok(r)
+}
+
+/// `body` in a `blob.stream` span (a child of the request's), open until the client has it all.
+fn stream_span<S, E>(
+    ctx: &Ctx,
+    digest: &Digest,
+    cache: &'static str,
+    body: S,
+) -> impl Stream<Item = Result<Bytes, E>> + use<S, E>
+where
+    S: Stream<Item = Result<Bytes, E>>,
+{
+    let span = tracing::info_span!(
+        "blob.stream",
+        repo_key = %ctx.repo.key,
+        %digest,
+        cache,
+        bytes = tracing::field::Empty,
+    );
+    crate::telemetry::traced_body(body, span)
 }
 
 /// HEAD of a blob not cached: asked upstream, nothing fetched.

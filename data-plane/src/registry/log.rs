@@ -12,7 +12,7 @@ use http::Method;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 
 /// What the log line of one request says.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Clone)]
 pub struct RequestLog {
     pub method: String,
     pub path: String,
@@ -25,11 +25,45 @@ pub struct RequestLog {
     /// hit, miss, coalesced, stale, revalidated, bypass.
     pub cache: &'static str,
     pub error: Option<String>,
+    /// The request's `wharf.request` span: its attributes are recorded, and it ends, with the line.
+    pub span: tracing::Span,
+}
+
+/// The server span of one registry request; [`RequestLog`] fills in the rest when it ends.
+pub fn request_span(method: &Method, path: &str) -> tracing::Span {
+    let path: String = path.chars().take(512).collect();
+    tracing::info_span!(
+        "wharf.request",
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        http.request.method = %method,
+        url.path = %path,
+        repo_key = tracing::field::Empty,
+        name = tracing::field::Empty,
+        kind = tracing::field::Empty,
+        reference = tracing::field::Empty,
+        cache = tracing::field::Empty,
+        http.response.status_code = tracing::field::Empty,
+        bytes = tracing::field::Empty,
+        complete = tracing::field::Empty,
+        error = tracing::field::Empty,
+    )
 }
 
 impl RequestLog {
     pub fn new(method: &Method, path: &str) -> Self {
-        Self { method: method.to_string(), path: path.chars().take(512).collect(), ..Default::default() }
+        Self {
+            method: method.to_string(),
+            path: path.chars().take(512).collect(),
+            repo_key: String::new(),
+            name: String::new(),
+            kind: "",
+            reference: String::new(),
+            upstream_url: String::new(),
+            cache: "",
+            error: None,
+            span: tracing::Span::none(),
+        }
     }
 
     /// Wraps the response body so that the line is written when it ends.
@@ -45,6 +79,24 @@ impl RequestLog {
         let seconds = started.elapsed().as_secs_f64();
         crate::metrics::request(&self.repo_key, self.kind, self.cache, status, bytes, seconds);
         let duration_ms = (seconds * 1e6).round() / 1e3;
+        let span = &self.span;
+        if !span.is_disabled() {
+            span.record("repo_key", self.repo_key.as_str());
+            span.record("name", self.name.as_str());
+            span.record("kind", self.kind);
+            span.record("reference", self.reference.as_str());
+            span.record("cache", self.cache);
+            span.record("http.response.status_code", status);
+            span.record("bytes", bytes);
+            span.record("complete", complete);
+            if let Some(e) = &self.error {
+                span.record("error", e.as_str());
+            }
+            if status >= 500 {
+                span.record("otel.status_code", "ERROR");
+            }
+        }
+        let trace_id = crate::telemetry::trace_id(span);
         tracing::info!(
             method = %self.method,
             path = %self.path,
@@ -59,6 +111,7 @@ impl RequestLog {
             duration_ms,
             complete,
             error = self.error.as_deref().unwrap_or(""),
+            trace_id,
             "request"
         );
     }

@@ -1,0 +1,328 @@
+//! Logs and traces for both binaries: a `tracing-subscriber` registry with a JSON or text log layer
+//! and, when an OTLP endpoint is configured, an OpenTelemetry layer exporting spans over gRPC.
+//!
+//! Export is off unless `--otlp-endpoint` (or `OTEL_EXPORTER_OTLP_ENDPOINT` /
+//! `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set; then spans go through the SDK's batch processor, whose
+//! queue is bounded (`OTEL_BSP_MAX_QUEUE_SIZE`, default 2048) and filled without blocking: a slow or
+//! dead collector never slows a request. Spans that cannot be queued, or whose export failed, are
+//! dropped and counted in `wharf_spans_dropped_total{reason}` (`queue_full`, `export_failed`).
+//! The standard `OTEL_*` variables are honoured: `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`,
+//! `OTEL_BSP_*`, `OTEL_TRACES_SAMPLER(_ARG)`, `OTEL_EXPORTER_OTLP_(TRACES_)TIMEOUT/HEADERS`,
+//! `OTEL_SDK_DISABLED`.
+//!
+//! Incoming and outgoing context is W3C Trace Context (`traceparent`), see [`extract`] and [`inject`].
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator as _};
+use opentelemetry::trace::{TraceContextExt as _, TracerProvider as _};
+use opentelemetry_otlp::WithExportConfig as _;
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{
+    BatchConfigBuilder, BatchSpanProcessor, SdkTracerProvider, Span, SpanData, SpanExporter, SpanProcessor,
+};
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+use tracing_subscriber::Layer as _;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+/// What [`init`] sets up.
+#[derive(Debug, Clone)]
+pub struct TelemetryOptions {
+    pub log_format: LogFormat,
+    /// A level (`info`) or `tracing` directives (`wharf_proxy=debug,info`); filters logs only.
+    pub log_level: String,
+    /// The OTLP gRPC collector (`http://collector:4317`); `None`: the `OTEL_*` variables decide.
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` unless `OTEL_SERVICE_NAME` says otherwise.
+    pub service_name: &'static str,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    #[error("invalid log filter {level:?}: {message}")]
+    Filter { level: String, message: String },
+    #[error("OTLP exporter: {0}")]
+    Exporter(String),
+    #[error("a global subscriber is already installed: {0}")]
+    Init(String),
+}
+
+/// Keeps the tracer provider; [`Telemetry::shutdown`] flushes what is queued.
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Whether spans are exported.
+    pub fn exporting(&self) -> bool {
+        self.provider.is_some()
+    }
+
+    /// Exports what is queued (bounded by the exporter's timeout) and stops the exporter. Blocking:
+    /// call it from `spawn_blocking` or outside the runtime.
+    pub fn shutdown(self) {
+        if let Some(p) = self.provider
+            && let Err(e) = p.shutdown_with_timeout(Duration::from_secs(3))
+        {
+            tracing::debug!(error = %e, "span exporter shutdown");
+        }
+    }
+}
+
+/// Set once spans are exported: without it, propagation is skipped altogether.
+static EXPORTING: AtomicBool = AtomicBool::new(false);
+
+/// Whether spans are exported (an OpenTelemetry layer is installed).
+pub fn enabled() -> bool {
+    EXPORTING.load(Ordering::Relaxed)
+}
+
+/// Spans of these crates are exported (libraries' own spans, the OTLP client's included, are not).
+const EXPORTED_TARGETS: &[&str] = &["wharf_proxy", "wharf_control"];
+
+/// Installs the global subscriber (and the W3C propagator). Must run inside a tokio runtime when
+/// exporting (the gRPC channel lives on it).
+pub fn init(opts: &TelemetryOptions) -> Result<Telemetry, TelemetryError> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&opts.log_level)
+        .map_err(|e| TelemetryError::Filter { level: opts.log_level.clone(), message: e.to_string() })?;
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stdout);
+    let fmt = match opts.log_format {
+        LogFormat::Json => fmt.json().with_current_span(false).with_span_list(false).boxed(),
+        LogFormat::Text => fmt.boxed(),
+    };
+    let provider = match endpoint(opts.otlp_endpoint.as_deref()) {
+        Some(endpoint) => Some(provider(&endpoint, opts.service_name)?),
+        None => None,
+    };
+    let otel = provider.as_ref().map(|p| {
+        let targets = tracing_subscriber::filter::Targets::new()
+            .with_targets(EXPORTED_TARGETS.iter().map(|t| (*t, tracing::Level::INFO)));
+        tracing_opentelemetry::layer().with_tracer(p.tracer("wharf")).with_filter(targets)
+    });
+    tracing_subscriber::registry()
+        .with(fmt.with_filter(filter))
+        .with(otel)
+        .try_init()
+        .map_err(|e| TelemetryError::Init(e.to_string()))?;
+    if provider.is_some() {
+        opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+        EXPORTING.store(true, Ordering::Relaxed);
+    }
+    Ok(Telemetry { provider })
+}
+
+/// The collector to export to, if any: the flag, else the standard variables.
+fn endpoint(flag: Option<&str>) -> Option<String> {
+    let disabled = std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.trim().eq_ignore_ascii_case("true"));
+    if disabled {
+        return None;
+    }
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+    flag.map(str::to_owned)
+        .filter(|s| !s.trim().is_empty())
+        .or_else(|| env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+        .or_else(|| env("OTEL_EXPORTER_OTLP_ENDPOINT"))
+}
+
+fn provider(endpoint: &str, service_name: &'static str) -> Result<SdkTracerProvider, TelemetryError> {
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .with_endpoint(endpoint)
+        .build()
+        .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
+    let queue = std::env::var("OTEL_BSP_MAX_QUEUE_SIZE").ok().and_then(|v| v.trim().parse().ok()).unwrap_or(2048);
+    let pending = Arc::new(AtomicUsize::new(0));
+    let exporter = CountingExporter { inner: exporter, pending: pending.clone() };
+    let batch = BatchSpanProcessor::builder(exporter)
+        .with_batch_config(BatchConfigBuilder::default().with_max_queue_size(queue).build())
+        .build();
+    let mut resource = Resource::builder();
+    if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
+        resource = resource.with_service_name(service_name);
+    }
+    Ok(SdkTracerProvider::builder()
+        .with_span_processor(Bounded { inner: batch, pending, capacity: queue })
+        .with_resource(resource.build())
+        .build())
+}
+
+/// Keeps at most `capacity` spans between `on_end` and their export, dropping (and counting) the
+/// rest, so the batch processor's own queue is never full and every drop is counted here.
+#[derive(Debug)]
+struct Bounded {
+    inner: BatchSpanProcessor,
+    pending: Arc<AtomicUsize>,
+    capacity: usize,
+}
+
+impl SpanProcessor for Bounded {
+    fn on_start(&self, span: &mut Span, cx: &opentelemetry::Context) {
+        self.inner.on_start(span, cx);
+    }
+
+    fn on_end(&self, span: SpanData) {
+        let admitted = self
+            .pending
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.capacity).then_some(n + 1))
+            .is_ok();
+        if admitted {
+            self.inner.on_end(span);
+        } else {
+            metrics::counter!("wharf_spans_dropped_total", "reason" => "queue_full").increment(1);
+        }
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource);
+    }
+}
+
+/// The OTLP exporter, counting the spans of failed exports as dropped.
+#[derive(Debug)]
+struct CountingExporter<E> {
+    inner: E,
+    pending: Arc<AtomicUsize>,
+}
+
+impl<E: SpanExporter> SpanExporter for CountingExporter<E> {
+    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        let n = batch.len();
+        // Out of the queue: room for new spans.
+        let _ = self.pending.fetch_update(Ordering::AcqRel, Ordering::Acquire, |p| Some(p.saturating_sub(n)));
+        let result = self.inner.export(batch).await;
+        if result.is_err() {
+            metrics::counter!("wharf_spans_dropped_total", "reason" => "export_failed").increment(n as u64);
+        }
+        result
+    }
+
+    fn shutdown_with_timeout(&mut self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&mut self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource);
+    }
+}
+
+struct HeaderExtractor<'a>(&'a HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(HeaderName::as_str).collect()
+    }
+}
+
+struct HeaderInjector<'a>(&'a mut HeaderMap);
+
+impl Injector for HeaderInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(k), Ok(v)) = (HeaderName::from_bytes(key.as_bytes()), HeaderValue::from_str(&value)) {
+            self.0.insert(k, v);
+        }
+    }
+}
+
+/// Makes `span` continue the trace of an incoming `traceparent` (a no-op without one, or when
+/// tracing is off).
+pub fn extract(span: &tracing::Span, headers: &HeaderMap) {
+    if !enabled() || !headers.contains_key("traceparent") {
+        return;
+    }
+    let cx = opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(headers)));
+    if cx.span().span_context().is_valid() {
+        let _ = span.set_parent(cx);
+    }
+}
+
+/// Adds `span`'s `traceparent` (and `tracestate`) to outgoing `headers`; nothing when tracing is off.
+pub fn inject(span: &tracing::Span, headers: &mut HeaderMap) {
+    if !enabled() {
+        return;
+    }
+    let cx = span.context();
+    if cx.span().span_context().is_valid() {
+        TraceContextPropagator::new().inject_context(&cx, &mut HeaderInjector(headers));
+    }
+}
+
+/// The trace id of `span` in hex, when tracing is on.
+pub fn trace_id(span: &tracing::Span) -> Option<String> {
+    if !enabled() {
+        return None;
+    }
+    let cx = span.context();
+    let sc = cx.span().span_context().clone();
+    sc.is_valid().then(|| sc.trace_id().to_string())
+}
+
+/// Links `from` to `to` (a client's request to the shared fetch it joined), when tracing is on.
+pub fn link(from: &tracing::Span, to: &tracing::Span) {
+    if !enabled() {
+        return;
+    }
+    let target = to.context().span().span_context().clone();
+    if target.is_valid() {
+        from.add_link(target);
+    }
+}
+
+/// `body` inside `span`: the span lasts until the body ends (or is dropped) and records the bytes
+/// it carried in its `bytes` field.
+pub fn traced_body<S, E>(
+    body: S,
+    span: tracing::Span,
+) -> impl futures_util::Stream<Item = Result<bytes::Bytes, E>> + use<S, E>
+where
+    S: futures_util::Stream<Item = Result<bytes::Bytes, E>>,
+{
+    let mut guard = BytesGuard { span, bytes: 0 };
+    futures_util::StreamExt::inspect(body, move |chunk| {
+        // The whole guard moves into the closure (not just its counter), so it drops with the body.
+        let g = &mut guard;
+        if let Ok(b) = chunk {
+            g.bytes += b.len() as u64;
+        }
+    })
+}
+
+/// Holds a span open for as long as the stream that owns it.
+struct BytesGuard {
+    span: tracing::Span,
+    bytes: u64,
+}
+
+impl Drop for BytesGuard {
+    fn drop(&mut self) {
+        self.span.record("bytes", self.bytes);
+    }
+}
