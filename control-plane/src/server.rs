@@ -86,7 +86,6 @@ async fn trace_requests(req: axum::extract::Request, next: axum::middleware::Nex
     let span = tracing::info_span!(
         "control.api",
         otel.kind = "server",
-        otel.name = tracing::field::Empty,
         otel.status_code = tracing::field::Empty,
         api = if grpc { "grpc" } else { "rest" },
         http.request.method = %req.method(),
@@ -98,9 +97,6 @@ async fn trace_requests(req: axum::extract::Request, next: axum::middleware::Nex
     wharf_proxy::telemetry::extract(&span, req.headers());
     if grpc {
         span.record("rpc.method", path.trim_start_matches('/'));
-        span.record("otel.name", format!("control.api {}", path.trim_start_matches('/')).as_str());
-    } else {
-        span.record("otel.name", format!("control.api {} {path}", req.method()).as_str());
     }
     let resp = next.run(req).instrument(span.clone()).await;
     let status = resp.status().as_u16();

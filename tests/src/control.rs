@@ -95,6 +95,8 @@ pub struct ControlOptions {
     pub data_dir: Option<PathBuf>,
     /// Extra arguments (`--store-timeout 1s`, `--dev`, ...).
     pub args: Vec<String>,
+    /// Extra environment variables (`OTEL_BSP_SCHEDULE_DELAY`, ...).
+    pub env: Vec<(String, String)>,
 }
 
 /// A running `wharf-control`, listening on `127.0.0.1:<port>` (the same port across restarts).
@@ -233,6 +235,7 @@ fn start_control(opts: &ControlOptions, data_dir: &Path, port: u16) -> anyhow::R
         cmd.current_dir(parent);
     }
     clean_env(&mut cmd);
+    cmd.envs(opts.env.iter().map(|(k, v)| (k, v)));
     let mut child = ChildGuard::spawn("wharf-control", &mut cmd)?;
     match wait_listening(&child, "wharf_control") {
         Some(a) if a.port() == port => Ok(child),

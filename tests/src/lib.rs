@@ -11,6 +11,7 @@
 //! - [`control::ControlPlane`], [`control::Node`]: `wharf-control` and managed `wharf-proxy` nodes;
 //! - [`etcd::EtcdCluster`]: a real etcd (one member or several) for the control plane's store.
 //! - [`regctl::Regctl`]: the `regctl` binary, its exit code and output captured; golden files.
+//! - [`otlp::Collector`]: an in-process OTLP trace collector recording every exported span.
 //!
 //! Every process is killed and reaped when its guard drops, also when a test fails.
 
@@ -20,6 +21,7 @@ pub mod etcd;
 pub mod fake;
 pub mod http;
 pub mod image;
+pub mod otlp;
 pub mod process;
 pub mod prom;
 pub mod proxy;
