@@ -110,7 +110,7 @@ pub async fn run_node(listener: TcpListener, opts: NodeOptions, cancel: Cancella
         };
         tokio::spawn(managed::run(managed, config.clone(), store.clone(), held, cancel.clone()));
     }
-    let mut state = AppState::new(config, store, upstream);
+    let mut state = AppState::new(config, store.clone(), upstream);
     state.metrics = opts.metrics.clone();
     tracing::info!(addr = %listener.local_addr()?, cache_dir = %opts.cache_dir.display(), "listening");
     let stop = cancel.clone();
@@ -122,6 +122,11 @@ pub async fn run_node(listener: TcpListener, opts: NodeOptions, cancel: Cancella
             tracing::info!("in-flight responses finished");
         }
         Err(_) => tracing::warn!("shutdown grace period over; dropping the remaining responses"),
+    }
+    match store.abandon_staging() {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(abandoned = n, "fetches with no client left abandoned; their partial files removed"),
+        Err(e) => tracing::warn!(error = %e, "could not empty staging at shutdown; it is emptied at the next start"),
     }
     Ok(())
 }

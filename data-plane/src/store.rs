@@ -157,14 +157,7 @@ impl Store {
             let p = root.join(d);
             std::fs::create_dir_all(&p).map_err(io(&p))?;
         }
-        let staging = root.join("staging");
-        let mut removed = 0usize;
-        for e in std::fs::read_dir(&staging).map_err(io(&staging))? {
-            let path = e.map_err(io(&staging))?.path();
-            let r = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
-            r.map_err(io(&path))?;
-            removed += 1;
-        }
+        let removed = empty_staging(&root.join("staging"))?;
         if removed > 0 {
             tracing::info!(removed, "emptied staging: partial downloads from an earlier run");
         }
@@ -189,6 +182,11 @@ impl Store {
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// At shutdown: fetches still running are abandoned, and their partial files go with them.
+    pub fn abandon_staging(&self) -> Result<usize, StoreError> {
+        empty_staging(&self.root.join("staging"))
     }
 
     /// Sets the size cap; the returned `Notify` is woken when the cache grows past the high mark.
@@ -439,6 +437,18 @@ impl Store {
         }
         Ok(())
     }
+}
+
+/// Removes everything in `staging/`; returns how many entries went.
+fn empty_staging(staging: &Path) -> Result<usize, StoreError> {
+    let mut removed = 0usize;
+    for e in std::fs::read_dir(staging).map_err(io(staging))? {
+        let path = e.map_err(io(staging))?.path();
+        let r = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+        r.map_err(io(&path))?;
+        removed += 1;
+    }
+    Ok(removed)
 }
 
 /// fsync `file`, rename `staging` to `dest` (creating its folder), fsync the folder.
