@@ -107,10 +107,8 @@ mod fuzz {
         /// Any header parses without panicking; a resolved range always lies inside the body.
         #[test]
         fn ranges_stay_inside_the_body(h in "\\PC{0,40}", size in 0u64..10_000) {
-            if let Some(spec) = parse(&h) {
-                if let Resolved::Partial { start, end } = spec.resolve(size) {
-                    prop_assert!(start < end && end <= size);
-                }
+            if let Some(Resolved::Partial { start, end }) = parse(&h).map(|spec| spec.resolve(size)) {
+                prop_assert!(start < end && end <= size);
             }
         }
 
