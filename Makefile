@@ -5,7 +5,7 @@ DATA_DIR ?= ./wharf-data
 LISTEN ?= 0.0.0.0:5000
 CONTROL_LISTEN ?= 0.0.0.0:7000
 
-.PHONY: run test build lint bench clean
+.PHONY: run test build lint bench bench-control bench-startup clean
 
 run:
 	@scripts/ensure-deps.sh run
@@ -26,6 +26,16 @@ lint:
 bench:
 	@scripts/ensure-deps.sh bench
 	python3 bench/bench.py
+
+# Config propagation (write acked -> every node serving), control-plane RSS and idle CPU.
+bench-control:
+	cargo build --release --bins
+	cargo bench -p wharf-tests --bench propagation
+
+# wharf-proxy start-up with 100,000 cached entries (cold page cache too when run as root).
+bench-startup:
+	cargo build --release --bins
+	cargo bench -p wharf-tests --bench startup
 
 clean:
 	cargo clean
