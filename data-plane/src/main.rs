@@ -48,6 +48,9 @@ struct Args {
     /// OTEL_EXPORTER_OTLP_ENDPOINT), no spans are exported. Other OTEL_* variables are honoured.
     #[arg(long)]
     otlp_endpoint: Option<String>,
+    /// Turn metrics off (no recorder: `/metrics` answers 404). For overhead measurements.
+    #[arg(long)]
+    no_metrics: bool,
     /// Upstream connect timeout.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     connect_timeout: Duration,
@@ -120,7 +123,11 @@ async fn main() -> anyhow::Result<()> {
             ..UpstreamOptions::default()
         },
         shutdown_grace: args.shutdown_grace,
-        metrics: Some(wharf_proxy::metrics::install().context("installing the metrics recorder")?),
+        metrics: if args.no_metrics {
+            None
+        } else {
+            Some(wharf_proxy::metrics::install().context("installing the metrics recorder")?)
+        },
         eviction: EvictionOptions {
             max_size: args.cache_max_size,
             high,
