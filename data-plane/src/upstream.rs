@@ -251,7 +251,23 @@ impl Upstream {
     /// `GET /v2/` unauthenticated: the challenge the upstream answers with, if any.
     async fn ping(&self, repo: &Repo) -> Option<Challenge> {
         let url = format!("{}/v2/", repo.upstream);
-        let resp = tokio::time::timeout(self.opts.first_byte_timeout, self.http.get(&url).send()).await.ok()?.ok()?;
+        let mut rt = RoundTrip::start(repo.key.as_str(), &Method::GET, &url);
+        let mut headers = HeaderMap::new();
+        crate::telemetry::inject(rt.span(), &mut headers);
+        rt.sent(&headers);
+        let sent = self.http.get(&url).headers(headers).send();
+        let resp = match tokio::time::timeout(self.opts.first_byte_timeout, sent).instrument(rt.span().clone()).await {
+            Ok(Ok(resp)) => resp,
+            Ok(Err(e)) => {
+                rt.failed(&error_chain(&e));
+                return None;
+            }
+            Err(_) => {
+                rt.failed("timeout waiting for the response");
+                return None;
+            }
+        };
+        rt.answered(resp.status(), resp.headers());
         resp.headers().get(header::WWW_AUTHENTICATE)?.to_str().ok().and_then(Challenge::parse)
     }
 

@@ -230,3 +230,64 @@ async fn control_plane_traces_api_calls_and_store_operations() -> anyhow::Result
     assert!(!everything.contains(&password), "the repo's password leaked into a span or log line");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn token_requests_are_round_tripped_without_credentials_or_tokens() -> anyhow::Result<()> {
+    let collector = Collector::start().await?;
+    let password = format!("token-pw-{}", wharf_tests::random_name("t"));
+    let fake = FakeUpstream::start_with(AuthMode::Bearer {
+        credentials: Some(("bot".into(), password.clone())),
+        expires_in: None,
+    })
+    .await?;
+    let blob = fake.add_random_blob(10_000);
+    let env_var = "WHARF_TEST_TRACING_TOKEN_PASSWORD".to_string();
+    let config = format!(
+        "{}username = \"bot\"\npassword_env = \"{env_var}\"\n",
+        repo_config("lab", &fake.url(), "generic", "5m")
+    );
+    let proxy = Proxy::spawn_with(ProxyOptions {
+        env: vec![(env_var, password.clone()), ("OTEL_BSP_SCHEDULE_DELAY".into(), "100".into())],
+        ..ProxyOptions::new(&config, &["--otlp-endpoint", &collector.endpoint()])
+    })?;
+    let traceparent = format!("00-{TRACE_ID}-{PARENT_ID}-01");
+    let resp = get(&proxy.v2(&format!("lab/org/img/blobs/{}", blob.digest)), &[("traceparent", &traceparent)]).await?;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert!(fake.tokens_issued() >= 1);
+
+    // The token exchange is an upstream.fetch of its own in the pull's trace.
+    let spans = collector
+        .wait_for(Duration::from_secs(15), "the token request's span", |spans| {
+            spans.iter().any(|s| {
+                s.name == "upstream.fetch"
+                    && s.trace_id == TRACE_ID
+                    && s.attr("url.full").is_some_and(|u| u.contains("/token"))
+                    && s.attr("http.response.status_code") == Some("200")
+            }) && spans.iter().any(|s| s.name == "wharf.request" && s.trace_id == TRACE_ID)
+        })
+        .await?;
+    let token_span = spans
+        .iter()
+        .find(|s| s.name == "upstream.fetch" && s.attr("url.full").is_some_and(|u| u.contains("/token")))
+        .map(|s| s.attr("http.request.headers").unwrap_or_default().to_owned())
+        .unwrap_or_default();
+    assert!(token_span.contains("authorization: <redacted>"), "{token_span}");
+
+    // Tokens the fake issued (Bearer values sent upstream afterwards) and the password stay out.
+    let bearer: Vec<String> = fake
+        .requests_matching("GET", "/blobs/")
+        .iter()
+        .filter_map(|r| r.header("authorization").and_then(|a| a.strip_prefix("Bearer ")).map(str::to_owned))
+        .collect();
+    assert!(!bearer.is_empty(), "{}", fake.describe_requests());
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!("bot:{password}"));
+    let everything = format!(
+        "{}\n{}",
+        proxy.all_output(),
+        spans.iter().flat_map(|s| s.attributes.values()).cloned().collect::<Vec<_>>().join("\n")
+    );
+    for secret in bearer.iter().map(String::as_str).chain([password.as_str(), basic.as_str()]) {
+        assert!(!everything.contains(secret), "secret {secret:?} leaked into a span or log line");
+    }
+    Ok(())
+}

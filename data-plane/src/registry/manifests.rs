@@ -30,9 +30,14 @@ pub async fn get(ctx: &Ctx, reference: Reference, log: &mut RequestLog) -> Resul
     let store = &ctx.state.store;
     match &reference {
         Reference::Digest(d) => {
-            if store.is_linked(&ctx.repo.key, &ctx.name, d)
-                && let Some(m) = cached(ctx, d)?
-            {
+            let lookup = lookup_span(ctx, &reference);
+            let found = lookup.in_scope(|| match store.is_linked(&ctx.repo.key, &ctx.name, d) {
+                true => cached(ctx, d),
+                false => Ok(None),
+            })?;
+            lookup.record("cache", if found.is_some() { "hit" } else { "miss" });
+            drop(lookup);
+            if let Some(m) = found {
                 log.cache = "hit";
                 return Ok(respond(ctx, m, IMMUTABLE, None));
             }
@@ -42,14 +47,26 @@ pub async fn get(ctx: &Ctx, reference: Reference, log: &mut RequestLog) -> Resul
         }
         Reference::Tag(tag) => {
             let cache_control = format!("public, max-age={}", ctx.repo.tag_ttl.as_secs().min(60));
-            let entry = store.get_tag(&ctx.repo.key, &ctx.name, tag);
-            let hit = match &entry {
-                Some(e) => match e.digest.parse::<Digest>() {
-                    Ok(d) => cached(ctx, &d)?,
-                    Err(_) => None,
-                },
-                None => None,
+            let lookup = lookup_span(ctx, &reference);
+            let (entry, hit) = lookup.in_scope(|| -> Result<_, RegistryError> {
+                let entry = store.get_tag(&ctx.repo.key, &ctx.name, tag);
+                let hit = match &entry {
+                    Some(e) => match e.digest.parse::<Digest>() {
+                        Ok(d) => cached(ctx, &d)?,
+                        Err(_) => None,
+                    },
+                    None => None,
+                };
+                Ok((entry, hit))
+            })?;
+            let fresh = |e: &TagEntry| now_secs().saturating_sub(e.fetched_at) < ctx.repo.tag_ttl.as_secs();
+            let outcome = match (&entry, &hit) {
+                (Some(e), Some(_)) if fresh(e) => "hit",
+                (Some(_), Some(_)) => "expired",
+                _ => "miss",
             };
+            lookup.record("cache", outcome);
+            drop(lookup);
             if let (Some(entry), Some(m)) = (entry, hit) {
                 let age = now_secs().saturating_sub(entry.fetched_at);
                 if age < ctx.repo.tag_ttl.as_secs() {
@@ -83,6 +100,17 @@ pub async fn get(ctx: &Ctx, reference: Reference, log: &mut RequestLog) -> Resul
             Ok(respond(ctx, m, &cache_control, None))
         }
     }
+}
+
+/// The `cache.lookup` span of a manifest request (its `cache` field: hit, expired or miss).
+fn lookup_span(ctx: &Ctx, reference: &Reference) -> tracing::Span {
+    tracing::info_span!(
+        "cache.lookup",
+        repo_key = %ctx.repo.key,
+        name = %ctx.name,
+        reference = %reference,
+        cache = tracing::field::Empty,
+    )
 }
 
 /// A cached manifest the client accepts.

@@ -7,8 +7,10 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use http::{HeaderValue, StatusCode};
+use tracing::Instrument as _;
 use wharf_core::{Credentials, Repo};
 
+use super::trace::RoundTrip;
 use super::{UpstreamError, UpstreamOptions, error_chain, redact};
 
 /// What an upstream demands, from its `WWW-Authenticate` header.
@@ -114,8 +116,7 @@ impl TokenCache {
         {
             return Ok(Some(token.clone()));
         }
-        let (token, lifetime) =
-            fetch_token(http, opts, &realm, service.as_deref(), scope, repo.credentials.as_ref()).await?;
+        let (token, lifetime) = fetch_token(http, opts, repo, &realm, service.as_deref(), scope).await?;
         let expiry = Instant::now() + lifetime.saturating_sub(EXPIRY_MARGIN);
         self.state().tokens.insert(key, (token.clone(), expiry));
         Ok(Some(token))
@@ -160,11 +161,12 @@ struct TokenResponse {
 async fn fetch_token(
     http: &reqwest::Client,
     opts: &UpstreamOptions,
+    repo: &Repo,
     realm: &str,
     service: Option<&str>,
     scope: &str,
-    credentials: Option<&Credentials>,
 ) -> Result<(HeaderValue, Duration), UpstreamError> {
+    let credentials = repo.credentials.as_ref();
     let shown = redact(realm);
     let mut url = reqwest::Url::parse(realm)
         .map_err(|e| UpstreamError::Protocol { url: shown.clone(), message: e.to_string() })?;
@@ -178,24 +180,35 @@ async fn fetch_token(
             q.append_pair("account", &c.username);
         }
     }
-    let mut req = http.get(url);
+    // The round-tripper records the exchange (credentials redacted, the token body never).
+    let mut rt = RoundTrip::start(repo.key.as_str(), &http::Method::GET, url.as_str());
+    let mut headers = http::HeaderMap::new();
     if let Some(c) = credentials {
-        req = req.header(http::header::AUTHORIZATION, basic(c));
+        headers.insert(http::header::AUTHORIZATION, basic(c));
     }
-    let resp = match tokio::time::timeout(opts.first_byte_timeout, req.send()).await {
+    crate::telemetry::inject(rt.span(), &mut headers);
+    rt.sent(&headers);
+    let req = http.get(url).headers(headers);
+    let resp = match tokio::time::timeout(opts.first_byte_timeout, req.send()).instrument(rt.span().clone()).await {
         Err(_) => {
+            rt.failed("timeout waiting for the token response");
             return Err(UpstreamError::Timeout { url: shown, phase: "token request" });
         }
         Ok(Err(e)) => {
-            return Err(UpstreamError::Unreachable { url: shown, message: error_chain(&e) });
+            let e = UpstreamError::Unreachable { url: shown, message: error_chain(&e) };
+            rt.failed(&e.to_string());
+            return Err(e);
         }
         Ok(Ok(r)) => r,
     };
     let status = resp.status();
+    rt.answered(status, resp.headers());
     let body = tokio::time::timeout(opts.idle_timeout, resp.bytes())
         .await
         .map_err(|_| UpstreamError::Timeout { url: shown.clone(), phase: "token body" })?
         .map_err(|e| UpstreamError::Unreachable { url: shown.clone(), message: error_chain(&e) })?;
+    rt.add_bytes(body.len() as u64);
+    rt.finish();
     if status != StatusCode::OK {
         let message = String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned();
         return Err(UpstreamError::Token { url: shown, status: status.as_u16(), message });
