@@ -86,6 +86,9 @@ pub async fn run_node(listener: TcpListener, opts: NodeOptions, cancel: Cancella
     let disk = rustix::fs::statvfs(&opts.cache_dir).map_or(0, |st| st.f_blocks.saturating_mul(st.f_frsize));
     let max_size = ev.max_size.map(|m| m.resolve(disk));
     let store = Arc::new(store.with_limits(Limits { max_size, high: ev.high }));
+    if let Some(max) = max_size {
+        metrics::gauge!("wharf_cache_max_bytes").set(max as f64);
+    }
     if max_size.is_some() || ev.ttl.is_some() {
         tracing::info!(?max_size, high = ev.high, low = ev.low, ttl = ?ev.ttl, "eviction on");
         let policy = Arc::new(LruWatermarks { max_size, high: ev.high, low: ev.low, ttl: ev.ttl });
