@@ -228,7 +228,7 @@ fn start(opts: &ProxyOptions, work_dir: &Path, cache_dir: &Path) -> anyhow::Resu
         .arg("--cache-dir")
         .arg(cache_dir)
         .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
-        .args(["--log-level", "debug"])
+        .args(if opts.args.iter().any(|a| a == "--log-level") { &[][..] } else { &["--log-level", "debug"][..] })
         .args(&opts.args)
         .current_dir(work_dir.join("cwd"))
         .env_remove("RUST_LOG")

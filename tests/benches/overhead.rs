@@ -1,0 +1,65 @@
+//! The cost of metrics and tracing (issue "Cache lifecycle and observability", Benchmark): warm
+//! manifest-by-tag and 1 MiB blob GETs/s through two nodes in one run, one with metrics off and no
+//! span export, one with metrics on and spans exported to a live OTLP collector. Goal: >= 0.9x.
+//!
+//! `cargo build --release --bins && cargo bench -p wharf-tests --bench overhead` (needs `wrk`).
+
+use std::process::Command;
+use std::time::Duration;
+
+use wharf_tests::image::OCI_MANIFEST;
+use wharf_tests::otlp::Collector;
+use wharf_tests::proxy::{ProxyOptions, repo_config};
+use wharf_tests::{FakeUpstream, Proxy};
+
+fn wrk(url: &str, accept: &str, secs: u64) -> anyhow::Result<f64> {
+    let out = Command::new("wrk")
+        .args(["-t2", "-c16", &format!("-d{secs}s"), "-H", &format!("Accept: {accept}"), url])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    anyhow::ensure!(!text.contains("Non-2xx"), "wrk saw errors: {text}");
+    text.lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:").and_then(|v| v.trim().parse().ok()))
+        .ok_or_else(|| anyhow::anyhow!("no Requests/sec in wrk output: {text}"))
+}
+
+fn main() -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    rt.block_on(async {
+        let fake = FakeUpstream::start().await?;
+        let blob = fake.add_random_blob(1024 * 1024);
+        let manifest = serde_json::json!({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": blob.digest, "size": blob.size()},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": blob.digest, "size": blob.size()}],
+        });
+        fake.put_manifest("org/img", Some("v1"), OCI_MANIFEST, manifest.to_string().into_bytes());
+        let collector = Collector::start().await?;
+        let config = repo_config("lab", &fake.url(), "generic", "1h");
+        let plain = Proxy::spawn_with(ProxyOptions::new(&config, &["--log-level", "info", "--no-metrics"]))?;
+        let endpoint = collector.endpoint();
+        let observed =
+            Proxy::spawn_with(ProxyOptions::new(&config, &["--log-level", "info", "--otlp-endpoint", &endpoint]))?;
+        let secs = std::env::args().skip_while(|a| a != "--secs").nth(1).and_then(|v| v.parse().ok()).unwrap_or(5u64);
+        println!("Wharf: metrics + tracing overhead (wrk -t2 -c16 -d{secs}s, each case twice, alternating)");
+        for (what, path, accept) in [
+            ("manifest by tag", "lab/org/img/manifests/v1", OCI_MANIFEST),
+            ("1 MiB blob", &*format!("lab/org/img/blobs/{}", blob.digest), "*/*"),
+        ] {
+            let (mut off, mut on) = (0.0, 0.0);
+            for p in [&plain, &observed] {
+                let r = wharf_tests::http::get(&p.v2(path), &[("accept", accept)]).await?;
+                anyhow::ensure!(r.status == 200, "warming {path}: {}", r.status);
+            }
+            for _ in 0..2 {
+                off += wrk(&plain.v2(path), accept, secs)?;
+                on += wrk(&observed.v2(path), accept, secs)?;
+            }
+            let (off, on) = (off / 2.0, on / 2.0);
+            println!("  {what:<16} off {off:>9.0} GETs/s   on {on:>9.0} GETs/s   on/off {:.2}x  (goal >= 0.90x)", on / off);
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        println!("  spans received by the collector: {}", collector.spans().len());
+        Ok(())
+    })
+}
