@@ -37,7 +37,9 @@ fn main() -> anyhow::Result<()> {
         let collector = Collector::start().await?;
         let config = repo_config("lab", &fake.url(), "generic", "1h");
         let plain = Proxy::spawn_with(ProxyOptions::new(&config, &["--log-level", "info", "--no-metrics"]))?;
-        let endpoint = collector.endpoint();
+        // `--dead-collector`: export to a closed port (spans dropped), to tell span creation from export.
+        let dead = std::env::args().any(|a| a == "--dead-collector");
+        let endpoint = if dead { "http://127.0.0.1:1".to_owned() } else { collector.endpoint() };
         let observed =
             Proxy::spawn_with(ProxyOptions::new(&config, &["--log-level", "info", "--otlp-endpoint", &endpoint]))?;
         let secs = std::env::args().skip_while(|a| a != "--secs").nth(1).and_then(|v| v.parse().ok()).unwrap_or(5u64);
