@@ -169,6 +169,8 @@ async fn start_dev_node(
         shutdown_grace: args.shutdown_grace,
         metrics,
         eviction: Default::default(),
+        limits: Default::default(),
+        max_upstream_fetches: wharf_proxy::flight::Flights::DEFAULT_MAX_FETCHES,
     };
     tracing::info!(node = %node_addr, cache_dir = %args.dev_cache_dir.display(), "dev mode: starting a node in-process");
     Ok(tokio::spawn(run_node(listener, opts, cancel)))

@@ -130,15 +130,28 @@ pub struct FetchContext {
 }
 
 /// The fetches in progress on this node, by digest.
-#[derive(Default)]
 pub struct Flights {
     map: Mutex<HashMap<Digest, Arc<Flight>>>,
+    /// Upstream blob fetches running at once; more wait their turn (their clients too).
+    slots: tokio::sync::Semaphore,
+}
+
+impl Default for Flights {
+    fn default() -> Self {
+        Self::new(Self::DEFAULT_MAX_FETCHES)
+    }
 }
 
 /// Upstream chunks already received are written in one go, up to this many.
 const WRITE_BATCH: usize = 64;
 
 impl Flights {
+    pub const DEFAULT_MAX_FETCHES: usize = 64;
+
+    pub fn new(max_fetches: usize) -> Self {
+        Self { map: Mutex::default(), slots: tokio::sync::Semaphore::new(max_fetches.max(1)) }
+    }
+
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<Digest, Arc<Flight>>> {
         self.map.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -190,6 +203,7 @@ impl Flights {
         file: Arc<std::fs::File>,
         tx: watch::Sender<Progress>,
     ) {
+        let _slot = self.slots.acquire().await;
         let started = Instant::now();
         let result = match fetch_into(&ctx, &file, &tx).await {
             Ok(size) => {

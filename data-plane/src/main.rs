@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use wharf_proxy::evict::SizeSpec;
 use wharf_proxy::node::{ConfigSource, EvictionOptions, NodeOptions, run_node};
+use wharf_proxy::server::ServerLimits;
 use wharf_proxy::telemetry::{LogFormat, TelemetryOptions};
 use wharf_proxy::upstream::UpstreamOptions;
 
@@ -48,6 +49,18 @@ struct Args {
     /// OTEL_EXPORTER_OTLP_ENDPOINT), no spans are exported. Other OTEL_* variables are honoured.
     #[arg(long)]
     otlp_endpoint: Option<String>,
+    /// Connections served at once; past it, new ones are closed at once.
+    #[arg(long, default_value_t = ServerLimits::default().max_connections)]
+    max_connections: usize,
+    /// Longest time a client may take to send a request's headers (slowloris).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    header_read_timeout: Duration,
+    /// Largest request head in bytes; past it, 431.
+    #[arg(long, default_value_t = ServerLimits::default().max_header_bytes)]
+    max_header_bytes: usize,
+    /// Upstream blob fetches running at once; more wait their turn.
+    #[arg(long, default_value_t = wharf_proxy::flight::Flights::DEFAULT_MAX_FETCHES)]
+    max_upstream_fetches: usize,
     /// Turn metrics off (no recorder: `/metrics` answers 404). For overhead measurements.
     #[arg(long)]
     no_metrics: bool,
@@ -128,6 +141,12 @@ async fn main() -> anyhow::Result<()> {
         } else {
             Some(wharf_proxy::metrics::install().context("installing the metrics recorder")?)
         },
+        limits: ServerLimits {
+            max_connections: args.max_connections,
+            header_read_timeout: args.header_read_timeout,
+            max_header_bytes: args.max_header_bytes,
+        },
+        max_upstream_fetches: args.max_upstream_fetches,
         eviction: EvictionOptions {
             max_size: args.cache_max_size,
             high,

@@ -10,8 +10,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, Config, ConfigError, Snapshot};
 use crate::evict::{self, LruWatermarks, SizeSpec};
+use crate::flight::Flights;
 use crate::managed::{self, ManagedOptions};
-use crate::server::{AppState, run};
+use crate::server::{AppState, ServerLimits, run_with};
 use crate::store::{Limits, Store, StoreError};
 use crate::upstream::{Upstream, UpstreamError, UpstreamOptions};
 
@@ -46,6 +47,9 @@ pub struct NodeOptions {
     /// The process's metrics recorder, served at `/metrics`.
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     pub eviction: EvictionOptions,
+    pub limits: ServerLimits,
+    /// Upstream blob fetches at once.
+    pub max_upstream_fetches: usize,
 }
 
 /// How the cache is kept in bounds.
@@ -114,10 +118,11 @@ pub async fn run_node(listener: TcpListener, opts: NodeOptions, cancel: Cancella
         tokio::spawn(managed::run(managed, config.clone(), store.clone(), held, cancel.clone()));
     }
     let mut state = AppState::new(config, store.clone(), upstream);
+    state.flights = Arc::new(Flights::new(opts.max_upstream_fetches));
     state.metrics = opts.metrics.clone();
     tracing::info!(addr = %listener.local_addr()?, cache_dir = %opts.cache_dir.display(), "listening");
     let stop = cancel.clone();
-    let server = tokio::spawn(run(listener, state, async move { stop.cancelled().await }));
+    let server = tokio::spawn(run_with(listener, state, opts.limits.clone(), async move { stop.cancelled().await }));
     cancel.cancelled().await;
     match tokio::time::timeout(opts.shutdown_grace, server).await {
         Ok(r) => {

@@ -2,14 +2,19 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
-use axum::serve::ListenerExt as _;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 use crate::config::Config;
 use crate::flight::Flights;
@@ -45,6 +50,23 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// Connection-level limits: what a client can hold of the node before a request is even read.
+#[derive(Debug, Clone)]
+pub struct ServerLimits {
+    /// Connections served at once; past it, new ones are closed at once (and counted).
+    pub max_connections: usize,
+    /// Longest time to receive a request's headers (slowloris).
+    pub header_read_timeout: Duration,
+    /// Largest request head (HTTP/1 read buffer; HTTP/2 header list): past it, 431.
+    pub max_header_bytes: usize,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        Self { max_connections: 10_000, header_read_timeout: Duration::from_secs(10), max_header_bytes: 64 * 1024 }
+    }
+}
+
 /// Serves the registry API on `listener` until `shutdown` resolves, then stops accepting and
 /// waits for in-flight responses (the caller bounds that wait with its grace period).
 pub async fn run(
@@ -52,11 +74,60 @@ pub async fn run(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    // Small responses (manifests, errors) go out at once rather than after the client's delayed ACK.
-    let listener = listener.tap_io(|tcp| {
+    run_with(listener, state, ServerLimits::default(), shutdown).await
+}
+
+/// [`run`] with explicit connection limits. Request bodies are never read: every method that has
+/// one is refused (405) by the read-only API.
+pub async fn run_with(
+    listener: TcpListener,
+    state: AppState,
+    limits: ServerLimits,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let service = TowerToHyperService::new(router(state));
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes.max(8192));
+    builder.http2().max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+    let graceful = GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            metrics::counter!("wharf_connections_rejected_total").increment(1);
+            tracing::warn!(%peer, max = limits.max_connections, "connection limit reached; closing a new connection");
+            continue;
+        };
+        // Small responses (manifests, errors) go out at once rather than after the client's delayed ACK.
         let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service.clone()).into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+            drop(slot);
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
 }
 
 async fn render_metrics(State(state): State<AppState>) -> Response {
