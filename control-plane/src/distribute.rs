@@ -1,39 +1,94 @@
 //! `wharf.v1.ConfigService`: each node's Watch stream (full snapshot when the node is behind, then
 //! one on every change) and its periodic report. While a stream is open the node's entry under
-//! `nodes/` is held by a lease; when it ends (or the replica shuts down) the lease is revoked.
+//! `nodes/` exists; it goes when the stream ends. Every entry of a replica hangs on one lease of
+//! that replica, kept alive by one task: a thousand nodes cost one keep-alive, not a thousand, and
+//! when a replica dies its nodes' entries go with its lease (they re-register on another replica).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use wharf_proto::v1 as pb;
 
 use crate::error::ApiError;
 use crate::grpc::repo_to_proto;
 use crate::hub::Published;
+use crate::nodes::Nodes;
 use crate::nodes::{NodeInfo, now_ms, validate_id};
 use crate::server::ApiState;
-use crate::store::{Lease, StoreError};
+use crate::store::{ConfigStore, Lease, StoreError};
 
 /// How long a node's entry outlives its last keep-alive.
 pub const NODE_LEASE_TTL: Duration = Duration::from_secs(10);
 
-/// The nodes whose Watch stream is on this replica, with their lease.
+/// The nodes whose Watch stream is on this replica, and the replica's lease their entries hang on.
 #[derive(Default)]
 pub struct Connected {
-    nodes: Mutex<HashMap<String, (Lease, NodeInfo)>>,
+    /// Node id -> (the connection that registered it, what the node list says).
+    nodes: Mutex<HashMap<String, (u64, NodeInfo)>>,
+    lease: tokio::sync::Mutex<Option<Lease>>,
+    next_connection: AtomicU64,
 }
 
 impl Connected {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Lease, NodeInfo)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (u64, NodeInfo)>> {
         self.nodes.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn count(&self) -> usize {
         self.lock().len()
+    }
+
+    /// The replica's lease, granted on first use.
+    async fn lease(&self, store: &dyn ConfigStore) -> Result<Lease, StoreError> {
+        let mut held = self.lease.lock().await;
+        if let Some(l) = *held {
+            return Ok(l);
+        }
+        let l = store.grant_lease(NODE_LEASE_TTL).await?;
+        *held = Some(l);
+        Ok(l)
+    }
+}
+
+/// Keeps the replica's lease alive; when it was lost (the store was unreachable past its TTL), takes
+/// a new one and puts every connected node's entry again. At shutdown, revokes it: every node of
+/// this replica leaves the list at once.
+pub async fn keep_alive(
+    store: Arc<dyn ConfigStore>,
+    connected: Arc<Connected>,
+    nodes: Nodes,
+    cancel: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(NODE_LEASE_TTL / 3);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let Some(lease) = *connected.lease.lock().await else { continue };
+        if let Err(e) = store.keep_alive(lease.id).await {
+            tracing::warn!(error = %e, "the replica's node lease was lost; registering its nodes again");
+            *connected.lease.lock().await = None;
+            let infos: Vec<NodeInfo> = connected.lock().values().map(|(_, i)| i.clone()).collect();
+            if let Ok(lease) = connected.lease(&*store).await {
+                for info in infos {
+                    if let Err(e) = nodes.put(&info, lease.id).await {
+                        tracing::warn!(node_id = %info.id, error = %e, "could not register the node again");
+                    }
+                }
+            }
+        }
+    }
+    if let Some(lease) = connected.lease.lock().await.take()
+        && let Err(e) = store.revoke_lease(lease.id).await
+    {
+        tracing::debug!(error = %e, "could not revoke the replica's node lease; it expires by itself");
     }
 }
 
@@ -63,11 +118,12 @@ impl pb::config_service_server::ConfigService for ConfigApi {
             last_seen_ms: now_ms(),
             ..Default::default()
         };
-        let lease = register(&state, &info).await.map_err(|e| ApiError::from_store(e, &info.id, None))?;
-        state.connected.lock().insert(info.id.clone(), (lease, info.clone()));
+        register(&state, &info).await.map_err(|e| ApiError::from_store(e, &info.id, None))?;
+        let connection = state.connected.next_connection.fetch_add(1, Ordering::Relaxed);
+        state.connected.lock().insert(info.id.clone(), (connection, info.clone()));
         tracing::info!(node_id = %info.id, address = %info.address, revision = req.revision, "node connected");
         let (tx, rx) = mpsc::channel(4);
-        tokio::spawn(stream_to_node(state, info.id, req.revision, lease, tx));
+        tokio::spawn(stream_to_node(state, info.id, req.revision, connection, tx));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -76,7 +132,7 @@ impl pb::config_service_server::ConfigService for ConfigApi {
         validate_id(&r.node_id)?;
         let entry = {
             let mut nodes = self.0.connected.lock();
-            let Some((lease, info)) = nodes.get_mut(&r.node_id) else {
+            let Some((_, info)) = nodes.get_mut(&r.node_id) else {
                 return Err(Status::failed_precondition(format!(
                     "node {:?} has no Watch stream on this control plane: open one first",
                     r.node_id
@@ -89,31 +145,28 @@ impl pb::config_service_server::ConfigService for ConfigApi {
             info.cache_misses = r.cache_misses;
             info.last_error = Some(r.last_error).filter(|e| !e.is_empty());
             info.last_seen_ms = now_ms();
-            (*lease, info.clone())
+            info.clone()
         };
-        self.0.nodes.put(&entry.1, entry.0.id).await.map_err(|e| ApiError::from_store(e, &r.node_id, None))?;
+        register(&self.0, &entry).await.map_err(|e| ApiError::from_store(e, &r.node_id, None))?;
         Ok(Response::new(pb::ReportResponse {}))
     }
 }
 
-async fn register(state: &ApiState, info: &NodeInfo) -> Result<Lease, StoreError> {
-    let lease = state.store.grant_lease(NODE_LEASE_TTL).await?;
-    state.nodes.put(info, lease.id).await?;
-    Ok(lease)
+async fn register(state: &ApiState, info: &NodeInfo) -> Result<(), StoreError> {
+    let lease = state.connected.lease(&*state.store).await?;
+    state.nodes.put(info, lease.id).await
 }
 
-/// Sends the node every configuration it does not have yet and keeps its lease alive, until the
-/// node goes away or the replica shuts down.
+/// Sends the node every configuration it does not have yet, until the node goes away or the
+/// replica shuts down; then removes its entry (unless it reconnected meanwhile).
 async fn stream_to_node(
     state: ApiState,
     node_id: String,
     held: i64,
-    mut lease: Lease,
+    connection: u64,
     tx: mpsc::Sender<Result<pb::ConfigUpdate, Status>>,
 ) {
     let mut config = state.hub.subscribe();
-    let mut keepalive = tokio::time::interval(lease.ttl / 3);
-    keepalive.tick().await;
     // What the node holds: at first only its revision; then the very snapshot last sent (compared
     // by identity, so two publications at one revision are both delivered).
     let mut last: Option<Arc<Published>> = None;
@@ -139,31 +192,19 @@ async fn stream_to_node(
                 break;
             }
             changed = config.changed() => if changed.is_err() { break },
-            _ = keepalive.tick() => {
-                if let Err(e) = state.store.keep_alive(lease.id).await {
-                    tracing::warn!(%node_id, error = %e, "node lease lost; registering again");
-                    let info = state.connected.lock().get(&node_id).map(|(_, i)| i.clone());
-                    if let Some(info) = info
-                        && let Ok(l) = register(&state, &info).await
-                    {
-                        lease = l;
-                        if let Some(entry) = state.connected.lock().get_mut(&node_id) {
-                            entry.0 = l;
-                        }
-                    }
-                }
-            }
         }
     }
-    {
-        // A node that reconnected meanwhile has a newer entry with another lease: keep that one.
+    // A node that reconnected meanwhile has a newer entry from another connection: keep that one.
+    let ours = {
         let mut connected = state.connected.lock();
-        if connected.get(&node_id).is_some_and(|(l, _)| l.id == lease.id) {
+        let ours = connected.get(&node_id).is_some_and(|(c, _)| *c == connection);
+        if ours {
             connected.remove(&node_id);
         }
-    }
-    if let Err(e) = state.store.revoke_lease(lease.id).await {
-        tracing::debug!(%node_id, error = %e, "could not revoke the node's lease; it expires by itself");
+        ours
+    };
+    if ours && let Err(e) = state.store.delete(&format!("{}{node_id}", crate::nodes::PREFIX), None).await {
+        tracing::debug!(%node_id, error = %e, "could not remove the node's entry; it goes with the replica's lease");
     }
     tracing::info!(%node_id, "node disconnected");
 }

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 use wharf_proto::v1 as pb;
 
-use crate::distribute::{ConfigApi, Connected};
+use crate::distribute::{self, ConfigApi, Connected};
 use crate::grpc::{NodeApi, RepoApi};
 use crate::hub::ConfigHub;
 use crate::nodes::Nodes;
@@ -41,11 +41,14 @@ pub struct ApiState {
 
 impl ApiState {
     pub fn new(store: Arc<dyn ConfigStore>, replica: String, cancel: CancellationToken) -> Self {
+        let connected: Arc<Connected> = Arc::default();
+        let nodes = Nodes::new(store.clone());
+        tokio::spawn(distribute::keep_alive(store.clone(), connected.clone(), nodes.clone(), cancel.clone()));
         Self {
             repos: Repos::new(store.clone()),
-            nodes: Nodes::new(store.clone()),
+            nodes,
             hub: ConfigHub::start(store.clone(), cancel.clone()),
-            connected: Arc::default(),
+            connected,
             replica,
             cancel,
             store,
