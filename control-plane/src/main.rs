@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use wharf_control::repos::RepoSpec;
 use wharf_control::server::{ApiState, run};
 use wharf_control::store::{ConfigStore, EmbeddedOptions, EmbeddedStore, EtcdOptions, EtcdStore, TracedStore};
-use wharf_proxy::telemetry::{LogFormat, TelemetryOptions};
+use wharf_proxy::telemetry::{TelemetryArgs, shutdown_signal};
 
 /// Wharf's control plane: repos in etcd (or the embedded store), gRPC and REST (/api/repos) on one
 /// port, configuration streamed to every data-plane node.
@@ -52,14 +52,8 @@ struct Args {
     /// --dev: the node's cache directory.
     #[arg(long, default_value = "./wharf-cache")]
     dev_cache_dir: PathBuf,
-    #[arg(long, value_enum, default_value = "text", env = "WHARF_LOG_FORMAT")]
-    log_format: LogFormat,
-    #[arg(long, default_value = "info", env = "WHARF_LOG_LEVEL")]
-    log_level: String,
-    /// OTLP gRPC collector for spans (http://collector:4317). Without it (and without
-    /// OTEL_EXPORTER_OTLP_ENDPOINT), no spans are exported. Other OTEL_* variables are honoured.
-    #[arg(long)]
-    otlp_endpoint: Option<String>,
+    #[command(flatten)]
+    telemetry: TelemetryArgs,
     /// How long in-flight calls may take to finish after SIGTERM/SIGINT.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
@@ -68,12 +62,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let telemetry = wharf_proxy::telemetry::init(&TelemetryOptions {
-        log_format: args.log_format,
-        log_level: args.log_level.clone(),
-        otlp_endpoint: args.otlp_endpoint.clone(),
-        service_name: "wharf-control",
-    })?;
+    let telemetry = wharf_proxy::telemetry::init(&args.telemetry.options("wharf-control"))?;
     let store: Arc<dyn ConfigStore> = if args.etcd.is_empty() {
         let opts = EmbeddedOptions { prefix: args.prefix.clone(), timeout: args.store_timeout, ..Default::default() };
         let store = EmbeddedStore::open_with(&args.data_dir, opts)
@@ -174,15 +163,4 @@ async fn start_dev_node(
     };
     tracing::info!(node = %node_addr, cache_dir = %args.dev_cache_dir.display(), "dev mode: starting a node in-process");
     Ok(tokio::spawn(run_node(listener, opts, cancel)))
-}
-
-async fn shutdown_signal() -> &'static str {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    }
 }

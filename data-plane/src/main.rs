@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use wharf_proxy::evict::SizeSpec;
 use wharf_proxy::node::{ConfigSource, EvictionOptions, NodeOptions, run_node};
 use wharf_proxy::server::ServerLimits;
-use wharf_proxy::telemetry::{LogFormat, TelemetryOptions};
+use wharf_proxy::telemetry::{TelemetryArgs, shutdown_signal};
 use wharf_proxy::upstream::UpstreamOptions;
 
 /// A Wharf data-plane node: a pull-through cache serving the OCI distribution pull API.
@@ -40,15 +40,8 @@ struct Args {
     /// Where clients reach this node, as shown in the node list (default: the listen address).
     #[arg(long, env = "WHARF_ADVERTISE")]
     advertise: Option<String>,
-    #[arg(long, value_enum, default_value = "text", env = "WHARF_LOG_FORMAT")]
-    log_format: LogFormat,
-    /// Log filter: a level (info, debug) or tracing directives (wharf_proxy=debug,info).
-    #[arg(long, default_value = "info", env = "WHARF_LOG_LEVEL")]
-    log_level: String,
-    /// OTLP gRPC collector for spans (http://collector:4317). Without it (and without
-    /// OTEL_EXPORTER_OTLP_ENDPOINT), no spans are exported. Other OTEL_* variables are honoured.
-    #[arg(long)]
-    otlp_endpoint: Option<String>,
+    #[command(flatten)]
+    telemetry: TelemetryArgs,
     /// Connections served at once; past it, new ones are closed at once.
     #[arg(long, default_value_t = ServerLimits::default().max_connections)]
     max_connections: usize,
@@ -102,12 +95,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let telemetry = wharf_proxy::telemetry::init(&TelemetryOptions {
-        log_format: args.log_format,
-        log_level: args.log_level.clone(),
-        otlp_endpoint: args.otlp_endpoint.clone(),
-        service_name: "wharf-proxy",
-    })?;
+    let telemetry = wharf_proxy::telemetry::init(&args.telemetry.options("wharf-proxy"))?;
     let (high, low) = (args.cache_high_watermark, args.cache_low_watermark);
     if !(0.0 < low && low < high && high <= 1.0) {
         anyhow::bail!(
@@ -173,15 +161,4 @@ fn default_node_id(local: SocketAddr) -> String {
     let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
     let host: String = host.trim().chars().filter(|c| c.is_ascii_alphanumeric() || ".-_".contains(*c)).collect();
     format!("{}-{}", if host.is_empty() { "node" } else { &host }, local.port())
-}
-
-async fn shutdown_signal() -> &'static str {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    }
 }

@@ -38,6 +38,43 @@ pub enum LogFormat {
     Text,
 }
 
+/// The logging and tracing flags of both binaries (`#[command(flatten)]`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct TelemetryArgs {
+    #[arg(long, value_enum, default_value = "text", env = "WHARF_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    /// Log filter: a level (info, debug) or tracing directives (wharf_proxy=debug,info).
+    #[arg(long, default_value = "info", env = "WHARF_LOG_LEVEL")]
+    pub log_level: String,
+    /// OTLP gRPC collector for spans (http://collector:4317). Without it (and without
+    /// OTEL_EXPORTER_OTLP_ENDPOINT), no spans are exported. Other OTEL_* variables are honoured.
+    #[arg(long)]
+    pub otlp_endpoint: Option<String>,
+}
+
+impl TelemetryArgs {
+    pub fn options(&self, service_name: &'static str) -> TelemetryOptions {
+        TelemetryOptions {
+            log_format: self.log_format,
+            log_level: self.log_level.clone(),
+            otlp_endpoint: self.otlp_endpoint.clone(),
+            service_name,
+        }
+    }
+}
+
+/// SIGTERM or SIGINT, whichever comes first (never, where signals cannot be installed).
+pub async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}
+
 /// What [`init`] sets up.
 #[derive(Debug, Clone)]
 pub struct TelemetryOptions {
