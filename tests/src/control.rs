@@ -18,7 +18,7 @@ use serde_json::Value;
 use tempfile::TempDir;
 
 use crate::http::Resp;
-use crate::process::{ChildGuard, LogBuf};
+use crate::process::{ChildGuard, LogBuf, fields, message, wait_listening};
 
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 const START_ATTEMPTS: usize = 4;
@@ -48,19 +48,6 @@ pub fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-fn fields(v: &Value) -> &Value {
-    v.get("fields").unwrap_or(v)
-}
-
-/// The `fields.message` of a JSON log event.
-pub fn message(v: &Value) -> Option<&str> {
-    fields(v).get("message").and_then(Value::as_str)
-}
-
-fn target(v: &Value) -> &str {
-    v.get("target").and_then(Value::as_str).unwrap_or("")
-}
-
 /// Environment variables that must not leak from the test's environment into a child.
 fn clean_env(cmd: &mut Command) {
     for (k, _) in std::env::vars_os() {
@@ -70,20 +57,6 @@ fn clean_env(cmd: &mut Command) {
         }
     }
     cmd.env_remove("RUST_LOG").env("NO_PROXY", "*");
-}
-
-/// Waits for the first `"listening"` event whose target starts with `target_prefix`; its address.
-fn wait_listening(child: &ChildGuard, target_prefix: &str) -> Option<SocketAddr> {
-    let mut addr = None;
-    child.stdout.wait_for(0, START_TIMEOUT, |l| {
-        let Ok(v) = serde_json::from_str::<Value>(l) else { return false };
-        if message(&v) != Some("listening") || !target(&v).starts_with(target_prefix) {
-            return false;
-        }
-        addr = fields(&v).get("addr").and_then(Value::as_str).and_then(|a| a.parse::<SocketAddr>().ok());
-        addr.is_some()
-    });
-    addr
 }
 
 /// How to start a control plane.
@@ -198,15 +171,12 @@ impl ControlPlane {
 
     /// Every stdout line that parses as JSON.
     pub fn logs(&self) -> Vec<Value> {
-        self.child.stdout.lines().iter().filter_map(|l| serde_json::from_str(l).ok()).collect()
+        self.child.json_logs()
     }
 
     /// Everything the process printed (stdout and stderr), for searching for leaked secrets.
     pub fn all_output(&self) -> String {
-        let mut s = self.child.stdout.lines().join("\n");
-        s.push('\n');
-        s.push_str(&self.child.stderr.lines().join("\n"));
-        s
+        self.child.all_output()
     }
 
     /// Process output tail, for failure messages.
@@ -216,7 +186,7 @@ impl ControlPlane {
 
     /// With `--dev`: the address of the in-process node (its own `"listening"` event).
     pub fn dev_node_addr(&self) -> anyhow::Result<SocketAddr> {
-        wait_listening(&self.child, "wharf_proxy")
+        wait_listening(&self.child, "wharf_proxy", START_TIMEOUT)
             .with_context(|| format!("no \"listening\" event of the dev node\n{}", self.log_tail(30)))
     }
 }
@@ -237,7 +207,7 @@ fn start_control(opts: &ControlOptions, data_dir: &Path, port: u16) -> anyhow::R
     clean_env(&mut cmd);
     cmd.envs(opts.env.iter().map(|(k, v)| (k, v)));
     let mut child = ChildGuard::spawn("wharf-control", &mut cmd)?;
-    match wait_listening(&child, "wharf_control") {
+    match wait_listening(&child, "wharf_control", START_TIMEOUT) {
         Some(a) if a.port() == port => Ok(child),
         other => {
             let exited = child.try_wait();
@@ -343,7 +313,7 @@ impl Node {
 
     /// Every stdout line that parses as JSON.
     pub fn logs(&self) -> Vec<Value> {
-        self.child.stdout.lines().iter().filter_map(|l| serde_json::from_str(l).ok()).collect()
+        self.child.json_logs()
     }
 
     /// The revisions of the `"configuration applied"` events so far, in order.
@@ -401,10 +371,7 @@ impl Node {
 
     /// Everything the process printed (stdout and stderr).
     pub fn all_output(&self) -> String {
-        let mut s = self.child.stdout.lines().join("\n");
-        s.push('\n');
-        s.push_str(&self.child.stderr.lines().join("\n"));
-        s
+        self.child.all_output()
     }
 
     /// Process output tail, for failure messages.
@@ -433,7 +400,7 @@ fn start_node(
     }
     clean_env(&mut cmd);
     let mut child = ChildGuard::spawn(&format!("wharf-proxy {id}"), &mut cmd)?;
-    match wait_listening(&child, "wharf_proxy") {
+    match wait_listening(&child, "wharf_proxy", START_TIMEOUT) {
         Some(a) => Ok((child, a)),
         None => {
             let exited = child.try_wait();

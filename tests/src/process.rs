@@ -122,6 +122,19 @@ impl ChildGuard {
         Ok(Self { child: Some(child), name: name.to_string(), stdout, stderr })
     }
 
+    /// Every stdout line that parses as JSON (the JSON log events).
+    pub fn json_logs(&self) -> Vec<serde_json::Value> {
+        self.stdout.lines().iter().filter_map(|l| serde_json::from_str(l).ok()).collect()
+    }
+
+    /// Everything the process printed (stdout and stderr), for searching for leaked secrets.
+    pub fn all_output(&self) -> String {
+        let mut s = self.stdout.lines().join("\n");
+        s.push('\n');
+        s.push_str(&self.stderr.lines().join("\n"));
+        s
+    }
+
     /// The process id.
     pub fn id(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
@@ -224,4 +237,29 @@ pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> anyhow::Result<
         std::thread::sleep(Duration::from_millis(5));
     }
     Ok((status, guard.stdout.lines().join("\n"), guard.stderr.lines().join("\n")))
+}
+
+/// The `fields` object of a JSON log event (tracing-subscriber's JSON format).
+pub fn fields(v: &serde_json::Value) -> &serde_json::Value {
+    v.get("fields").unwrap_or(v)
+}
+
+/// The `fields.message` of a JSON log event.
+pub fn message(v: &serde_json::Value) -> Option<&str> {
+    fields(v).get("message").and_then(serde_json::Value::as_str)
+}
+
+/// Waits for the first `"listening"` event whose `target` starts with `target_prefix`; its `addr`.
+pub fn wait_listening(child: &ChildGuard, target_prefix: &str, timeout: Duration) -> Option<std::net::SocketAddr> {
+    let mut addr = None;
+    child.stdout.wait_for(0, timeout, |l| {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(l) else { return false };
+        let target = v.get("target").and_then(serde_json::Value::as_str).unwrap_or("");
+        if message(&v) != Some("listening") || !target.starts_with(target_prefix) {
+            return false;
+        }
+        addr = fields(&v).get("addr").and_then(serde_json::Value::as_str).and_then(|a| a.parse().ok());
+        addr.is_some()
+    });
+    addr
 }

@@ -9,7 +9,7 @@ use anyhow::{Context as _, bail};
 use serde_json::Value;
 use tempfile::TempDir;
 
-use crate::process::{ChildGuard, LogBuf};
+use crate::process::{ChildGuard, LogBuf, fields, message, wait_listening};
 
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -156,15 +156,12 @@ impl Proxy {
 
     /// Everything the process printed (stdout and stderr), for searching for leaked secrets.
     pub fn all_output(&self) -> String {
-        let mut s = self.child.stdout.lines().join("\n");
-        s.push('\n');
-        s.push_str(&self.child.stderr.lines().join("\n"));
-        s
+        self.child.all_output()
     }
 
     /// Every stdout line that parses as JSON.
     pub fn logs(&self) -> Vec<Value> {
-        self.child.stdout.lines().iter().filter_map(|l| serde_json::from_str(l).ok()).collect()
+        self.child.json_logs()
     }
 
     /// The per-request log events (`fields.message == "request"`), as their `fields` objects.
@@ -212,14 +209,6 @@ fn cached_file(dir: &Path, digest: &str) -> Option<PathBuf> {
     crate::files_under(dir).into_iter().find(|p| p.file_name().is_some_and(|n| n.to_string_lossy() == hex))
 }
 
-fn fields(v: &Value) -> &Value {
-    v.get("fields").unwrap_or(v)
-}
-
-fn message(v: &Value) -> Option<&str> {
-    fields(v).get("message").and_then(Value::as_str)
-}
-
 fn start(opts: &ProxyOptions, work_dir: &Path, cache_dir: &Path) -> anyhow::Result<(ChildGuard, SocketAddr)> {
     let bin = proxy_bin()?;
     let mut cmd = Command::new(&bin);
@@ -243,17 +232,7 @@ fn start(opts: &ProxyOptions, work_dir: &Path, cache_dir: &Path) -> anyhow::Resu
         cmd.env(k, v);
     }
     let mut child = ChildGuard::spawn("wharf-proxy", &mut cmd)?;
-    let mut addr = None;
-    child.stdout.wait_for(0, START_TIMEOUT, |l| {
-        let Ok(v) = serde_json::from_str::<Value>(l) else {
-            return false;
-        };
-        if message(&v) != Some("listening") {
-            return false;
-        }
-        addr = fields(&v).get("addr").and_then(Value::as_str).and_then(|a| a.parse::<SocketAddr>().ok());
-        addr.is_some()
-    });
+    let addr = wait_listening(&child, "wharf_proxy", START_TIMEOUT);
     match addr {
         Some(a) => Ok((child, a)),
         None => {
