@@ -2,7 +2,8 @@
 //! manifest-by-tag and 1 MiB blob GETs/s through two nodes in one run, one with metrics off and no
 //! span export, one with metrics on and spans exported to a live OTLP collector. Goal: >= 0.9x.
 //!
-//! `cargo build --release --bins && cargo bench -p wharf-tests --bench overhead` (needs `wrk`).
+//! `cargo build --release --bins && cargo bench -p wharf-tests --bench overhead [-- --secs 5
+//! --dead-collector --sample 0.1]` (needs `wrk`).
 
 use std::process::Command;
 use std::time::Duration;
@@ -40,25 +41,36 @@ fn main() -> anyhow::Result<()> {
         // `--dead-collector`: export to a closed port (spans dropped), to tell span creation from export.
         let dead = std::env::args().any(|a| a == "--dead-collector");
         let endpoint = if dead { "http://127.0.0.1:1".to_owned() } else { collector.endpoint() };
-        let observed =
-            Proxy::spawn_with(ProxyOptions::new(&config, &["--log-level", "info", "--otlp-endpoint", &endpoint]))?;
+        // `--sample RATIO`: the observed node samples traces (OTEL_TRACES_SAMPLER=parentbased_traceidratio).
+        let mut observed_opts = ProxyOptions::new(&config, &["--log-level", "info", "--otlp-endpoint", &endpoint]);
+        if let Some(ratio) = std::env::args().skip_while(|a| a != "--sample").nth(1) {
+            observed_opts.env.push(("OTEL_TRACES_SAMPLER".into(), "parentbased_traceidratio".into()));
+            observed_opts.env.push(("OTEL_TRACES_SAMPLER_ARG".into(), ratio));
+        }
+        let observed = Proxy::spawn_with(observed_opts)?;
+        let metrics_only = Proxy::spawn_with(ProxyOptions::new(&config, &["--log-level", "info"]))?;
         let secs = std::env::args().skip_while(|a| a != "--secs").nth(1).and_then(|v| v.parse().ok()).unwrap_or(5u64);
         println!("Wharf: metrics + tracing overhead (wrk -t2 -c16 -d{secs}s, each case twice, alternating)");
         for (what, path, accept) in [
             ("manifest by tag", "lab/org/img/manifests/v1", OCI_MANIFEST),
             ("1 MiB blob", &*format!("lab/org/img/blobs/{}", blob.digest), "*/*"),
         ] {
-            let (mut off, mut on) = (0.0, 0.0);
-            for p in [&plain, &observed] {
+            let (mut off, mut on, mut m) = (0.0, 0.0, 0.0);
+            for p in [&plain, &observed, &metrics_only] {
                 let r = wharf_tests::http::get(&p.v2(path), &[("accept", accept)]).await?;
                 anyhow::ensure!(r.status == 200, "warming {path}: {}", r.status);
             }
             for _ in 0..2 {
                 off += wrk(&plain.v2(path), accept, secs)?;
                 on += wrk(&observed.v2(path), accept, secs)?;
+                m += wrk(&metrics_only.v2(path), accept, secs)?;
             }
-            let (off, on) = (off / 2.0, on / 2.0);
-            println!("  {what:<16} off {off:>9.0} GETs/s   on {on:>9.0} GETs/s   on/off {:.2}x  (goal >= 0.90x)", on / off);
+            let (off, on, m) = (off / 2.0, on / 2.0, m / 2.0);
+            println!(
+                "  {what:<16} off {off:>9.0} GETs/s   on {on:>9.0} GETs/s   on/off {:.2}x  (goal >= 0.90x)   metrics only {:.2}x",
+                on / off,
+                m / off
+            );
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
         println!("  spans received by the collector: {}", collector.spans().len());
