@@ -39,13 +39,22 @@ macro_rules! store_span {
     };
 }
 
-/// Runs `call` in `span` and records how it ended.
+/// Runs `call` in `span` and records how it ended, and its duration in
+/// `wharf_control_store_operation_duration_seconds{op, outcome}`.
 async fn traced<T>(
+    op: &'static str,
     span: tracing::Span,
     call: impl Future<Output = Result<T, StoreError>>,
     revision: impl FnOnce(&T) -> Option<Revision>,
 ) -> Result<T, StoreError> {
+    let started = std::time::Instant::now();
     let result = call.instrument(span.clone()).await;
+    let label = match &result {
+        Ok(_) => "ok",
+        Err(e) => outcome(e),
+    };
+    metrics::histogram!("wharf_control_store_operation_duration_seconds", "op" => op, "outcome" => label)
+        .record(started.elapsed().as_secs_f64());
     match &result {
         Ok(v) => {
             span.record("outcome", "ok");
@@ -86,12 +95,12 @@ fn none<T>(_: &T) -> Option<Revision> {
 impl ConfigStore for TracedStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
         let span = store_span!("get", key);
-        traced(span, self.inner.get(key), |kv| kv.as_ref().map(|kv| kv.mod_revision)).await
+        traced("get", span, self.inner.get(key), |kv| kv.as_ref().map(|kv| kv.mod_revision)).await
     }
 
     async fn list(&self, prefix: &str) -> Result<(Vec<KeyValue>, Revision), StoreError> {
         let span = store_span!("list", prefix, count = tracing::field::Empty);
-        let result = traced(span.clone(), self.inner.list(prefix), |(_, rev)| Some(*rev)).await;
+        let result = traced("list", span.clone(), self.inner.list(prefix), |(_, rev)| Some(*rev)).await;
         if let Ok((kvs, _)) = &result {
             span.record("count", kvs.len());
         }
@@ -100,7 +109,7 @@ impl ConfigStore for TracedStore {
 
     async fn create(&self, key: &str, value: Vec<u8>) -> Result<Revision, StoreError> {
         let span = store_span!("create", key);
-        traced(span, self.inner.create(key, value), |r| Some(*r)).await
+        traced("create", span, self.inner.create(key, value), |r| Some(*r)).await
     }
 
     async fn update(
@@ -110,23 +119,23 @@ impl ConfigStore for TracedStore {
         expected_mod_revision: Option<Revision>,
     ) -> Result<Revision, StoreError> {
         let span = store_span!("update", key, expected_revision = expected_mod_revision);
-        traced(span, self.inner.update(key, value, expected_mod_revision), |r| Some(*r)).await
+        traced("update", span, self.inner.update(key, value, expected_mod_revision), |r| Some(*r)).await
     }
 
     async fn delete(&self, key: &str, expected_mod_revision: Option<Revision>) -> Result<Revision, StoreError> {
         let span = store_span!("delete", key, expected_revision = expected_mod_revision);
-        traced(span, self.inner.delete(key, expected_mod_revision), |r| Some(*r)).await
+        traced("delete", span, self.inner.delete(key, expected_mod_revision), |r| Some(*r)).await
     }
 
     /// The span covers starting the watch, not the stream (which lives as long as the caller).
     async fn watch(&self, prefix: &str, from_revision: Revision) -> Result<WatchStream, StoreError> {
         let span = store_span!("watch", prefix, from_revision);
-        traced(span, self.inner.watch(prefix, from_revision), none).await
+        traced("watch", span, self.inner.watch(prefix, from_revision), none).await
     }
 
     async fn grant_lease(&self, ttl: Duration) -> Result<Lease, StoreError> {
         let span = store_span!("grant_lease", ttl_ms = ttl.as_millis() as u64, lease = tracing::field::Empty);
-        let result = traced(span.clone(), self.inner.grant_lease(ttl), none).await;
+        let result = traced("grant_lease", span.clone(), self.inner.grant_lease(ttl), none).await;
         if let Ok(l) = &result {
             span.record("lease", tracing::field::display(l.id));
         }
@@ -135,26 +144,26 @@ impl ConfigStore for TracedStore {
 
     async fn keep_alive(&self, lease: LeaseId) -> Result<Duration, StoreError> {
         let span = store_span!("keep_alive", lease = %lease);
-        traced(span, self.inner.keep_alive(lease), none).await
+        traced("keep_alive", span, self.inner.keep_alive(lease), none).await
     }
 
     async fn put_with_lease(&self, key: &str, value: Vec<u8>, lease: LeaseId) -> Result<Revision, StoreError> {
         let span = store_span!("put_with_lease", key, lease = %lease);
-        traced(span, self.inner.put_with_lease(key, value, lease), |r| Some(*r)).await
+        traced("put_with_lease", span, self.inner.put_with_lease(key, value, lease), |r| Some(*r)).await
     }
 
     async fn revoke_lease(&self, lease: LeaseId) -> Result<(), StoreError> {
         let span = store_span!("revoke_lease", lease = %lease);
-        traced(span, self.inner.revoke_lease(lease), none).await
+        traced("revoke_lease", span, self.inner.revoke_lease(lease), none).await
     }
 
     async fn current_revision(&self) -> Result<Revision, StoreError> {
         let span = store_span!("current_revision");
-        traced(span, self.inner.current_revision(), |r| Some(*r)).await
+        traced("current_revision", span, self.inner.current_revision(), |r| Some(*r)).await
     }
 
     async fn compact(&self, revision: Revision) -> Result<(), StoreError> {
         let span = store_span!("compact", compact_revision = revision);
-        traced(span, self.inner.compact(revision), none).await
+        traced("compact", span, self.inner.compact(revision), none).await
     }
 }
