@@ -44,6 +44,7 @@ pub fn repo_to_proto(r: &RepoRecord, with_secret: bool) -> pb::Repo {
         created_at: Some(timestamp(r.created_at)),
         updated_at: Some(timestamp(r.updated_at)),
         revision: r.revision,
+        cache_ttl: r.repo.cache_ttl.map(duration),
     }
 }
 
@@ -56,6 +57,11 @@ fn spec_from_proto(r: pb::Repo) -> Result<RepoSpec, ApiError> {
         tag_ttl: r.tag_ttl.as_ref().map(from_duration).transpose()?,
         username: none_if_empty(r.username),
         password: none_if_empty(r.password),
+        cache_ttl: r
+            .cache_ttl
+            .as_ref()
+            .map(|d| from_duration(d).map_err(|_| ApiError::invalid("cache_ttl", "must not be negative")))
+            .transpose()?,
     })
 }
 

@@ -23,6 +23,8 @@ pub struct RepoSpec {
     pub username: Option<String>,
     /// Write-only. On update, `None` keeps the stored password.
     pub password: Option<String>,
+    /// The repo's cache TTL override (`None`: the node's).
+    pub cache_ttl: Option<Duration>,
 }
 
 /// A stored repo with its bookkeeping.
@@ -49,6 +51,8 @@ struct Stored {
     password: Option<String>,
     created_at_ms: u64,
     updated_at_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cache_ttl_secs: Option<u64>,
 }
 
 fn millis(t: SystemTime) -> u64 {
@@ -71,6 +75,7 @@ pub fn decode(kv: &KeyValue) -> Option<RepoRecord> {
             _ => None,
         };
         let repo = Repo::new(key, s.kind, Some(&s.upstream), Duration::from_secs(s.tag_ttl_secs), credentials)
+            .and_then(|r| r.with_cache_ttl(s.cache_ttl_secs.map(Duration::from_secs)))
             .map_err(|e| e.to_string())?;
         Ok(RepoRecord {
             repo,
@@ -97,6 +102,7 @@ fn encode(repo: &Repo, created_at: SystemTime, updated_at: SystemTime) -> Vec<u8
         password: repo.credentials.as_ref().map(|c| c.password.expose().to_owned()),
         created_at_ms: millis(created_at),
         updated_at_ms: millis(updated_at),
+        cache_ttl_secs: repo.cache_ttl.map(|d| d.as_secs()),
     };
     serde_json::to_vec(&s).unwrap_or_default()
 }
@@ -122,12 +128,13 @@ pub fn validate(spec: &RepoSpec, stored: Option<&Credentials>) -> Result<Repo, A
         (None, Some(_)) => return Err(ApiError::invalid("username", "a password needs a username")),
     };
     let upstream = spec.upstream.as_deref().filter(|u| !u.is_empty());
-    Repo::new(key, kind, upstream, tag_ttl, credentials).map_err(|e| {
+    Repo::new(key, kind, upstream, tag_ttl, credentials).and_then(|r| r.with_cache_ttl(spec.cache_ttl)).map_err(|e| {
         let field = match &e {
             RepoError::Key(_) => "key",
             RepoError::Kind(_) => "kind",
             RepoError::Upstream { .. } | RepoError::NoUpstream { .. } => "upstream",
             RepoError::TagTtl { .. } => "tag_ttl",
+            RepoError::CacheTtl { .. } => "cache_ttl",
         };
         ApiError::invalid(field, e.to_string())
     })
@@ -225,6 +232,7 @@ pub fn spec_of(r: &RepoRecord) -> RepoSpec {
         tag_ttl: Some(r.repo.tag_ttl),
         username: r.repo.credentials.as_ref().map(|c| c.username.clone()),
         password: None,
+        cache_ttl: r.repo.cache_ttl,
     }
 }
 
@@ -249,12 +257,18 @@ mod tests {
         assert_eq!(field(RepoSpec { tag_ttl: Some(Duration::from_secs(40 * 86400)), ..spec("a") }), "tag_ttl");
         assert_eq!(field(RepoSpec { username: Some("u".into()), ..spec("a") }), "password");
         assert_eq!(field(RepoSpec { password: Some("p".into()), ..spec("a") }), "username");
+        assert_eq!(field(RepoSpec { cache_ttl: Some(Duration::ZERO), ..spec("a") }), "cache_ttl");
     }
 
     #[test]
     fn stored_form_round_trips_and_keeps_the_password() {
-        let r =
-            validate(&RepoSpec { username: Some("u".into()), password: Some("p".into()), ..spec("a") }, None).unwrap();
+        let with_ttl = RepoSpec {
+            username: Some("u".into()),
+            password: Some("p".into()),
+            cache_ttl: Some(Duration::from_secs(7 * 86400)),
+            ..spec("a")
+        };
+        let r = validate(&with_ttl, None).unwrap();
         let kv = KeyValue {
             key: store_key("a"),
             value: encode(&r, UNIX_EPOCH, UNIX_EPOCH),

@@ -48,6 +48,8 @@ pub struct RepoView {
     pub created_at: String,
     pub updated_at: String,
     pub revision: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_ttl: Option<String>,
 }
 
 fn rfc3339(t: SystemTime) -> String {
@@ -66,6 +68,7 @@ impl From<&RepoRecord> for RepoView {
             created_at: rfc3339(r.created_at),
             updated_at: rfc3339(r.updated_at),
             revision: r.revision,
+            cache_ttl: r.repo.cache_ttl.map(|d| humantime::format_duration(d).to_string()),
         }
     }
 }
@@ -87,23 +90,30 @@ pub struct RepoInput {
     pub username: Option<String>,
     #[serde(default)]
     pub password: Option<String>,
+    /// A duration (`"7d"`): this repo's content not accessed for this long is evicted.
+    #[serde(default)]
+    pub cache_ttl: Option<String>,
+}
+
+fn parse_duration(field: &str, value: Option<&str>) -> Result<Option<Duration>, ApiError> {
+    value
+        .map(|t| {
+            humantime::parse_duration(t)
+                .map_err(|e| ApiError::invalid(field, format!("{t:?} is not a duration like \"5m\" or \"1h\": {e}")))
+        })
+        .transpose()
 }
 
 impl RepoInput {
     fn into_spec(self, key: String) -> Result<RepoSpec, ApiError> {
-        let tag_ttl = match self.tag_ttl.as_deref() {
-            None => None,
-            Some(t) => Some(humantime::parse_duration(t).map_err(|e| {
-                ApiError::invalid("tag_ttl", format!("{t:?} is not a duration like \"5m\" or \"1h\": {e}"))
-            })?),
-        };
         Ok(RepoSpec {
             key,
             kind: self.kind,
             upstream: self.upstream,
-            tag_ttl: tag_ttl.map(|d: Duration| d),
+            tag_ttl: parse_duration("tag_ttl", self.tag_ttl.as_deref())?,
             username: self.username,
             password: self.password,
+            cache_ttl: parse_duration("cache_ttl", self.cache_ttl.as_deref())?,
         })
     }
 }
@@ -280,6 +290,7 @@ async fn patch_repo(State(s): State<ApiState>, Path(key): Path<String>, headers:
         "upstream": spec.upstream,
         "tag_ttl": spec.tag_ttl.map(|d| humantime::format_duration(d).to_string()),
         "username": spec.username,
+        "cache_ttl": spec.cache_ttl.map(|d| humantime::format_duration(d).to_string()),
     });
     merge_patch(&mut doc, &patch);
     let input: RepoInput = parse_json(doc.to_string().as_bytes())?;

@@ -23,6 +23,8 @@ pub enum RepoError {
     NoUpstream { key: String, kind: RepoKind },
     #[error("repo {key}: tag TTL {ttl:?} is out of range (0s to 30d)")]
     TagTtl { key: String, ttl: Duration },
+    #[error("repo {key}: cache TTL {ttl:?} is out of range (1s to 3650d)")]
+    CacheTtl { key: String, ttl: Duration },
 }
 
 impl RepoKey {
@@ -160,11 +162,26 @@ pub struct Repo {
     /// How long a tag's digest is trusted before it is revalidated upstream.
     pub tag_ttl: Duration,
     pub credentials: Option<Credentials>,
+    /// Cached content of this repo not accessed for this long is evicted (overrides the node's
+    /// `--cache-ttl`; content shared by several repos stays as long as the longest asks).
+    pub cache_ttl: Option<Duration>,
 }
 
 impl Repo {
     pub const DEFAULT_TAG_TTL: Duration = Duration::from_secs(300);
     pub const MAX_TAG_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+    pub const MAX_CACHE_TTL: Duration = Duration::from_secs(3650 * 24 * 3600);
+
+    /// Sets the repo's cache TTL override (`None`: the node's).
+    pub fn with_cache_ttl(mut self, ttl: Option<Duration>) -> Result<Self, RepoError> {
+        if let Some(t) = ttl
+            && (t < Duration::from_secs(1) || t > Self::MAX_CACHE_TTL)
+        {
+            return Err(RepoError::CacheTtl { key: self.key.to_string(), ttl: t });
+        }
+        self.cache_ttl = ttl;
+        Ok(self)
+    }
 
     /// Builds a repo, filling the kind's default upstream and checking every field.
     pub fn new(
@@ -191,7 +208,7 @@ impl Repo {
         if tag_ttl > Self::MAX_TAG_TTL {
             return Err(RepoError::TagTtl { key: key.to_string(), ttl: tag_ttl });
         }
-        Ok(Self { key, kind, upstream, tag_ttl, credentials })
+        Ok(Self { key, kind, upstream, tag_ttl, credentials, cache_ttl: None })
     }
 }
 

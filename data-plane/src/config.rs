@@ -41,6 +41,8 @@ struct RepoToml {
     #[serde(default)]
     tag_ttl: Option<String>,
     #[serde(default)]
+    cache_ttl: Option<String>,
+    #[serde(default)]
     username: Option<String>,
     #[serde(default)]
     password_env: Option<String>,
@@ -134,7 +136,13 @@ fn repo_from_toml(r: RepoToml, path: &Path) -> Result<Repo, ConfigError> {
             return Err(field("username and a password (password_env or password_file) go together".into()));
         }
     };
-    Repo::new(key, kind, r.upstream.as_deref(), tag_ttl, credentials).map_err(repo_err)
+    let cache_ttl = match &r.cache_ttl {
+        Some(t) => Some(humantime::parse_duration(t).map_err(|e| field(format!("cache_ttl {t:?}: {e}")))?),
+        None => None,
+    };
+    Repo::new(key, kind, r.upstream.as_deref(), tag_ttl, credentials)
+        .and_then(|repo| repo.with_cache_ttl(cache_ttl))
+        .map_err(repo_err)
 }
 
 /// Formats a duration for humans and logs (`5m`, `30s`).

@@ -11,8 +11,9 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-use wharf_core::Digest;
+use wharf_core::{Digest, RepoKey};
 
+use crate::config::{Config, Snapshot};
 use crate::store::{Store, now_ms};
 
 /// `--cache-max-size`: bytes (`500MB`, `10GiB`, `1073741824`) or a share of the disk (`80%`).
@@ -93,6 +94,8 @@ pub struct Candidate {
     pub size: u64,
     /// Milliseconds since the epoch.
     pub last_access: u64,
+    /// The TTL of the repos that hold it, when they override the node's (the longest of them).
+    pub ttl: Option<Duration>,
 }
 
 /// Chooses what to evict.
@@ -118,7 +121,7 @@ impl EvictionPolicy for LruWatermarks {
         let mut out = Vec::new();
         let mut keep: Vec<usize> = Vec::with_capacity(entries.len());
         for (i, e) in entries.iter().enumerate() {
-            match self.ttl {
+            match e.ttl.or(self.ttl) {
                 Some(ttl) if now.saturating_sub(e.last_access) > ttl.as_millis() as u64 => out.push((i, Reason::Ttl)),
                 _ => keep.push(i),
             }
@@ -144,6 +147,7 @@ impl EvictionPolicy for LruWatermarks {
 /// Runs eviction every `interval` and whenever the store asks (it grew past the high watermark).
 pub async fn run(
     store: Arc<Store>,
+    config: Arc<Config>,
     policy: Arc<dyn EvictionPolicy>,
     interval: Duration,
     wake: Arc<Notify>,
@@ -155,8 +159,8 @@ pub async fn run(
             _ = tokio::time::sleep(interval) => {}
             _ = wake.notified() => {}
         }
-        let (s, p) = (store.clone(), policy.clone());
-        match tokio::task::spawn_blocking(move || evict_once(&s, &*p)).await {
+        let (s, p, c) = (store.clone(), policy.clone(), config.snapshot());
+        match tokio::task::spawn_blocking(move || evict_once(&s, &*p, &c)).await {
             Ok(n) if n > 0 => tracing::info!(evicted = n, "eviction pass"),
             Ok(_) => {}
             Err(e) => tracing::error!(error = %e, "eviction pass panicked"),
@@ -165,8 +169,8 @@ pub async fn run(
 }
 
 /// One pass: asks the policy, removes its victims. Returns how many entries went.
-pub fn evict_once(store: &Store, policy: &dyn EvictionPolicy) -> usize {
-    let entries = store.candidates();
+pub fn evict_once(store: &Store, policy: &dyn EvictionPolicy, config: &Snapshot) -> usize {
+    let entries = store.candidates(&|repo: &RepoKey| config.repos.get(repo).and_then(|r| r.cache_ttl));
     let victims = policy.victims(&entries, now_ms());
     let mut n = 0;
     for (i, reason) in victims {
@@ -190,7 +194,7 @@ mod tests {
     use super::*;
 
     fn c(n: u8, size: u64, last_access: u64) -> Candidate {
-        Candidate { kind: EntryKind::Blob, digest: Digest::of(&[n]), size, last_access }
+        Candidate { kind: EntryKind::Blob, digest: Digest::of(&[n]), size, last_access, ttl: None }
     }
 
     #[test]
@@ -222,5 +226,9 @@ mod tests {
         let p = LruWatermarks { max_size: None, high: 0.9, low: 0.8, ttl: Some(Duration::from_secs(60)) };
         let entries = [c(1, 1, 100_000), c(2, 1, 100_000 - 60_001), c(3, 1, 100_000 - 60_000)];
         assert_eq!(p.victims(&entries, 100_000), vec![(1, Reason::Ttl)]);
+        // A repo's own TTL overrides the node's, both ways.
+        let short = Candidate { ttl: Some(Duration::from_secs(1)), ..c(4, 1, 100_000 - 1_001) };
+        let long = Candidate { ttl: Some(Duration::from_secs(3600)), ..c(5, 1, 100_000 - 60_001) };
+        assert_eq!(p.victims(&[short, long], 100_000), vec![(0, Reason::Ttl)]);
     }
 }

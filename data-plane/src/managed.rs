@@ -57,6 +57,8 @@ struct StoredRepo {
     username: String,
     #[serde(default)]
     password: String,
+    #[serde(default)]
+    cache_ttl_secs: Option<u64>,
 }
 
 fn repo_from(r: &StoredRepo) -> Result<Repo, String> {
@@ -65,7 +67,9 @@ fn repo_from(r: &StoredRepo) -> Result<Repo, String> {
     let credentials = (!r.username.is_empty())
         .then(|| Credentials { username: r.username.clone(), password: Secret::new(r.password.clone()) });
     let upstream = Some(r.upstream.as_str()).filter(|u| !u.is_empty());
-    Repo::new(key, kind, upstream, Duration::from_secs(r.tag_ttl_secs), credentials).map_err(|e| e.to_string())
+    Repo::new(key, kind, upstream, Duration::from_secs(r.tag_ttl_secs), credentials)
+        .and_then(|repo| repo.with_cache_ttl(r.cache_ttl_secs.map(Duration::from_secs)))
+        .map_err(|e| e.to_string())
 }
 
 fn validate(s: &StoredSnapshot) -> Result<Snapshot, ManagedError> {
@@ -101,6 +105,7 @@ fn from_update(u: pb::ConfigUpdate) -> StoredSnapshot {
             tag_ttl_secs: r.tag_ttl.map_or(0, |d| d.seconds.max(0) as u64),
             username: r.username,
             password: r.password,
+            cache_ttl_secs: r.cache_ttl.map(|d| d.seconds.max(0) as u64),
         })
         .collect();
     StoredSnapshot { revision: u.revision, repos }
@@ -269,6 +274,7 @@ mod tests {
             tag_ttl_secs: 60,
             username: String::new(),
             password: String::new(),
+            cache_ttl_secs: None,
         }
     }
 

@@ -93,11 +93,11 @@ pub async fn run_node(listener: TcpListener, opts: NodeOptions, cancel: Cancella
     if let Some(max) = max_size {
         metrics::gauge!("wharf_cache_max_bytes").set(max as f64);
     }
-    if max_size.is_some() || ev.ttl.is_some() {
-        tracing::info!(?max_size, high = ev.high, low = ev.low, ttl = ?ev.ttl, "eviction on");
-        let policy = Arc::new(LruWatermarks { max_size, high: ev.high, low: ev.low, ttl: ev.ttl });
-        tokio::spawn(evict::run(store.clone(), policy, ev.interval, store.eviction_wake(), cancel.clone()));
-    }
+    // Always on: repos may carry their own cache TTL even when the node has no cap and no TTL.
+    tracing::info!(?max_size, high = ev.high, low = ev.low, ttl = ?ev.ttl, "eviction policy");
+    let policy = Arc::new(LruWatermarks { max_size, high: ev.high, low: ev.low, ttl: ev.ttl });
+    let wake = store.eviction_wake();
+    tokio::spawn(evict::run(store.clone(), config.clone(), policy, ev.interval, wake, cancel.clone()));
     let upstream = Arc::new(Upstream::new(opts.upstream.clone())?);
     if let ConfigSource::ControlPlanes { endpoints, node_id, address } = &opts.source {
         let managed = ManagedOptions {

@@ -18,7 +18,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -225,15 +225,25 @@ impl Store {
         }
     }
 
-    /// Every cached entry, for the eviction policy.
-    pub fn candidates(&self) -> Vec<Candidate> {
+    /// Every cached entry, for the eviction policy, with the TTL override of the repos that hold it
+    /// (`repo_ttl`; the longest when several do).
+    pub fn candidates(&self, repo_ttl: &dyn Fn(&RepoKey) -> Option<Duration>) -> Vec<Candidate> {
         let idx = self.index();
+        let mut ttls: HashMap<&Digest, Duration> = HashMap::new();
+        for (repo, _, d) in &idx.links {
+            if let Some(t) = repo_ttl(repo) {
+                let e = ttls.entry(d).or_insert(t);
+                *e = (*e).max(t);
+            }
+        }
         let one = |kind: EntryKind| {
+            let ttls = &ttls;
             move |(d, e): (&Digest, &Entry)| Candidate {
                 kind,
                 digest: d.clone(),
                 size: e.size,
                 last_access: e.last_access.load(Ordering::Relaxed),
+                ttl: ttls.get(d).copied(),
             }
         };
         idx.blobs.iter().map(one(EntryKind::Blob)).chain(idx.manifests.iter().map(one(EntryKind::Manifest))).collect()

@@ -112,3 +112,25 @@ async fn with_no_room_pulls_are_served_uncached() -> anyhow::Result<()> {
     assert!(metrics.contains("wharf_uncached_bytes_total{repo_key=\"lab\"}"), "{metrics}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_repo_cache_ttl_overrides_the_nodes() -> anyhow::Result<()> {
+    let fake = FakeUpstream::start().await?;
+    let (short, kept) = (fake.add_random_blob(10 * KB), fake.add_random_blob(10 * KB));
+    let config = format!(
+        "[[repo]]\nkey = \"short\"\nupstream = \"{u}\"\ncache_ttl = \"1s\"\n\n[[repo]]\nkey = \"keep\"\nupstream = \"{u}\"\n",
+        u = fake.url()
+    );
+    let proxy = Proxy::spawn(&config, &["--eviction-interval", "200ms"])?;
+    for (key, blob) in [("short", &short), ("keep", &kept)] {
+        let r = get(&proxy.v2(&format!("{key}/org/img/blobs/{}", blob.digest)), &[]).await?;
+        assert_eq!((r.status, r.digest()), (200, blob.digest.clone()));
+        wharf_tests::checks::expect_cached(&proxy, blob).await?;
+    }
+    wharf_tests::wait_until_async(Duration::from_secs(10), "the short-TTL repo's blob to be evicted", || {
+        proxy.cached_blob(&short.digest).is_none().then_some(())
+    })
+    .await?;
+    assert!(proxy.cached_blob(&kept.digest).is_some(), "a repo without a TTL lost its blob");
+    Ok(())
+}
