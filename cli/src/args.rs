@@ -215,11 +215,15 @@ pub struct RepoAddArgs {
     pub username: Option<String>,
     #[command(flatten)]
     pub password: PasswordSource,
+    /// Evict this repo's content when not accessed for this long (overrides the nodes' --cache-ttl).
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub cache_ttl: Option<Duration>,
 }
 
 #[derive(Args, Debug)]
 #[command(group = clap::ArgGroup::new("change").multiple(true).required(true).args([
     "kind", "upstream", "tag_ttl", "username", "password_stdin", "password_env", "password_file", "clear_credentials",
+    "cache_ttl",
 ]))]
 pub struct RepoUpdateArgs {
     /// The repoKey.
@@ -242,6 +246,9 @@ pub struct RepoUpdateArgs {
     /// Remove the stored username and password.
     #[arg(long, conflicts_with_all = ["password_stdin", "password_env", "password_file"])]
     pub clear_credentials: bool,
+    /// New cache TTL override for this repo's content.
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub cache_ttl: Option<Duration>,
     /// Write only if the repo is still at this revision (default: the revision just read).
     #[arg(long, value_name = "N")]
     pub revision: Option<i64>,

@@ -23,6 +23,8 @@ pub struct RepoView {
     pub created_at: String,
     pub updated_at: String,
     pub revision: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache_ttl: Option<String>,
 }
 
 impl From<&pb::Repo> for RepoView {
@@ -37,6 +39,7 @@ impl From<&pb::Repo> for RepoView {
             created_at: output::timestamp(r.created_at.as_ref()),
             updated_at: output::timestamp(r.updated_at.as_ref()),
             revision: r.revision,
+            cache_ttl: r.cache_ttl.as_ref().map(|d| output::duration(Some(d))),
         }
     }
 }
@@ -99,6 +102,7 @@ async fn add(global: &Global, cp: &ControlPlane, a: RepoAddArgs, password: Optio
         tag_ttl: a.tag_ttl.map(proto_duration),
         username: a.username.unwrap_or_default(),
         password: password.unwrap_or_default(),
+        cache_ttl: a.cache_ttl.map(proto_duration),
         ..Default::default()
     };
     let r = cp.call(&key, cp.repos().create_repo(pb::CreateRepoRequest { repo: Some(repo) })).await?;
@@ -123,6 +127,9 @@ async fn update(
     }
     if let Some(t) = a.tag_ttl {
         repo.tag_ttl = Some(proto_duration(t));
+    }
+    if let Some(t) = a.cache_ttl {
+        repo.cache_ttl = Some(proto_duration(t));
     }
     if let Some(u) = a.username {
         repo.username = u;
