@@ -18,7 +18,7 @@ use serde_json::Value;
 use tempfile::TempDir;
 
 use crate::http::Resp;
-use crate::process::{ChildGuard, LogBuf, fields, message, wait_listening};
+use crate::process::{ChildGuard, LogBuf, expect_listening, fields, message, wait_listening};
 
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 const START_ATTEMPTS: usize = 4;
@@ -399,19 +399,8 @@ fn start_node(
         cmd.current_dir(parent);
     }
     clean_env(&mut cmd);
-    let mut child = ChildGuard::spawn(&format!("wharf-proxy {id}"), &mut cmd)?;
-    match wait_listening(&child, "wharf_proxy", START_TIMEOUT) {
-        Some(a) => Ok((child, a)),
-        None => {
-            let exited = child.try_wait();
-            let tail = child.tail(40);
-            child.kill();
-            bail!(
-                "managed wharf-proxy {id} ({}) logged no \"listening\" event within {START_TIMEOUT:?} (exit status: {exited:?})\n{tail}",
-                bin.display()
-            )
-        }
-    }
+    let child = ChildGuard::spawn(&format!("wharf-proxy {id}"), &mut cmd)?;
+    expect_listening(child, "wharf_proxy", START_TIMEOUT, &format!("managed wharf-proxy {id} ({})", bin.display()))
 }
 
 /// How long a REST call may take before the test fails instead of hanging.

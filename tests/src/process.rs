@@ -162,17 +162,7 @@ impl ChildGuard {
         if !status.success() {
             bail!("kill -TERM {} failed", child.id());
         }
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(st) = child.try_wait()? {
-                self.child = None;
-                return Ok(st);
-            }
-            if Instant::now() >= deadline {
-                bail!("{} did not exit within {timeout:?} after SIGTERM", self.name);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.wait_exit(timeout).context("after SIGTERM")
     }
 
     /// Waits up to `timeout` for the process to exit by itself.
@@ -262,4 +252,21 @@ pub fn wait_listening(child: &ChildGuard, target_prefix: &str, timeout: Duration
         addr.is_some()
     });
     addr
+}
+
+/// Waits for `child`'s `"listening"` event (see [`wait_listening`]); when none comes, kills it and
+/// fails with `what`, its exit status and the tail of its output.
+pub fn expect_listening(
+    mut child: ChildGuard,
+    target_prefix: &str,
+    timeout: Duration,
+    what: &str,
+) -> anyhow::Result<(ChildGuard, std::net::SocketAddr)> {
+    if let Some(addr) = wait_listening(&child, target_prefix, timeout) {
+        return Ok((child, addr));
+    }
+    let exited = child.try_wait();
+    let tail = child.tail(40);
+    child.kill();
+    bail!("{what} logged no JSON \"listening\" event with an addr within {timeout:?} (exit status: {exited:?})\n{tail}")
 }

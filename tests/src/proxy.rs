@@ -9,7 +9,7 @@ use anyhow::{Context as _, bail};
 use serde_json::Value;
 use tempfile::TempDir;
 
-use crate::process::{ChildGuard, LogBuf, fields, message, wait_listening};
+use crate::process::{ChildGuard, LogBuf, expect_listening, fields, message};
 
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -231,20 +231,8 @@ fn start(opts: &ProxyOptions, work_dir: &Path, cache_dir: &Path) -> anyhow::Resu
     for (k, v) in &opts.env {
         cmd.env(k, v);
     }
-    let mut child = ChildGuard::spawn("wharf-proxy", &mut cmd)?;
-    let addr = wait_listening(&child, "wharf_proxy", START_TIMEOUT);
-    match addr {
-        Some(a) => Ok((child, a)),
-        None => {
-            let exited = child.try_wait();
-            let tail = child.tail(40);
-            child.kill();
-            bail!(
-                "wharf-proxy ({}) logged no JSON event {{\"fields\":{{\"message\":\"listening\",\"addr\":\"127.0.0.1:PORT\"}}}} within {START_TIMEOUT:?} (exit status: {exited:?})\n{tail}",
-                bin.display()
-            )
-        }
-    }
+    let child = ChildGuard::spawn("wharf-proxy", &mut cmd)?;
+    expect_listening(child, "wharf_proxy", START_TIMEOUT, &format!("wharf-proxy ({})", bin.display()))
 }
 
 /// A standalone config with one repo.
