@@ -186,19 +186,7 @@ impl EtcdStore {
     }
 
     fn kv(&self, kv: &etcd_client::KeyValue) -> Result<KeyValue, StoreError> {
-        Ok(KeyValue {
-            key: self.rel(kv.key())?,
-            value: kv.value().to_vec(),
-            create_revision: kv.create_revision(),
-            mod_revision: kv.mod_revision(),
-            lease: (kv.lease() != 0).then_some(LeaseId(kv.lease())),
-        })
-    }
-
-    fn rel(&self, key: &[u8]) -> Result<String, StoreError> {
-        let key = std::str::from_utf8(key)
-            .map_err(|_| StoreError::Corrupt(format!("etcd key {:?} is not UTF-8", String::from_utf8_lossy(key))))?;
-        Ok(key.strip_prefix(&self.prefix).unwrap_or(key).to_string())
+        to_kv(&self.prefix, kv)
     }
 
     /// The failure of a conditional write, from the `or_else` get of its key.
@@ -370,6 +358,19 @@ fn current_kv(resp: &TxnResponse) -> Option<(Revision, Vec<u8>)> {
     resp.op_responses().into_iter().find_map(|r| match r {
         TxnOpResponse::Get(g) => g.kvs().first().map(|kv| (kv.mod_revision(), kv.value().to_vec())),
         _ => None,
+    })
+}
+
+/// An etcd key-value as the trait shows it: the key relative to `prefix`.
+fn to_kv(prefix: &str, kv: &etcd_client::KeyValue) -> Result<KeyValue, StoreError> {
+    let key = std::str::from_utf8(kv.key())
+        .map_err(|_| StoreError::Corrupt(format!("etcd key {:?} is not UTF-8", String::from_utf8_lossy(kv.key()))))?;
+    Ok(KeyValue {
+        key: key.strip_prefix(prefix).unwrap_or(key).to_string(),
+        value: kv.value().to_vec(),
+        create_revision: kv.create_revision(),
+        mod_revision: kv.mod_revision(),
+        lease: (kv.lease() != 0).then_some(LeaseId(kv.lease())),
     })
 }
 
@@ -593,20 +594,8 @@ impl EtcdWatch {
         self.failed = Some(e);
     }
 
-    fn rel(&self, key: &[u8]) -> Result<String, StoreError> {
-        let key = std::str::from_utf8(key)
-            .map_err(|_| StoreError::Corrupt(format!("etcd key {:?} is not UTF-8", String::from_utf8_lossy(key))))?;
-        Ok(key.strip_prefix(&self.store_prefix).unwrap_or(key).to_string())
-    }
-
     fn kv(&self, kv: &etcd_client::KeyValue) -> Result<KeyValue, StoreError> {
-        Ok(KeyValue {
-            key: self.rel(kv.key())?,
-            value: kv.value().to_vec(),
-            create_revision: kv.create_revision(),
-            mod_revision: kv.mod_revision(),
-            lease: (kv.lease() != 0).then_some(LeaseId(kv.lease())),
-        })
+        to_kv(&self.store_prefix, kv)
     }
 
     /// Queues the events of one response, or the error it carries.
