@@ -95,7 +95,10 @@ pub async fn keep_alive(
 pub fn update(p: &Published) -> pb::ConfigUpdate {
     pb::ConfigUpdate {
         revision: p.revision,
-        snapshot: Some(pb::Snapshot { repos: p.repos.iter().map(|r| repo_to_proto(r, true)).collect() }),
+        snapshot: Some(pb::Snapshot {
+            repos: p.repos.iter().map(|r| repo_to_proto(r, true)).collect(),
+            pullers: vec![],
+        }),
     }
 }
 

@@ -45,6 +45,10 @@ pub fn repo_to_proto(r: &RepoRecord, with_secret: bool) -> pb::Repo {
         updated_at: Some(timestamp(r.updated_at)),
         revision: r.revision,
         cache_ttl: r.repo.cache_ttl.map(duration),
+        auth: r.repo.auth.to_string(),
+        access: r.repo.access.to_string(),
+        ca_bundle: r.repo.tls.ca_bundle.clone().unwrap_or_default(),
+        insecure_skip_tls_verify: r.repo.tls.insecure_skip_verify,
     }
 }
 
@@ -62,6 +66,10 @@ fn spec_from_proto(r: pb::Repo) -> Result<RepoSpec, ApiError> {
             .as_ref()
             .map(|d| from_duration(d).map_err(|_| ApiError::invalid("cache_ttl", "must not be negative")))
             .transpose()?,
+        auth: none_if_empty(r.auth),
+        access: none_if_empty(r.access),
+        ca_bundle: none_if_empty(r.ca_bundle),
+        insecure_skip_tls_verify: r.insecure_skip_tls_verify,
     })
 }
 

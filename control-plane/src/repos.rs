@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
-use wharf_core::{Credentials, Repo, RepoError, RepoKey, RepoKind, Secret};
+use wharf_core::{Access, AuthMode, Credentials, Repo, RepoError, RepoKey, RepoKind, Secret, UpstreamTls};
 
 use crate::error::ApiError;
 use crate::store::{ConfigStore, KeyValue};
@@ -25,6 +25,12 @@ pub struct RepoSpec {
     pub password: Option<String>,
     /// The repo's cache TTL override (`None`: the node's).
     pub cache_ttl: Option<Duration>,
+    /// `static` (default) or `passthrough`.
+    pub auth: Option<String>,
+    /// `public` (default) or `token`.
+    pub access: Option<String>,
+    pub ca_bundle: Option<String>,
+    pub insecure_skip_tls_verify: bool,
 }
 
 /// A stored repo with its bookkeeping.
@@ -53,6 +59,18 @@ struct Stored {
     updated_at_ms: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     cache_ttl_secs: Option<u64>,
+    #[serde(default, skip_serializing_if = "is_default")]
+    auth: AuthMode,
+    #[serde(default, skip_serializing_if = "is_default")]
+    access: Access,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ca_bundle: Option<String>,
+    #[serde(default, skip_serializing_if = "is_default")]
+    insecure_skip_tls_verify: bool,
+}
+
+fn is_default<T: Default + PartialEq>(t: &T) -> bool {
+    *t == T::default()
 }
 
 fn millis(t: SystemTime) -> u64 {
@@ -76,6 +94,13 @@ pub fn decode(kv: &KeyValue) -> Option<RepoRecord> {
         };
         let repo = Repo::new(key, s.kind, Some(&s.upstream), Duration::from_secs(s.tag_ttl_secs), credentials)
             .and_then(|r| r.with_cache_ttl(s.cache_ttl_secs.map(Duration::from_secs)))
+            .and_then(|r| r.with_access(s.auth, s.access))
+            .and_then(|r| {
+                r.with_upstream_tls(UpstreamTls {
+                    ca_bundle: s.ca_bundle,
+                    insecure_skip_verify: s.insecure_skip_tls_verify,
+                })
+            })
             .map_err(|e| e.to_string())?;
         Ok(RepoRecord {
             repo,
@@ -103,6 +128,10 @@ fn encode(repo: &Repo, created_at: SystemTime, updated_at: SystemTime) -> Vec<u8
         created_at_ms: millis(created_at),
         updated_at_ms: millis(updated_at),
         cache_ttl_secs: repo.cache_ttl.map(|d| d.as_secs()),
+        auth: repo.auth,
+        access: repo.access,
+        ca_bundle: repo.tls.ca_bundle.clone(),
+        insecure_skip_tls_verify: repo.tls.insecure_skip_verify,
     };
     serde_json::to_vec(&s).unwrap_or_default()
 }
@@ -128,16 +157,37 @@ pub fn validate(spec: &RepoSpec, stored: Option<&Credentials>) -> Result<Repo, A
         (None, Some(_)) => return Err(ApiError::invalid("username", "a password needs a username")),
     };
     let upstream = spec.upstream.as_deref().filter(|u| !u.is_empty());
-    Repo::new(key, kind, upstream, tag_ttl, credentials).and_then(|r| r.with_cache_ttl(spec.cache_ttl)).map_err(|e| {
-        let field = match &e {
-            RepoError::Key(_) => "key",
-            RepoError::Kind(_) => "kind",
-            RepoError::Upstream { .. } | RepoError::NoUpstream { .. } => "upstream",
-            RepoError::TagTtl { .. } => "tag_ttl",
-            RepoError::CacheTtl { .. } => "cache_ttl",
-        };
-        ApiError::invalid(field, e.to_string())
-    })
+    let word = |field: &'static str, e: RepoError| ApiError::invalid(field, e.to_string());
+    let auth: AuthMode = match spec.auth.as_deref() {
+        None | Some("") => AuthMode::default(),
+        Some(a) => a.parse().map_err(|e| word("auth", e))?,
+    };
+    let access: Access = match spec.access.as_deref() {
+        None | Some("") => Access::default(),
+        Some(a) => a.parse().map_err(|e| word("access", e))?,
+    };
+    let tls = UpstreamTls {
+        ca_bundle: spec.ca_bundle.clone().filter(|c| !c.is_empty()),
+        insecure_skip_verify: spec.insecure_skip_tls_verify,
+    };
+    Repo::new(key, kind, upstream, tag_ttl, credentials)
+        .and_then(|r| r.with_cache_ttl(spec.cache_ttl))
+        .and_then(|r| r.with_access(auth, access))
+        .and_then(|r| r.with_upstream_tls(tls))
+        .map_err(|e| {
+            let field = match &e {
+                RepoError::Key(_) => "key",
+                RepoError::Kind(_) => "kind",
+                RepoError::Upstream { .. } | RepoError::NoUpstream { .. } => "upstream",
+                RepoError::TagTtl { .. } => "tag_ttl",
+                RepoError::CacheTtl { .. } => "cache_ttl",
+                RepoError::AuthMode(_) => "auth",
+                RepoError::Access(_) => "access",
+                RepoError::Policy { field, .. } => field,
+                RepoError::CaBundle { .. } => "ca_bundle",
+            };
+            ApiError::invalid(field, e.to_string())
+        })
 }
 
 /// Repo operations over a configuration store.
@@ -233,6 +283,10 @@ pub fn spec_of(r: &RepoRecord) -> RepoSpec {
         username: r.repo.credentials.as_ref().map(|c| c.username.clone()),
         password: None,
         cache_ttl: r.repo.cache_ttl,
+        auth: Some(r.repo.auth.to_string()),
+        access: Some(r.repo.access.to_string()),
+        ca_bundle: r.repo.tls.ca_bundle.clone(),
+        insecure_skip_tls_verify: r.repo.tls.insecure_skip_verify,
     }
 }
 
@@ -258,6 +312,12 @@ mod tests {
         assert_eq!(field(RepoSpec { username: Some("u".into()), ..spec("a") }), "password");
         assert_eq!(field(RepoSpec { password: Some("p".into()), ..spec("a") }), "username");
         assert_eq!(field(RepoSpec { cache_ttl: Some(Duration::ZERO), ..spec("a") }), "cache_ttl");
+        assert_eq!(field(RepoSpec { auth: Some("oauth".into()), ..spec("a") }), "auth");
+        assert_eq!(field(RepoSpec { access: Some("private".into()), ..spec("a") }), "access");
+        let passthrough = || RepoSpec { auth: Some("passthrough".into()), ..spec("a") };
+        assert_eq!(field(RepoSpec { access: Some("token".into()), ..passthrough() }), "access");
+        assert_eq!(field(RepoSpec { username: Some("u".into()), password: Some("p".into()), ..passthrough() }), "auth");
+        assert_eq!(field(RepoSpec { ca_bundle: Some("x".into()), ..spec("a") }), "ca_bundle");
     }
 
     #[test]
@@ -266,6 +326,8 @@ mod tests {
             username: Some("u".into()),
             password: Some("p".into()),
             cache_ttl: Some(Duration::from_secs(7 * 86400)),
+            access: Some("token".into()),
+            insecure_skip_tls_verify: true,
             ..spec("a")
         };
         let r = validate(&with_ttl, None).unwrap();

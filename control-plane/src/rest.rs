@@ -50,6 +50,12 @@ pub struct RepoView {
     pub revision: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache_ttl: Option<String>,
+    pub auth: String,
+    pub access: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_bundle: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub insecure_skip_tls_verify: bool,
 }
 
 fn rfc3339(t: SystemTime) -> String {
@@ -69,6 +75,10 @@ impl From<&RepoRecord> for RepoView {
             updated_at: rfc3339(r.updated_at),
             revision: r.revision,
             cache_ttl: r.repo.cache_ttl.map(|d| humantime::format_duration(d).to_string()),
+            auth: r.repo.auth.to_string(),
+            access: r.repo.access.to_string(),
+            ca_bundle: r.repo.tls.ca_bundle.clone(),
+            insecure_skip_tls_verify: r.repo.tls.insecure_skip_verify,
         }
     }
 }
@@ -93,6 +103,17 @@ pub struct RepoInput {
     /// A duration (`"7d"`): this repo's content not accessed for this long is evicted.
     #[serde(default)]
     pub cache_ttl: Option<String>,
+    /// `static` or `passthrough`.
+    #[serde(default)]
+    pub auth: Option<String>,
+    /// `public` or `token`.
+    #[serde(default)]
+    pub access: Option<String>,
+    /// PEM certificates trusted for this upstream.
+    #[serde(default)]
+    pub ca_bundle: Option<String>,
+    #[serde(default)]
+    pub insecure_skip_tls_verify: Option<bool>,
 }
 
 fn parse_duration(field: &str, value: Option<&str>) -> Result<Option<Duration>, ApiError> {
@@ -114,6 +135,10 @@ impl RepoInput {
             username: self.username,
             password: self.password,
             cache_ttl: parse_duration("cache_ttl", self.cache_ttl.as_deref())?,
+            auth: self.auth,
+            access: self.access,
+            ca_bundle: self.ca_bundle,
+            insecure_skip_tls_verify: self.insecure_skip_tls_verify.unwrap_or(false),
         })
     }
 }
@@ -291,6 +316,10 @@ async fn patch_repo(State(s): State<ApiState>, Path(key): Path<String>, headers:
         "tag_ttl": spec.tag_ttl.map(|d| humantime::format_duration(d).to_string()),
         "username": spec.username,
         "cache_ttl": spec.cache_ttl.map(|d| humantime::format_duration(d).to_string()),
+        "auth": spec.auth,
+        "access": spec.access,
+        "ca_bundle": spec.ca_bundle,
+        "insecure_skip_tls_verify": spec.insecure_skip_tls_verify,
     });
     merge_patch(&mut doc, &patch);
     let input: RepoInput = parse_json(doc.to_string().as_bytes())?;

@@ -6,7 +6,9 @@
 mod digest;
 mod reference;
 mod repo;
+pub mod token;
 
 pub use digest::{Digest, DigestError, DigestHasher};
 pub use reference::{NameError, Reference, normalize_name, validate_name};
-pub use repo::{Credentials, Repo, RepoError, RepoKey, RepoKind, Secret};
+pub use repo::{Access, AuthMode, Credentials, Repo, RepoError, RepoKey, RepoKind, Secret, UpstreamTls};
+pub use token::{Grant, Presented, RepoPattern, Role, TokenError};

@@ -25,6 +25,14 @@ pub enum RepoError {
     TagTtl { key: String, ttl: Duration },
     #[error("repo {key}: cache TTL {ttl:?} is out of range (1s to 3650d)")]
     CacheTtl { key: String, ttl: Duration },
+    #[error("unknown auth mode {0:?}: expected static or passthrough")]
+    AuthMode(String),
+    #[error("unknown access {0:?}: expected public or token")]
+    Access(String),
+    #[error("repo {key}: {why}")]
+    Policy { key: String, field: &'static str, why: &'static str },
+    #[error("repo {key}: the CA bundle is not usable: {why}")]
+    CaBundle { key: String, why: &'static str },
 }
 
 impl RepoKey {
@@ -126,6 +134,59 @@ impl FromStr for RepoKind {
     }
 }
 
+/// Whose credentials Wharf presents to the upstream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// The repo's static credentials, or none (anonymous).
+    #[default]
+    Static,
+    /// Each client's own credentials; cached content reaches a client only once the upstream
+    /// accepted its credentials for that repository.
+    Passthrough,
+}
+
+/// Who may pull through a repo.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Access {
+    /// Anyone who reaches the node.
+    #[default]
+    Public,
+    /// Holders of a `puller` token whose repo patterns match.
+    Token,
+}
+
+macro_rules! word_enum {
+    ($ty:ty, $err:ident, $($variant:ident => $word:literal),+) => {
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(match self { $(Self::$variant => $word),+ })
+            }
+        }
+        impl FromStr for $ty {
+            type Err = RepoError;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                match s {
+                    $($word => Ok(Self::$variant),)+
+                    other => Err(RepoError::$err(other.chars().take(40).collect())),
+                }
+            }
+        }
+    };
+}
+word_enum!(AuthMode, AuthMode, Static => "static", Passthrough => "passthrough");
+word_enum!(Access, Access, Public => "public", Token => "token");
+
+/// How the node's TLS client trusts this repo's upstream (beyond the system roots).
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct UpstreamTls {
+    /// Extra CA certificates (PEM) trusted for this upstream.
+    pub ca_bundle: Option<String>,
+    /// Tests only: accept any certificate (logged as a warning by the node).
+    pub insecure_skip_verify: bool,
+}
+
 /// A secret string: never printed by `Debug` or `Display`.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
@@ -165,6 +226,9 @@ pub struct Repo {
     /// Cached content of this repo not accessed for this long is evicted (overrides the node's
     /// `--cache-ttl`; content shared by several repos stays as long as the longest asks).
     pub cache_ttl: Option<Duration>,
+    pub auth: AuthMode,
+    pub access: Access,
+    pub tls: UpstreamTls,
 }
 
 impl Repo {
@@ -180,6 +244,42 @@ impl Repo {
             return Err(RepoError::CacheTtl { key: self.key.to_string(), ttl: t });
         }
         self.cache_ttl = ttl;
+        Ok(self)
+    }
+
+    /// Sets whose credentials go upstream and who may pull. Passthrough forwards each client's own
+    /// credentials, so it takes no static ones and no Wharf token (both travel in `Authorization`).
+    pub fn with_access(mut self, auth: AuthMode, access: Access) -> Result<Self, RepoError> {
+        let policy = |field, why| Err(RepoError::Policy { key: self.key.to_string(), field, why });
+        if auth == AuthMode::Passthrough && self.credentials.is_some() {
+            return policy(
+                "auth",
+                "passthrough forwards each client's credentials: remove the static username/password",
+            );
+        }
+        if auth == AuthMode::Passthrough && access == Access::Token {
+            return policy("access", "a passthrough repo is authorized by the upstream: its access must be public");
+        }
+        self.auth = auth;
+        self.access = access;
+        Ok(self)
+    }
+
+    /// Sets how the upstream's certificate is checked.
+    pub fn with_upstream_tls(mut self, tls: UpstreamTls) -> Result<Self, RepoError> {
+        if let Some(pem) = &tls.ca_bundle {
+            let why = if pem.len() > 1024 * 1024 {
+                Some("larger than 1 MiB")
+            } else if !pem.contains("-----BEGIN CERTIFICATE-----") {
+                Some("no PEM certificate (-----BEGIN CERTIFICATE-----) in it")
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                return Err(RepoError::CaBundle { key: self.key.to_string(), why });
+            }
+        }
+        self.tls = tls;
         Ok(self)
     }
 
@@ -208,7 +308,17 @@ impl Repo {
         if tag_ttl > Self::MAX_TAG_TTL {
             return Err(RepoError::TagTtl { key: key.to_string(), ttl: tag_ttl });
         }
-        Ok(Self { key, kind, upstream, tag_ttl, credentials, cache_ttl: None })
+        Ok(Self {
+            key,
+            kind,
+            upstream,
+            tag_ttl,
+            credentials,
+            cache_ttl: None,
+            auth: AuthMode::default(),
+            access: Access::default(),
+            tls: UpstreamTls::default(),
+        })
     }
 }
 
@@ -242,6 +352,24 @@ mod tests {
             );
         }
         assert!(Repo::new(key, RepoKind::Generic, Some("http://x"), Duration::from_secs(31 * 86400), None).is_err());
+    }
+
+    #[test]
+    fn access_policies() {
+        let key: RepoKey = "hub".parse().unwrap();
+        let creds = Credentials { username: "u".into(), password: Secret::new("p") };
+        let r = Repo::new(key.clone(), RepoKind::Dockerhub, None, Repo::DEFAULT_TAG_TTL, None).unwrap();
+        assert!(r.clone().with_access(AuthMode::Passthrough, Access::Public).is_ok());
+        assert!(r.clone().with_access(AuthMode::Static, Access::Token).is_ok());
+        assert!(r.clone().with_access(AuthMode::Passthrough, Access::Token).is_err());
+        let with_creds = Repo::new(key, RepoKind::Dockerhub, None, Repo::DEFAULT_TAG_TTL, Some(creds)).unwrap();
+        assert!(with_creds.with_access(AuthMode::Passthrough, Access::Public).is_err());
+        assert_eq!("passthrough".parse::<AuthMode>().unwrap(), AuthMode::Passthrough);
+        assert_eq!(Access::Token.to_string(), "token");
+        assert!("private".parse::<Access>().is_err());
+        let tls = |pem: &str| UpstreamTls { ca_bundle: Some(pem.into()), insecure_skip_verify: false };
+        assert!(r.clone().with_upstream_tls(tls("not pem")).is_err());
+        assert!(r.with_upstream_tls(tls("-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n")).is_ok());
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use serde::Deserialize;
-use wharf_core::{Credentials, Repo, RepoError, RepoKey, RepoKind, Secret};
+use wharf_core::{Access, AuthMode, Credentials, Grant, Repo, RepoError, RepoKey, RepoKind, Secret, UpstreamTls};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -48,17 +48,35 @@ struct RepoToml {
     password_env: Option<String>,
     #[serde(default)]
     password_file: Option<PathBuf>,
+    /// `static` (default) or `passthrough`.
+    #[serde(default)]
+    auth: Option<String>,
+    /// Only `public` here: puller tokens are issued by a control plane.
+    #[serde(default)]
+    access: Option<String>,
+    /// A PEM file of CA certificates trusted for this upstream.
+    #[serde(default)]
+    ca_bundle_file: Option<PathBuf>,
+    #[serde(default)]
+    insecure_skip_tls_verify: bool,
 }
 
-/// An immutable set of repos, by key.
+/// An immutable set of repos, by key, and the puller tokens that open `access = "token"` repos.
 #[derive(Debug, Default)]
 pub struct Snapshot {
     pub repos: HashMap<RepoKey, Arc<Repo>>,
+    /// Puller tokens by id (hashes only).
+    pub pullers: HashMap<String, Grant>,
 }
 
 impl Snapshot {
     pub fn new(repos: impl IntoIterator<Item = Repo>) -> Self {
-        Self { repos: repos.into_iter().map(|r| (r.key.clone(), Arc::new(r))).collect() }
+        Self { repos: repos.into_iter().map(|r| (r.key.clone(), Arc::new(r))).collect(), pullers: HashMap::new() }
+    }
+
+    pub fn with_pullers(mut self, pullers: impl IntoIterator<Item = Grant>) -> Self {
+        self.pullers = pullers.into_iter().map(|g| (g.id.clone(), g)).collect();
+        self
     }
 }
 
@@ -140,8 +158,28 @@ fn repo_from_toml(r: RepoToml, path: &Path) -> Result<Repo, ConfigError> {
         Some(t) => Some(humantime::parse_duration(t).map_err(|e| field(format!("cache_ttl {t:?}: {e}")))?),
         None => None,
     };
+    let auth: AuthMode = match &r.auth {
+        Some(a) => a.parse().map_err(repo_err)?,
+        None => AuthMode::default(),
+    };
+    let access: Access = match &r.access {
+        Some(a) => a.parse().map_err(repo_err)?,
+        None => Access::default(),
+    };
+    if access == Access::Token {
+        return Err(field("access = \"token\" needs a control plane: puller tokens are issued there".into()));
+    }
+    let ca_bundle = match &r.ca_bundle_file {
+        Some(file) => {
+            Some(std::fs::read_to_string(file).map_err(|e| field(format!("ca_bundle_file {}: {e}", file.display())))?)
+        }
+        None => None,
+    };
+    let tls = UpstreamTls { ca_bundle, insecure_skip_verify: r.insecure_skip_tls_verify };
     Repo::new(key, kind, r.upstream.as_deref(), tag_ttl, credentials)
         .and_then(|repo| repo.with_cache_ttl(cache_ttl))
+        .and_then(|repo| repo.with_access(auth, access))
+        .and_then(|repo| repo.with_upstream_tls(tls))
         .map_err(repo_err)
 }
 

@@ -10,11 +10,11 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
-use wharf_core::{Credentials, Repo, RepoKey, RepoKind, Secret};
+use wharf_core::{Credentials, Grant, Repo, RepoKey, RepoKind, RepoPattern, Role, Secret, UpstreamTls};
 use wharf_proto::v1 as pb;
 use wharf_proto::v1::config_service_client::ConfigServiceClient;
 
@@ -45,6 +45,19 @@ pub struct ManagedOptions {
 struct StoredSnapshot {
     revision: i64,
     repos: Vec<StoredRepo>,
+    #[serde(default)]
+    pullers: Vec<StoredPuller>,
+}
+
+/// A puller token: its id and the SHA-256 of its secret (hex), never the secret.
+#[derive(Serialize, Deserialize)]
+struct StoredPuller {
+    id: String,
+    secret_sha256: String,
+    #[serde(default)]
+    repos: Vec<String>,
+    #[serde(default)]
+    expires_at_ms: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -59,6 +72,32 @@ struct StoredRepo {
     password: String,
     #[serde(default)]
     cache_ttl_secs: Option<u64>,
+    #[serde(default)]
+    auth: String,
+    #[serde(default)]
+    access: String,
+    #[serde(default)]
+    ca_bundle: String,
+    #[serde(default)]
+    insecure_skip_tls_verify: bool,
+}
+
+fn word<T: std::str::FromStr<Err = wharf_core::RepoError> + Default>(s: &str) -> Result<T, String> {
+    if s.is_empty() { Ok(T::default()) } else { s.parse().map_err(|e: wharf_core::RepoError| e.to_string()) }
+}
+
+fn puller_from(p: &StoredPuller) -> Result<Grant, String> {
+    let mut secret_sha256 = [0u8; 32];
+    hex::decode_to_slice(&p.secret_sha256, &mut secret_sha256).map_err(|e| format!("secret hash: {e}"))?;
+    let repos =
+        p.repos.iter().map(|r| r.parse::<RepoPattern>().map_err(|e| e.to_string())).collect::<Result<_, _>>()?;
+    Ok(Grant {
+        id: p.id.clone(),
+        secret_sha256,
+        role: Role::Puller,
+        repos,
+        expires_at: p.expires_at_ms.map(|ms| UNIX_EPOCH + Duration::from_millis(ms)),
+    })
 }
 
 fn repo_from(r: &StoredRepo) -> Result<Repo, String> {
@@ -69,6 +108,14 @@ fn repo_from(r: &StoredRepo) -> Result<Repo, String> {
     let upstream = Some(r.upstream.as_str()).filter(|u| !u.is_empty());
     Repo::new(key, kind, upstream, Duration::from_secs(r.tag_ttl_secs), credentials)
         .and_then(|repo| repo.with_cache_ttl(r.cache_ttl_secs.map(Duration::from_secs)))
+        .map_err(|e| e.to_string())?
+        .with_access(word(&r.auth)?, word(&r.access)?)
+        .and_then(|repo| {
+            repo.with_upstream_tls(UpstreamTls {
+                ca_bundle: Some(r.ca_bundle.clone()).filter(|c| !c.is_empty()),
+                insecure_skip_verify: r.insecure_skip_tls_verify,
+            })
+        })
         .map_err(|e| e.to_string())
 }
 
@@ -89,13 +136,31 @@ fn validate(s: &StoredSnapshot) -> Result<Snapshot, ManagedError> {
         }
         repos.push(repo);
     }
-    Ok(Snapshot::new(repos))
+    let mut pullers = Vec::with_capacity(s.pullers.len());
+    for p in &s.pullers {
+        let grant = puller_from(p).map_err(|message| ManagedError::Invalid {
+            revision: s.revision,
+            key: format!("token {}", p.id),
+            message,
+        })?;
+        pullers.push(grant);
+    }
+    Ok(Snapshot::new(repos).with_pullers(pullers))
 }
 
 fn from_update(u: pb::ConfigUpdate) -> StoredSnapshot {
-    let repos = u
-        .snapshot
-        .unwrap_or_default()
+    let snapshot = u.snapshot.unwrap_or_default();
+    let pullers = snapshot
+        .pullers
+        .into_iter()
+        .map(|p| StoredPuller {
+            id: p.id,
+            secret_sha256: hex::encode(p.secret_sha256),
+            repos: p.repos,
+            expires_at_ms: p.expires_at.map(|t| (t.seconds.max(0) as u64) * 1000 + (t.nanos.max(0) as u64) / 1_000_000),
+        })
+        .collect();
+    let repos = snapshot
         .repos
         .into_iter()
         .map(|r| StoredRepo {
@@ -106,9 +171,13 @@ fn from_update(u: pb::ConfigUpdate) -> StoredSnapshot {
             username: r.username,
             password: r.password,
             cache_ttl_secs: r.cache_ttl.map(|d| d.seconds.max(0) as u64),
+            auth: r.auth,
+            access: r.access,
+            ca_bundle: r.ca_bundle,
+            insecure_skip_tls_verify: r.insecure_skip_tls_verify,
         })
         .collect();
-    StoredSnapshot { revision: u.revision, repos }
+    StoredSnapshot { revision: u.revision, repos, pullers }
 }
 
 /// Loads the stored snapshot, if any, into `config`; returns its revision (0: none).
@@ -275,16 +344,20 @@ mod tests {
             username: String::new(),
             password: String::new(),
             cache_ttl_secs: None,
+            auth: String::new(),
+            access: String::new(),
+            ca_bundle: String::new(),
+            insecure_skip_tls_verify: false,
         }
     }
 
     #[test]
     fn invalid_snapshots_are_refused_whole() {
-        let good = StoredSnapshot { revision: 3, repos: vec![repo("a", "ghcr"), repo("b", "quay")] };
+        let good = StoredSnapshot { revision: 3, repos: vec![repo("a", "ghcr"), repo("b", "quay")], pullers: vec![] };
         assert_eq!(validate(&good).unwrap().repos.len(), 2);
-        let bad = StoredSnapshot { revision: 4, repos: vec![repo("a", "ghcr"), repo("b", "nope")] };
+        let bad = StoredSnapshot { revision: 4, repos: vec![repo("a", "ghcr"), repo("b", "nope")], pullers: vec![] };
         assert!(matches!(validate(&bad), Err(ManagedError::Invalid { ref key, .. }) if key == "b"));
-        let dup = StoredSnapshot { revision: 5, repos: vec![repo("a", "ghcr"), repo("a", "quay")] };
+        let dup = StoredSnapshot { revision: 5, repos: vec![repo("a", "ghcr"), repo("a", "quay")], pullers: vec![] };
         assert!(validate(&dup).is_err());
     }
 
@@ -296,7 +369,7 @@ mod tests {
         let mut r = repo("a", "ghcr");
         r.username = "u".into();
         r.password = "p".into();
-        store_snapshot(&path, &StoredSnapshot { revision: 7, repos: vec![r] }).unwrap();
+        store_snapshot(&path, &StoredSnapshot { revision: 7, repos: vec![r], pullers: vec![] }).unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
         let config = Config::default();
         assert_eq!(load_stored(&path, &config).unwrap(), 7);
