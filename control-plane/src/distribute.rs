@@ -13,15 +13,17 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
+use wharf_core::token::Role;
 use wharf_proto::v1 as pb;
 
 use crate::error::ApiError;
-use crate::grpc::repo_to_proto;
+use crate::grpc::{repo_to_proto, timestamp};
 use crate::hub::Published;
 use crate::nodes::Nodes;
 use crate::nodes::{NodeInfo, now_ms, validate_id};
 use crate::server::ApiState;
 use crate::store::{ConfigStore, Lease, StoreError};
+use crate::tokens::TokenRecord;
 
 /// How long a node's entry outlives its last keep-alive.
 pub const NODE_LEASE_TTL: Duration = Duration::from_secs(10);
@@ -92,12 +94,22 @@ pub async fn keep_alive(
     }
 }
 
+/// A puller token as nodes get it: the hash of its secret, never the secret.
+fn puller(t: &TokenRecord) -> pb::PullerToken {
+    pb::PullerToken {
+        id: t.grant.id.clone(),
+        secret_sha256: t.grant.secret_sha256.to_vec(),
+        repos: t.grant.repos.iter().map(|p| p.to_string()).collect(),
+        expires_at: t.grant.expires_at.map(timestamp),
+    }
+}
+
 pub fn update(p: &Published) -> pb::ConfigUpdate {
     pb::ConfigUpdate {
         revision: p.revision,
         snapshot: Some(pb::Snapshot {
             repos: p.repos.iter().map(|r| repo_to_proto(r, true)).collect(),
-            pullers: vec![],
+            pullers: p.tokens.values().filter(|t| t.grant.role == Role::Puller).map(puller).collect(),
         }),
     }
 }

@@ -15,6 +15,14 @@ pub enum ApiError {
         "repo {key:?} was changed by someone else (you sent revision {expected}, it is at {current}): read it again and retry"
     )]
     Stale { key: String, expected: i64, current: i64 },
+    #[error("token {id:?} does not exist")]
+    TokenNotFound { id: String },
+    /// No token, or one that is unknown, revoked or expired.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// A valid token whose role does not allow the call.
+    #[error("{0}")]
+    PermissionDenied(String),
     #[error("the configuration store is unavailable: {0}")]
     Unavailable(String),
     #[error("internal error: {0}")]
@@ -45,7 +53,9 @@ impl From<ApiError> for tonic::Status {
         let msg = e.to_string();
         match e {
             ApiError::Invalid { .. } => tonic::Status::invalid_argument(msg),
-            ApiError::NotFound { .. } => tonic::Status::not_found(msg),
+            ApiError::NotFound { .. } | ApiError::TokenNotFound { .. } => tonic::Status::not_found(msg),
+            ApiError::Unauthenticated(_) => tonic::Status::unauthenticated(msg),
+            ApiError::PermissionDenied(_) => tonic::Status::permission_denied(msg),
             ApiError::AlreadyExists { .. } => tonic::Status::already_exists(msg),
             ApiError::Stale { .. } => tonic::Status::failed_precondition(msg),
             ApiError::Unavailable(_) => tonic::Status::unavailable(msg),

@@ -9,6 +9,7 @@ use wharf_proto::v1 as pb;
 use crate::error::ApiError;
 use crate::nodes::NodeInfo;
 use crate::repos::{RepoRecord, RepoSpec};
+use crate::tokens::{TokenRecord, TokenSpec};
 use crate::server::ApiState;
 
 pub fn timestamp(t: SystemTime) -> prost_types::Timestamp {
@@ -139,5 +140,51 @@ impl pb::node_service_server::NodeService for NodeApi {
     async fn list_nodes(&self, _: Request<pb::ListNodesRequest>) -> Result<Response<pb::ListNodesResponse>, Status> {
         let nodes = self.0.nodes.list().await?;
         Ok(Response::new(pb::ListNodesResponse { nodes: nodes.iter().map(node_to_proto).collect() }))
+    }
+}
+
+/// A token as the API shows it; `secret` only in the answer to its creation.
+pub fn token_to_proto(t: &TokenRecord, secret: Option<String>) -> pb::Token {
+    pb::Token {
+        id: t.grant.id.clone(),
+        role: t.grant.role.to_string(),
+        repos: t.grant.repos.iter().map(|p| p.to_string()).collect(),
+        expires_at: t.grant.expires_at.map(timestamp),
+        created_at: Some(timestamp(t.created_at)),
+        description: t.description.clone(),
+        secret: secret.unwrap_or_default(),
+    }
+}
+
+pub struct TokenApi(pub ApiState);
+
+#[tonic::async_trait]
+impl pb::token_service_server::TokenService for TokenApi {
+    async fn create_token(&self, req: Request<pb::CreateTokenRequest>) -> Result<Response<pb::Token>, Status> {
+        let req = req.into_inner();
+        let expires_in = req
+            .expires_in
+            .as_ref()
+            .map(|d| from_duration(d).map_err(|_| ApiError::invalid("expires_in", "must not be negative")))
+            .transpose()?;
+        let spec = TokenSpec { role: req.role, repos: req.repos, expires_in, description: req.description };
+        let (record, secret) = self.0.tokens.create(spec).await?;
+        Ok(Response::new(token_to_proto(&record, Some(secret))))
+    }
+
+    async fn list_tokens(
+        &self,
+        _: Request<pb::ListTokensRequest>,
+    ) -> Result<Response<pb::ListTokensResponse>, Status> {
+        let tokens = self.0.tokens.list().await?.iter().map(|t| token_to_proto(t, None)).collect();
+        Ok(Response::new(pb::ListTokensResponse { tokens }))
+    }
+
+    async fn revoke_token(
+        &self,
+        req: Request<pb::RevokeTokenRequest>,
+    ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
+        self.0.tokens.revoke(&req.into_inner().id).await?;
+        Ok(Response::new(pb::RevokeTokenResponse {}))
     }
 }

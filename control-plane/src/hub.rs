@@ -1,5 +1,6 @@
-//! The configuration a replica streams to its nodes: one store watch per replica, however many
-//! nodes are connected, published through a `watch` channel that every node stream follows.
+//! The configuration a replica streams to its nodes, and the tokens its API checks: one store
+//! watch per prefix per replica, however many nodes are connected, published through a `watch`
+//! channel that every node stream and every API call's token check reads.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -11,12 +12,39 @@ use tokio_util::sync::CancellationToken;
 
 use crate::repos::{self, RepoRecord};
 use crate::store::{ConfigStore, EventKind, Revision};
+use crate::tokens::{self, TokenRecord};
 
-/// The repos at one store revision.
+/// The repos and tokens at one store revision.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Published {
     pub revision: Revision,
     pub repos: Vec<RepoRecord>,
+    /// By token id.
+    pub tokens: BTreeMap<String, TokenRecord>,
+}
+
+/// What the hub holds, by store key.
+#[derive(Default)]
+struct Current {
+    repos: BTreeMap<String, RepoRecord>,
+    tokens: BTreeMap<String, TokenRecord>,
+}
+
+impl Current {
+    fn apply(&mut self, kind: EventKind, kv: &crate::store::KeyValue) {
+        let key = kv.key.clone();
+        if kv.key.starts_with(tokens::PREFIX) {
+            match (kind, tokens::decode(kv)) {
+                (EventKind::Put, Some(t)) => self.tokens.insert(key, t),
+                _ => self.tokens.remove(&key),
+            };
+        } else {
+            match (kind, repos::decode(kv)) {
+                (EventKind::Put, Some(r)) => self.repos.insert(key, r),
+                _ => self.repos.remove(&key),
+            };
+        }
+    }
 }
 
 /// Follows the store; `None` until the first list succeeded (a node must never receive an empty
@@ -58,38 +86,49 @@ async fn follow(store: Arc<dyn ConfigStore>, tx: watch::Sender<Option<Arc<Publis
     }
 }
 
-/// Lists, publishes, then applies watch events until the watch fails; returns why.
+/// Lists, publishes, then applies watch events until a watch fails; returns why.
 async fn follow_once(store: &dyn ConfigStore, tx: &watch::Sender<Option<Arc<Published>>>) -> String {
-    let (kvs, revision) = match store.list(repos::PREFIX).await {
-        Ok(x) => x,
-        Err(e) => return e.to_string(),
-    };
-    let mut current: BTreeMap<String, RepoRecord> =
-        kvs.iter().filter_map(|kv| repos::decode(kv).map(|r| (kv.key.clone(), r))).collect();
+    let mut current = Current::default();
+    let mut watches = Vec::new();
+    let mut revision = 0;
+    for prefix in [repos::PREFIX, tokens::PREFIX] {
+        let (kvs, rev) = match store.list(prefix).await {
+            Ok(x) => x,
+            Err(e) => return e.to_string(),
+        };
+        for kv in &kvs {
+            current.apply(EventKind::Put, kv);
+        }
+        revision = revision.max(rev);
+        watches.push((prefix, rev + 1));
+    }
     publish(tx, revision, &current);
-    let mut events = match store.watch(repos::PREFIX, revision + 1).await {
-        Ok(s) => s,
-        Err(e) => return e.to_string(),
-    };
+    let mut streams = Vec::new();
+    for (prefix, from) in watches {
+        match store.watch(prefix, from).await {
+            Ok(s) => streams.push(s),
+            Err(e) => return e.to_string(),
+        }
+    }
+    let mut events = futures_util::stream::select_all(streams);
     while let Some(event) = events.next().await {
         let event = match event {
             Ok(e) => e,
             Err(e) => return e.to_string(),
         };
-        match event.kind {
-            EventKind::Put => match repos::decode(&event.kv) {
-                Some(r) => current.insert(event.kv.key.clone(), r),
-                None => current.remove(&event.kv.key),
-            },
-            EventKind::Delete => current.remove(&event.kv.key),
-        };
-        publish(tx, event.revision, &current);
+        current.apply(event.kind, &event.kv);
+        revision = revision.max(event.revision);
+        publish(tx, revision, &current);
     }
     "watch stream ended".into()
 }
 
-fn publish(tx: &watch::Sender<Option<Arc<Published>>>, revision: Revision, current: &BTreeMap<String, RepoRecord>) {
-    let p = Published { revision, repos: current.values().cloned().collect() };
-    tracing::debug!(revision, repos = p.repos.len(), "configuration published");
+fn publish(tx: &watch::Sender<Option<Arc<Published>>>, revision: Revision, current: &Current) {
+    let p = Published {
+        revision,
+        repos: current.repos.values().cloned().collect(),
+        tokens: current.tokens.values().map(|t| (t.grant.id.clone(), t.clone())).collect(),
+    };
+    tracing::debug!(revision, repos = p.repos.len(), tokens = p.tokens.len(), "configuration published");
     tx.send_replace(Some(Arc::new(p)));
 }

@@ -8,6 +8,7 @@
 //! - [`nodes`]: the node list, held by leases.
 //! - [`server`]: `run(listener, state, shutdown)`.
 
+pub mod auth;
 pub mod distribute;
 pub mod error;
 pub mod grpc;
@@ -17,3 +18,4 @@ pub mod repos;
 pub mod rest;
 pub mod server;
 pub mod store;
+pub mod tokens;

@@ -12,6 +12,8 @@ use tokio_util::sync::CancellationToken;
 use wharf_control::repos::RepoSpec;
 use wharf_control::server::{ApiState, run};
 use wharf_control::store::{ConfigStore, EmbeddedOptions, EmbeddedStore, EtcdOptions, EtcdStore, TracedStore};
+use wharf_core::Secret;
+use wharf_core::token::Role;
 use wharf_proxy::telemetry::{TelemetryArgs, shutdown_signal};
 
 /// Wharf's control plane: repos in etcd (or the embedded store), gRPC and REST (/api/repos) on one
@@ -42,8 +44,17 @@ struct Args {
     /// How this replica appears in the node list (default: the listen address).
     #[arg(long)]
     advertise: Option<String>,
-    /// Development mode: also run one data-plane node in this process, and create the dockerhub,
-    /// ghcr and quay repos when the store is empty.
+    /// A file holding the first admin token: read if it exists, else created (mode 0600) with a new
+    /// token. The token is added to the store if missing. Further tokens: `regctl token create`.
+    #[arg(long, env = "WHARF_BOOTSTRAP_TOKEN_FILE")]
+    bootstrap_token_file: Option<PathBuf>,
+    /// Serve the management API and the node configuration stream without any token. Anyone who
+    /// can reach the port can change the configuration and read upstream credentials.
+    #[arg(long)]
+    insecure_no_auth: bool,
+    /// Development mode: also run one data-plane node in this process, create the dockerhub, ghcr
+    /// and quay repos when the store is empty, and an admin token in <data-dir>/admin.token
+    /// (printed at start-up).
     #[arg(long)]
     dev: bool,
     /// --dev: the node's registry address.
@@ -85,17 +96,62 @@ async fn main() -> anyhow::Result<()> {
     let listener = TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
     let local = listener.local_addr()?;
     let cancel = CancellationToken::new();
-    let state = ApiState::new(store, args.advertise.clone().unwrap_or_else(|| local.to_string()), cancel.clone())
+    let mut state = ApiState::new(store, args.advertise.clone().unwrap_or_else(|| local.to_string()), cancel.clone())
         .with_metrics()
         .context("installing the metrics recorder")?;
+    if args.insecure_no_auth {
+        state = state.insecure_no_auth();
+    }
+    let bootstrap = args.bootstrap_token_file.clone().or_else(|| args.dev.then(|| args.data_dir.join("admin.token")));
+    if let Some(path) = &bootstrap {
+        let token = token_file(path)?;
+        let tokens = state.tokens.clone();
+        let path = path.clone();
+        // In the background: the store may not answer yet; the token works once it is stored.
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(200);
+            loop {
+                match tokens.ensure(&token, Role::Admin, "bootstrap").await {
+                    Ok(created) => {
+                        tracing::info!(path = %path.display(), created, "bootstrap admin token in place");
+                        return;
+                    }
+                    Err(wharf_control::error::ApiError::Unavailable(e)) => {
+                        tracing::warn!(error = %e, ?backoff, "could not store the bootstrap token yet; retrying");
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, path = %path.display(), "bootstrap token refused");
+                        return;
+                    }
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        });
+    }
     if args.dev {
         seed_dev_repos(&state).await?;
+        if let Some(path) = &bootstrap {
+            eprintln!(
+                "\n  dev mode: admin token in {} (export WHARF_TOKEN=$(cat {}))\n",
+                path.display(),
+                path.display()
+            );
+        }
     }
     tracing::info!(addr = %local, "listening");
     let metrics = state.metrics.clone();
+    let state_tokens = state.tokens.clone();
     let stop = cancel.clone();
     let server = tokio::spawn(run(listener, state, async move { stop.cancelled().await }));
-    let node = if args.dev { Some(start_dev_node(&args, local, metrics, cancel.clone()).await?) } else { None };
+    let node = if args.dev {
+        // The in-process node follows this control plane like any other: with a node token.
+        let node_token = token_file(&args.data_dir.join("node.token"))?;
+        state_tokens.ensure(&node_token, Role::Node, "dev node").await.context("storing the dev node's token")?;
+        Some(start_dev_node(&args, local, metrics, Secret::new(node_token), cancel.clone()).await?)
+    } else {
+        None
+    };
 
     let mut server = server;
     tokio::select! {
@@ -123,6 +179,36 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The token in `path`; a new one is written there (mode 0600) when the file does not exist.
+fn token_file(path: &std::path::Path) -> anyhow::Result<String> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let token = text.trim().to_owned();
+            anyhow::ensure!(!token.is_empty(), "the token file {} is empty", path.display());
+            Ok(token)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            }
+            let token = wharf_control::tokens::new_token_text();
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .with_context(|| format!("creating the token file {}", path.display()))?;
+            f.write_all(format!("{token}\n").as_bytes())?;
+            f.sync_all()?;
+            tracing::info!(path = %path.display(), "wrote a new token file");
+            Ok(token)
+        }
+        Err(e) => Err(e).with_context(|| format!("reading the token file {}", path.display())),
+    }
+}
+
 async fn seed_dev_repos(state: &ApiState) -> anyhow::Result<()> {
     let (repos, _) = state.repos.list().await.context("listing repos")?;
     if !repos.is_empty() {
@@ -140,6 +226,7 @@ async fn start_dev_node(
     args: &Args,
     control: SocketAddr,
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    token: Secret,
     cancel: CancellationToken,
 ) -> anyhow::Result<tokio::task::JoinHandle<Result<(), wharf_proxy::node::NodeError>>> {
     use wharf_proxy::node::{ConfigSource, NodeOptions, run_node};
@@ -153,6 +240,7 @@ async fn start_dev_node(
             endpoints: vec![endpoint],
             node_id: format!("dev-{}", node_addr.port()),
             address: node_addr.to_string(),
+            token: Some(token),
         },
         upstream: Default::default(),
         shutdown_grace: args.shutdown_grace,

@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 use crate::error::ApiError;
 use crate::nodes::NodeInfo;
 use crate::repos::{RepoRecord, RepoSpec, spec_of};
+use crate::tokens::{TokenRecord, TokenSpec};
 use crate::server::ApiState;
 
 /// Largest request body accepted.
@@ -25,6 +26,8 @@ pub fn router() -> Router<ApiState> {
         .route("/api/repos", get(list_repos).post(create_repo))
         .route("/api/repos/{key}", get(get_repo).put(put_repo).patch(patch_repo).delete(delete_repo))
         .route("/api/nodes", get(list_nodes))
+        .route("/api/tokens", get(list_tokens).post(create_token))
+        .route("/api/tokens/{id}", axum::routing::delete(revoke_token))
         .route("/api/openapi.json", get(openapi))
 }
 
@@ -183,7 +186,11 @@ impl From<ApiError> for Problem {
         let detail = e.to_string();
         match e {
             ApiError::Invalid { field, message } => Problem::invalid(field, message),
-            ApiError::NotFound { .. } => Problem::new(StatusCode::NOT_FOUND, "Not found", detail),
+            ApiError::NotFound { .. } | ApiError::TokenNotFound { .. } => {
+                Problem::new(StatusCode::NOT_FOUND, "Not found", detail)
+            }
+            ApiError::Unauthenticated(_) => Problem::new(StatusCode::UNAUTHORIZED, "Unauthenticated", detail),
+            ApiError::PermissionDenied(_) => Problem::new(StatusCode::FORBIDDEN, "Permission denied", detail),
             ApiError::AlreadyExists { .. } => {
                 Problem { field: Some("key".into()), ..Problem::new(StatusCode::CONFLICT, "Already exists", detail) }
             }
@@ -355,6 +362,75 @@ async fn delete_repo(State(s): State<ApiState>, Path(key): Path<String>, headers
 async fn list_nodes(State(s): State<ApiState>) -> ApiResult {
     let nodes: Vec<NodeInfo> = s.nodes.list().await?;
     Ok(axum::Json(json!({ "nodes": nodes })).into_response())
+}
+
+/// A token as the REST API shows it; `token` only in the answer to its creation.
+#[derive(Serialize, Deserialize, Debug, PartialEq)]
+pub struct TokenView {
+    pub id: String,
+    pub role: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub repos: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+    pub created_at: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub description: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
+
+impl TokenView {
+    fn new(t: &TokenRecord, token: Option<String>) -> Self {
+        TokenView {
+            id: t.grant.id.clone(),
+            role: t.grant.role.to_string(),
+            repos: t.grant.repos.iter().map(|p| p.to_string()).collect(),
+            expires_at: t.grant.expires_at.map(rfc3339),
+            created_at: rfc3339(t.created_at),
+            description: t.description.clone(),
+            token,
+        }
+    }
+}
+
+/// What a client may send to create a token.
+#[derive(Deserialize, Serialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct TokenInput {
+    #[serde(default)]
+    pub role: Option<String>,
+    #[serde(default)]
+    pub repos: Vec<String>,
+    /// A duration (`"90d"`); absent: never expires.
+    #[serde(default)]
+    pub expires_in: Option<String>,
+    #[serde(default)]
+    pub description: Option<String>,
+}
+
+async fn create_token(State(s): State<ApiState>, req: Request) -> ApiResult {
+    let input: TokenInput = json_body(req).await?;
+    let spec = TokenSpec {
+        role: input.role.ok_or_else(|| Problem::invalid("role", "role is required: admin, reader, puller or node"))?,
+        repos: input.repos,
+        expires_in: parse_duration("expires_in", input.expires_in.as_deref())?,
+        description: input.description.unwrap_or_default(),
+    };
+    let (record, token) = s.tokens.create(spec).await?;
+    let mut resp = (StatusCode::CREATED, axum::Json(TokenView::new(&record, Some(token)))).into_response();
+    resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(resp)
+}
+
+async fn list_tokens(State(s): State<ApiState>) -> ApiResult {
+    let tokens: Vec<TokenView> = s.tokens.list().await?.iter().map(|t| TokenView::new(t, None)).collect();
+    Ok(axum::Json(json!({ "tokens": tokens })).into_response())
+}
+
+async fn revoke_token(State(s): State<ApiState>, Path(id): Path<String>) -> ApiResult {
+    s.tokens.revoke(&id).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 #[cfg(test)]

@@ -15,19 +15,23 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 use wharf_proto::v1 as pb;
 
+use crate::auth;
 use crate::distribute::{self, ConfigApi, Connected};
-use crate::grpc::{NodeApi, RepoApi};
+use crate::error::ApiError;
+use crate::grpc::{NodeApi, RepoApi, TokenApi};
 use crate::hub::ConfigHub;
 use crate::nodes::Nodes;
 use crate::repos::Repos;
 use crate::rest::{self, Problem};
 use crate::store::ConfigStore;
+use crate::tokens::Tokens;
 
 /// What every API call needs.
 #[derive(Clone)]
 pub struct ApiState {
     pub store: Arc<dyn ConfigStore>,
     pub repos: Repos,
+    pub tokens: Tokens,
     pub nodes: Nodes,
     pub hub: Arc<ConfigHub>,
     pub connected: Arc<Connected>,
@@ -37,6 +41,8 @@ pub struct ApiState {
     pub cancel: CancellationToken,
     /// Renders `/metrics` (absent when no recorder was installed, as in unit tests).
     pub metrics: Option<PrometheusHandle>,
+    /// `--insecure-no-auth`: every call is allowed without a token.
+    pub insecure_no_auth: bool,
 }
 
 impl ApiState {
@@ -46,6 +52,7 @@ impl ApiState {
         tokio::spawn(distribute::keep_alive(store.clone(), connected.clone(), nodes.clone(), cancel.clone()));
         Self {
             repos: Repos::new(store.clone()),
+            tokens: Tokens::new(store.clone()),
             nodes,
             hub: ConfigHub::start(store.clone(), cancel.clone()),
             connected,
@@ -53,7 +60,15 @@ impl ApiState {
             cancel,
             store,
             metrics: None,
+            insecure_no_auth: false,
         }
+    }
+
+    /// Lets every call through without a token (`--insecure-no-auth`).
+    pub fn insecure_no_auth(mut self) -> Self {
+        tracing::warn!("--insecure-no-auth: the management API and the node configuration stream (which carries upstream credentials) are open to anyone who can reach this port");
+        self.insecure_no_auth = true;
+        self
     }
 
     /// Installs the process-wide Prometheus recorder and serves it at `/metrics`.
@@ -67,14 +82,16 @@ pub fn router(state: ApiState) -> Router {
     let grpc = tonic::service::Routes::new(pb::repo_service_server::RepoServiceServer::new(RepoApi(state.clone())))
         .add_service(pb::node_service_server::NodeServiceServer::new(NodeApi(state.clone())))
         .add_service(pb::config_service_server::ConfigServiceServer::new(ConfigApi(state.clone())))
+        .add_service(pb::token_service_server::TokenServiceServer::new(TokenApi(state.clone())))
         .into_axum_router();
     // The gRPC router's own fallback answers in gRPC; REST clients get problem JSON instead.
     rest::router()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))
-        .with_state(state)
+        .with_state(state.clone())
         .merge(grpc.fallback(not_found))
+        .layer(axum::middleware::from_fn_with_state(state, require_token))
         .layer(axum::middleware::from_fn(count_requests))
         .layer(axum::middleware::from_fn(trace_requests))
 }
@@ -83,8 +100,7 @@ pub fn router(state: ApiState) -> Router {
 /// `traceparent`; store calls made for it are its children. For a server stream (Watch) the span
 /// covers the call up to the response head, not the stream.
 async fn trace_requests(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
-    let grpc =
-        req.headers().get(http::header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    let grpc = is_grpc(&req);
     let path: String = req.uri().path().chars().take(256).collect();
     let span = tracing::info_span!(
         "control.api",
@@ -114,10 +130,50 @@ async fn trace_requests(req: axum::extract::Request, next: axum::middleware::Nex
     resp
 }
 
+fn is_grpc(req: &axum::extract::Request) -> bool {
+    req.headers().get(http::header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// Refuses a call whose token does not allow it: 401 / UNAUTHENTICATED without a valid token, 403 /
+/// PERMISSION_DENIED with too little.
+async fn require_token(
+    State(s): State<ApiState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let need = auth::need(req.method(), req.uri().path());
+    if s.insecure_no_auth || need == auth::Need::Nothing {
+        return next.run(req).await;
+    }
+    let checked = match s.hub.current() {
+        Some(published) => auth::authorize(&published.tokens, req.headers(), need, std::time::SystemTime::now()),
+        None => Err(ApiError::Unavailable("the control plane is still loading its configuration".into())),
+    };
+    match checked {
+        Ok(caller) => {
+            if let Some((token_id, role)) = caller {
+                tracing::debug!(%token_id, %role, path = %req.uri().path(), "call authorized");
+            }
+            next.run(req).await
+        }
+        Err(e) if is_grpc(&req) => tonic::Status::from(e).into_http(),
+        Err(e) => {
+            let unauthenticated = matches!(e, ApiError::Unauthenticated(_));
+            let mut resp = Problem::from(e).into_response();
+            if unauthenticated {
+                resp.headers_mut().insert(
+                    http::header::WWW_AUTHENTICATE,
+                    http::HeaderValue::from_static("Bearer realm=\"wharf-control\""),
+                );
+            }
+            resp
+        }
+    }
+}
+
 /// `wharf_control_api_requests_total{api, method, code}` for every call, REST and gRPC.
 async fn count_requests(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
-    let grpc =
-        req.headers().get(http::header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    let grpc = is_grpc(&req);
     let method =
         if grpc { req.uri().path().rsplit('/').next().unwrap_or("").to_owned() } else { req.method().to_string() };
     let started = std::time::Instant::now();

@@ -37,6 +37,11 @@ struct Args {
     /// This node's id in the node list (default: the host name and listen port).
     #[arg(long, env = "WHARF_NODE_ID")]
     node_id: Option<String>,
+    /// Managed mode: a file holding this node's token (role `node`, from `regctl token create
+    /// --role node`). The control plane gives its configuration (with upstream credentials) only
+    /// to nodes that present one.
+    #[arg(long, env = "WHARF_CONTROL_PLANE_TOKEN_FILE")]
+    control_plane_token_file: Option<PathBuf>,
     /// Where clients reach this node, as shown in the node list (default: the listen address).
     #[arg(long, env = "WHARF_ADVERTISE")]
     advertise: Option<String>,
@@ -110,6 +115,15 @@ async fn main() -> anyhow::Result<()> {
             endpoints: args.control_plane,
             node_id: args.node_id.unwrap_or_else(|| default_node_id(local)),
             address: args.advertise.unwrap_or_else(|| local.to_string()),
+            token: match &args.control_plane_token_file {
+                Some(path) => Some(read_token(path)?),
+                None => {
+                    tracing::warn!(
+                        "no --control-plane-token-file: control planes refuse this node unless run with --insecure-no-auth"
+                    );
+                    None
+                }
+            },
         },
     };
     let opts = NodeOptions {
@@ -161,4 +175,12 @@ fn default_node_id(local: SocketAddr) -> String {
     let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
     let host: String = host.trim().chars().filter(|c| c.is_ascii_alphanumeric() || ".-_".contains(*c)).collect();
     format!("{}-{}", if host.is_empty() { "node" } else { &host }, local.port())
+}
+
+/// A token file's content, trimmed; an empty or unreadable file is an error.
+fn read_token(path: &std::path::Path) -> anyhow::Result<wharf_core::Secret> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading the token file {}", path.display()))?;
+    let token = text.trim();
+    anyhow::ensure!(!token.is_empty(), "the token file {} is empty", path.display());
+    Ok(wharf_core::Secret::new(token))
 }

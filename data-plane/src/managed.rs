@@ -38,6 +38,24 @@ pub struct ManagedOptions {
     pub address: String,
     pub snapshot_path: PathBuf,
     pub report_interval: Duration,
+    /// The node token (role `node`) sent to the control plane as `authorization: Bearer`.
+    pub token: Option<Secret>,
+}
+
+impl ManagedOptions {
+    /// `msg` as a request carrying the node token.
+    fn request<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(msg);
+        if let Some(t) = &self.token {
+            match format!("Bearer {}", t.expose()).parse() {
+                Ok(v) => {
+                    req.metadata_mut().insert("authorization", v);
+                }
+                Err(_) => tracing::error!("the node token has characters a header cannot carry; sent without it"),
+            }
+        }
+        req
+    }
 }
 
 /// The stored form of a snapshot (also what `config.snapshot` holds).
@@ -263,7 +281,17 @@ async fn follow(
         version: env!("CARGO_PKG_VERSION").into(),
         revision: applied.load(Ordering::Relaxed),
     };
-    let mut stream = client.watch(req).await.map_err(|s| format!("watch: {}", s.message()))?.into_inner();
+    let mut stream = client
+        .watch(opts.request(req))
+        .await
+        .map_err(|s| match s.code() {
+            tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => format!(
+                "watch refused: {} (give this node a token of role node with --control-plane-token-file)",
+                s.message()
+            ),
+            _ => format!("watch: {}", s.message()),
+        })?
+        .into_inner();
     tracing::info!(%endpoint, revision = applied.load(Ordering::Relaxed), "following control plane");
     *backoff = Duration::from_millis(200);
     let mut report = tokio::time::interval(opts.report_interval);
@@ -326,7 +354,7 @@ async fn send_report(
         cache_misses: crate::metrics::hits_and_misses().1,
         last_error: last_error.lock().unwrap_or_else(|e| e.into_inner()).clone(),
     };
-    if let Err(s) = client.report(report).await {
+    if let Err(s) = client.report(opts.request(report)).await {
         tracing::debug!(error = %s.message(), "report refused");
     }
 }

@@ -8,6 +8,8 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use wharf_core::Secret;
+
 use crate::config::{self, Config, ConfigError, Snapshot};
 use crate::evict::{self, LruWatermarks, SizeSpec};
 use crate::flight::Flights;
@@ -34,7 +36,7 @@ pub enum ConfigSource {
     /// A standalone TOML file.
     File(PathBuf),
     /// Control planes (`config.snapshot` in the cache dir keeps the last one).
-    ControlPlanes { endpoints: Vec<String>, node_id: String, address: String },
+    ControlPlanes { endpoints: Vec<String>, node_id: String, address: String, token: Option<Secret> },
 }
 
 #[derive(Debug, Clone)]
@@ -99,13 +101,14 @@ pub async fn run_node(listener: TcpListener, opts: NodeOptions, cancel: Cancella
     let wake = store.eviction_wake();
     tokio::spawn(evict::run(store.clone(), config.clone(), policy, ev.interval, wake, cancel.clone()));
     let upstream = Arc::new(Upstream::new(opts.upstream.clone())?);
-    if let ConfigSource::ControlPlanes { endpoints, node_id, address } = &opts.source {
+    if let ConfigSource::ControlPlanes { endpoints, node_id, address, token } = &opts.source {
         let managed = ManagedOptions {
             endpoints: endpoints.clone(),
             node_id: node_id.clone(),
             address: address.clone(),
             snapshot_path: opts.cache_dir.join("config.snapshot"),
             report_interval: Duration::from_secs(10),
+            token: token.clone(),
         };
         // Before serving: a restarted node answers its first request with its last configuration.
         let held = match managed::load_stored(&managed.snapshot_path, &config) {

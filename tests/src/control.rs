@@ -59,6 +59,59 @@ fn clean_env(cmd: &mut Command) {
     cmd.env_remove("RUST_LOG").env("NO_PROXY", "*");
 }
 
+/// The admin token every control plane a test starts is bootstrapped with (one per test process,
+/// so replicas on one etcd agree), and what [`rest`], [`grpc`], regctl and managed nodes send
+/// unless a test says otherwise.
+pub fn admin_token() -> &'static str {
+    static TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TOKEN.get_or_init(wharf_control::tokens::new_token_text)
+}
+
+/// Writes [`admin_token`] to `dir/<name>` (mode 0600); returns the path.
+pub fn write_token_file(dir: &Path, name: &str, token: &str) -> anyhow::Result<PathBuf> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join(name);
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&path)?;
+    f.write_all(token.as_bytes())?;
+    Ok(path)
+}
+
+/// Adds a bearer token to every gRPC call.
+#[derive(Clone)]
+pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl Bearer {
+    /// `token`; `None`: no authorization at all.
+    pub fn new(token: Option<&str>) -> Self {
+        Self(token.map(|t| format!("Bearer {t}").parse().expect("a token is ASCII")))
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// A gRPC channel to `url` whose calls carry `token`.
+pub type Grpc = tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>;
+
+/// Connects to `url`; calls carry the admin token.
+pub async fn grpc(url: &str) -> anyhow::Result<Grpc> {
+    grpc_as(url, Some(admin_token())).await
+}
+
+/// Connects to `url`; calls carry `token` (none when `None`).
+pub async fn grpc_as(url: &str, token: Option<&str>) -> anyhow::Result<Grpc> {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())?.connect().await?;
+    Ok(tonic::service::interceptor::InterceptedService::new(channel, Bearer::new(token)))
+}
+
 /// How to start a control plane.
 #[derive(Clone, Debug, Default)]
 pub struct ControlOptions {
@@ -203,6 +256,8 @@ fn start_control(opts: &ControlOptions, data_dir: &Path, port: u16) -> anyhow::R
     cmd.args(&opts.args);
     if let Some(parent) = data_dir.parent() {
         cmd.current_dir(parent);
+        let token_file = write_token_file(parent, "admin.token", admin_token())?;
+        cmd.arg("--bootstrap-token-file").arg(token_file);
     }
     clean_env(&mut cmd);
     cmd.envs(opts.env.iter().map(|(k, v)| (k, v)));
@@ -388,6 +443,10 @@ fn start_node(
 ) -> anyhow::Result<(ChildGuard, SocketAddr)> {
     let bin = crate::proxy::proxy_bin()?;
     let mut cmd = Command::new(&bin);
+    // Admin tokens may follow the configuration stream too; tests of node tokens pass their own.
+    if !args.iter().any(|a| a == "--control-plane-token-file") {
+        cmd.arg("--control-plane-token-file").arg(write_token_file(cache_dir, "node.token", admin_token())?);
+    }
     cmd.arg("--control-plane")
         .arg(endpoints.join(","))
         .args(["--node-id", id])
@@ -416,11 +475,15 @@ pub fn rest_client() -> reqwest::Client {
         .expect("building reqwest client")
 }
 
-/// Sends `method url` with `headers` and `body`; reads the whole response.
+/// Sends `method url` with `headers` and `body`; reads the whole response. Carries the admin token
+/// unless `headers` has an `authorization` (an empty one: none at all).
 pub async fn rest(method: &str, url: &str, headers: &[(&str, &str)], body: Option<&[u8]>) -> anyhow::Result<Resp> {
     let m = reqwest::Method::from_bytes(method.as_bytes())?;
     let mut req = rest_client().request(m, url);
-    for (k, v) in headers {
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("authorization")) {
+        req = req.bearer_auth(admin_token());
+    }
+    for (k, v) in headers.iter().filter(|(k, v)| !(k.eq_ignore_ascii_case("authorization") && v.is_empty())) {
         req = req.header(*k, *v);
     }
     if let Some(b) = body {

@@ -102,6 +102,7 @@ impl Regctl {
         if let Some(s) = &self.server {
             cmd.env("WHARF_SERVER", s);
         }
+        cmd.env("WHARF_TOKEN", crate::control::admin_token());
         for (k, v) in &self.env {
             cmd.env(k, v);
         }

@@ -7,14 +7,14 @@ use tonic::Code;
 use wharf_proto::v1 as pb;
 use wharf_proto::v1::node_service_client::NodeServiceClient;
 use wharf_proto::v1::repo_service_client::RepoServiceClient;
-use wharf_tests::control::{ControlPlane, etag_revision, rest};
+use wharf_tests::control::{ControlPlane, Grpc, etag_revision, grpc, rest};
 
-type Client = RepoServiceClient<tonic::transport::Channel>;
+type Client = RepoServiceClient<Grpc>;
 
 const UPSTREAM: &str = "http://127.0.0.1:1";
 
 async fn client(cp: &ControlPlane) -> anyhow::Result<Client> {
-    Ok(RepoServiceClient::connect(cp.url()).await?)
+    Ok(RepoServiceClient::new(grpc(&cp.url()).await?))
 }
 
 fn repo(key: &str, upstream: &str) -> pb::Repo {
@@ -246,7 +246,7 @@ async fn control_grpc_crud_and_one_implementation_with_rest() -> anyhow::Result<
     assert!(c.list_repos(pb::ListReposRequest {}).await?.into_inner().repos.is_empty());
 
     // NodeService answers (no node here).
-    let mut nodes = NodeServiceClient::connect(cp.url()).await?;
+    let mut nodes = NodeServiceClient::new(grpc(&cp.url()).await?);
     assert!(nodes.list_nodes(pb::ListNodesRequest {}).await?.into_inner().nodes.is_empty());
 
     assert!(!cp.all_output().contains(&secret), "the control plane logged the password");

@@ -231,7 +231,7 @@ async fn expect_unavailable(cp: &ControlPlane) -> anyhow::Result<()> {
     assert_eq!(resp.status, 503, "/readyz: {}", resp.text());
     let resp = timed("healthz", rest("GET", &cp.api("/healthz"), &[], None)).await?;
     assert_eq!(resp.status, 200, "/healthz: {}", resp.text());
-    let mut c = RepoServiceClient::connect(cp.url()).await?;
+    let mut c = RepoServiceClient::new(wharf_tests::control::grpc(&cp.url()).await?);
     let r = timed(
         "gRPC CreateRepo",
         c.create_repo(pb::CreateRepoRequest {

@@ -74,7 +74,7 @@ async fn control_nodes_follow_changes_and_survive_control_plane_outages() -> any
     assert_eq!(entry["control_plane"], cp.addr().to_string(), "{entry}");
     assert!(entry["version"].as_str().is_some_and(|v| !v.is_empty()), "{entry}");
     // gRPC's NodeService says the same.
-    let mut grpc = NodeServiceClient::connect(cp.url()).await?;
+    let mut grpc = NodeServiceClient::new(wharf_tests::control::grpc(&cp.url()).await?);
     let listed = grpc.list_nodes(pb::ListNodesRequest {}).await?.into_inner().nodes;
     let n1 = listed.iter().find(|n| n.id == "n1").ok_or_else(|| anyhow::anyhow!("n1 not in {listed:?}"))?;
     assert!(n1.applied_revision >= rev, "{n1:?}");
