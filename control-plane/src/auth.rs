@@ -65,8 +65,9 @@ pub fn authorize(
                 .into(),
         )
     })?;
-    let presented = Presented::parse(raw)
-        .ok_or_else(|| ApiError::Unauthenticated("the bearer token is not a Wharf token (wharf_<id>_<secret>)".into()))?;
+    let presented = Presented::parse(raw).ok_or_else(|| {
+        ApiError::Unauthenticated("the bearer token is not a Wharf token (wharf_<id>_<secret>)".into())
+    })?;
     let record = tokens
         .get(&presented.id)
         .filter(|r| r.grant.accepts(&presented, now))

@@ -9,8 +9,8 @@ use wharf_proto::v1 as pb;
 use crate::error::ApiError;
 use crate::nodes::NodeInfo;
 use crate::repos::{RepoRecord, RepoSpec};
-use crate::tokens::{TokenRecord, TokenSpec};
 use crate::server::ApiState;
+use crate::tokens::{TokenRecord, TokenSpec};
 
 pub fn timestamp(t: SystemTime) -> prost_types::Timestamp {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
@@ -172,10 +172,7 @@ impl pb::token_service_server::TokenService for TokenApi {
         Ok(Response::new(token_to_proto(&record, Some(secret))))
     }
 
-    async fn list_tokens(
-        &self,
-        _: Request<pb::ListTokensRequest>,
-    ) -> Result<Response<pb::ListTokensResponse>, Status> {
+    async fn list_tokens(&self, _: Request<pb::ListTokensRequest>) -> Result<Response<pb::ListTokensResponse>, Status> {
         let tokens = self.0.tokens.list().await?.iter().map(|t| token_to_proto(t, None)).collect();
         Ok(Response::new(pb::ListTokensResponse { tokens }))
     }

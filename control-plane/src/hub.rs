@@ -67,6 +67,12 @@ impl ConfigHub {
     pub fn current(&self) -> Option<Arc<Published>> {
         self.rx.borrow().clone()
     }
+
+    /// Waits (at most `timeout`) until what is published satisfies `f`; returns whether it did.
+    pub async fn wait_for(&self, timeout: Duration, f: impl Fn(&Published) -> bool) -> bool {
+        let mut rx = self.rx.clone();
+        tokio::time::timeout(timeout, rx.wait_for(|p| p.as_deref().is_some_and(&f))).await.is_ok_and(|r| r.is_ok())
+    }
 }
 
 async fn follow(store: Arc<dyn ConfigStore>, tx: watch::Sender<Option<Arc<Published>>>, cancel: CancellationToken) {

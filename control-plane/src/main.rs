@@ -9,6 +9,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use wharf_control::error::ApiError;
 use wharf_control::repos::RepoSpec;
 use wharf_control::server::{ApiState, run};
 use wharf_control::store::{ConfigStore, EmbeddedOptions, EmbeddedStore, EtcdOptions, EtcdStore, TracedStore};
@@ -105,29 +106,35 @@ async fn main() -> anyhow::Result<()> {
     let bootstrap = args.bootstrap_token_file.clone().or_else(|| args.dev.then(|| args.data_dir.join("admin.token")));
     if let Some(path) = &bootstrap {
         let token = token_file(path)?;
-        let tokens = state.tokens.clone();
-        let path = path.clone();
-        // In the background: the store may not answer yet; the token works once it is stored.
-        tokio::spawn(async move {
-            let mut backoff = Duration::from_millis(200);
-            loop {
-                match tokens.ensure(&token, Role::Admin, "bootstrap").await {
-                    Ok(created) => {
-                        tracing::info!(path = %path.display(), created, "bootstrap admin token in place");
-                        return;
-                    }
-                    Err(wharf_control::error::ApiError::Unavailable(e)) => {
-                        tracing::warn!(error = %e, ?backoff, "could not store the bootstrap token yet; retrying");
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, path = %path.display(), "bootstrap token refused");
-                        return;
-                    }
+        let id = wharf_core::Presented::parse(&token)
+            .with_context(|| format!("{} does not hold a Wharf token (wharf_<id>_<secret>)", path.display()))?
+            .id;
+        // Before listening when the store answers, so the token works from the first call; else
+        // in the background until it does.
+        match state.tokens.ensure(&token, Role::Admin, "bootstrap").await {
+            Ok(created) => {
+                tracing::info!(path = %path.display(), created, "bootstrap admin token in place");
+                if !state.hub.wait_for(args.store_timeout, |p| p.tokens.contains_key(&id)).await {
+                    tracing::warn!("the bootstrap token is stored but not loaded yet");
                 }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
             }
-        });
+            Err(ApiError::Unavailable(e)) => {
+                tracing::warn!(error = %e, "could not store the bootstrap token yet; retrying in the background");
+                let tokens = state.tokens.clone();
+                tokio::spawn(async move {
+                    let mut backoff = Duration::from_millis(200);
+                    loop {
+                        tokio::time::sleep(backoff).await;
+                        match tokens.ensure(&token, Role::Admin, "bootstrap").await {
+                            Ok(_) => return tracing::info!("bootstrap admin token in place"),
+                            Err(ApiError::Unavailable(_)) => backoff = (backoff * 2).min(Duration::from_secs(5)),
+                            Err(e) => return tracing::error!(error = %e, "bootstrap token refused"),
+                        }
+                    }
+                });
+            }
+            Err(e) => return Err(e).with_context(|| format!("bootstrap token in {}", path.display())),
+        }
     }
     if args.dev {
         seed_dev_repos(&state).await?;

@@ -15,8 +15,8 @@ use serde_json::{Value, json};
 use crate::error::ApiError;
 use crate::nodes::NodeInfo;
 use crate::repos::{RepoRecord, RepoSpec, spec_of};
-use crate::tokens::{TokenRecord, TokenSpec};
 use crate::server::ApiState;
+use crate::tokens::{TokenRecord, TokenSpec};
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 1024 * 1024;

@@ -66,7 +66,9 @@ impl ApiState {
 
     /// Lets every call through without a token (`--insecure-no-auth`).
     pub fn insecure_no_auth(mut self) -> Self {
-        tracing::warn!("--insecure-no-auth: the management API and the node configuration stream (which carries upstream credentials) are open to anyone who can reach this port");
+        tracing::warn!(
+            "--insecure-no-auth: the management API and the node configuration stream (which carries upstream credentials) are open to anyone who can reach this port"
+        );
         self.insecure_no_auth = true;
         self
     }

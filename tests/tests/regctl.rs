@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use wharf_tests::control::{ControlPlane, Node, list_nodes, poll, rest_json};
+use wharf_tests::control::{ControlPlane, Node, admin_token, list_nodes, poll, rest_json};
 use wharf_tests::regctl::{Regctl, assert_golden, expect_aligned, mask_timestamps, squash_table};
 
 const SECRET: &str = "s3cret-Pa55word";
@@ -161,11 +161,12 @@ async fn regctl_repo_commands_outputs_exit_codes_and_stale_revision() -> anyhow:
     rc.run(&["repo", "get", "ghcr"]).await?.expect_error("not found", "get after rm")?;
     rc.run(&["repo", "rm", "ghcr", "--yes"]).await?.expect_error("not found", "rm twice")?;
 
-    // A token is sent when given (the control plane has no tokens yet: it is ignored).
+    // The token comes from --token-file, else WHARF_TOKEN; a wrong one is refused, saying why.
     let tok = secrets.path().join("token");
-    std::fs::write(&tok, "abc\n")?;
-    rc.run(&["repo", "list", "--token-file", &tok.to_string_lossy()]).await?.expect_code(0, "--token-file")?;
-    rc.clone().with_env("WHARF_TOKEN", "abc").run(&["repo", "list"]).await?.expect_code(0, "WHARF_TOKEN")?;
+    std::fs::write(&tok, format!("{}\n", admin_token()))?;
+    let wrong_env = rc.clone().with_env("WHARF_TOKEN", "abc");
+    wrong_env.run(&["repo", "list", "--token-file", &tok.to_string_lossy()]).await?.expect_code(0, "--token-file")?;
+    wrong_env.run(&["repo", "list"]).await?.expect_error("not a Wharf token", "a wrong WHARF_TOKEN")?;
     let missing = secrets.path().join("missing");
     rc.run(&["repo", "list", "--token-file", &missing.to_string_lossy()])
         .await?
