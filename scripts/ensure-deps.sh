@@ -9,6 +9,8 @@ have() { command -v "$1" >/dev/null 2>&1; }
 have docker-registry || need+=(docker-registry)
 have protoc || need+=(protobuf-compiler)   # the wharf.v1 gRPC code and etcd-client are generated at build time
 have etcd || need+=(etcd-server)           # the control plane's store in tests and multi-node setups
+# The system roots upstreams are verified against (without them a node falls back to built-in roots).
+[ -s /etc/ssl/certs/ca-certificates.crt ] || need+=(ca-certificates)
 if [ "$want" != run ]; then
   have skopeo || need+=(skopeo)
 fi

@@ -115,7 +115,7 @@ pub async fn run(global: &Global, args: CheckCdnArgs) -> Result<(), CliError> {
     if !matches!(parsed.scheme(), "http" | "https") {
         return Err(CliError::Usage(format!("{url:?} is not an http:// or https:// URL")));
     }
-    let http = reqwest::Client::builder()
+    let http = crate::tls::http_client(global)?
         .timeout(args.request_timeout)
         .build()
         .map_err(|e| CliError::Failed(format!("building the HTTP client: {}", error_chain(&e))))?;

@@ -100,7 +100,7 @@ struct Report {
 pub async fn run(global: &Global, args: WarmArgs) -> Result<(), CliError> {
     let platform = parse_platform(&args.platform)?;
     let targets = targets(global, &args).await?;
-    let http = reqwest::Client::builder()
+    let http = crate::tls::http_client(global)?
         .connect_timeout(CONNECT_TIMEOUT)
         .read_timeout(args.read_timeout)
         .build()

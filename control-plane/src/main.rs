@@ -11,11 +11,12 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use wharf_control::error::ApiError;
 use wharf_control::repos::RepoSpec;
-use wharf_control::server::{ApiState, run};
+use wharf_control::server::{ApiState, run_tls};
 use wharf_control::store::{ConfigStore, EmbeddedOptions, EmbeddedStore, EtcdOptions, EtcdStore, TracedStore};
 use wharf_core::Secret;
 use wharf_core::token::Role;
 use wharf_proxy::telemetry::{TelemetryArgs, shutdown_signal};
+use wharf_proxy::tls::TlsArgs;
 
 /// Wharf's control plane: repos in etcd (or the embedded store), gRPC and REST (/api/repos) on one
 /// port, configuration streamed to every data-plane node.
@@ -65,6 +66,12 @@ struct Args {
     #[arg(long, default_value = "./wharf-cache")]
     dev_cache_dir: PathBuf,
     #[command(flatten)]
+    tls: TlsArgs,
+    /// mTLS: require every client (nodes, regctl, REST) to present a certificate signed by this CA
+    /// (PEM). Needs --tls-cert.
+    #[arg(long, env = "WHARF_CLIENT_CA", requires = "tls_cert", value_name = "PEM")]
+    client_ca: Option<PathBuf>,
+    #[command(flatten)]
     telemetry: TelemetryArgs,
     /// How long in-flight calls may take to finish after SIGTERM/SIGINT.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
@@ -75,6 +82,13 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let telemetry = wharf_proxy::telemetry::init(&args.telemetry.options("wharf-control"))?;
+    if args.dev && args.tls.tls_cert.is_some() {
+        anyhow::bail!(
+            "--dev runs its node against this control plane over plain http: it cannot be combined with --tls-cert (run wharf-proxy with --control-plane-ca instead)"
+        );
+    }
+    let tls = args.tls.server_tls(args.client_ca.as_deref()).context("--tls-cert / --tls-key / --client-ca")?;
+    let tls_on = tls.is_some();
     let store: Arc<dyn ConfigStore> = if args.etcd.is_empty() {
         let opts = EmbeddedOptions { prefix: args.prefix.clone(), timeout: args.store_timeout, ..Default::default() };
         let store = EmbeddedStore::open_with(&args.data_dir, opts)
@@ -146,11 +160,11 @@ async fn main() -> anyhow::Result<()> {
             );
         }
     }
-    tracing::info!(addr = %local, "listening");
+    tracing::info!(addr = %local, tls = tls_on, client_ca = args.client_ca.is_some(), "listening");
     let metrics = state.metrics.clone();
     let state_tokens = state.tokens.clone();
     let stop = cancel.clone();
-    let server = tokio::spawn(run(listener, state, async move { stop.cancelled().await }));
+    let server = tokio::spawn(run_tls(listener, state, tls, async move { stop.cancelled().await }));
     let node = if args.dev {
         // The in-process node follows this control plane like any other: with a node token.
         let node_token = token_file(&args.data_dir.join("node.token"))?;
@@ -255,6 +269,8 @@ async fn start_dev_node(
         eviction: Default::default(),
         limits: Default::default(),
         max_upstream_fetches: wharf_proxy::flight::Flights::DEFAULT_MAX_FETCHES,
+        tls: None,
+        control_plane_tls: Default::default(),
     };
     tracing::info!(node = %node_addr, cache_dir = %args.dev_cache_dir.display(), "dev mode: starting a node in-process");
     Ok(tokio::spawn(run_node(listener, opts, cancel)))

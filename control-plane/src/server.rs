@@ -7,13 +7,14 @@ use axum::Router;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::serve::ListenerExt as _;
 use http::StatusCode;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 use wharf_proto::v1 as pb;
+use wharf_proxy::server::ServerLimits;
+use wharf_proxy::tls::ServerTls;
 
 use crate::auth;
 use crate::distribute::{self, ConfigApi, Connected};
@@ -219,16 +220,27 @@ pub async fn run(
     state: ApiState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    run_tls(listener, state, None, shutdown).await
+}
+
+/// [`run`], over TLS when `tls` is given (its certificate reloaded when its files change, client
+/// certificates required when it has a client CA).
+pub async fn run_tls(
+    listener: TcpListener,
+    state: ApiState,
+    tls: Option<ServerTls>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let cancel = state.cancel.clone();
-    // Config updates are small frames on long-lived streams: without TCP_NODELAY, Nagle holds one
-    // back until the node's delayed ACK (40 ms).
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
+    let acceptor = tls.map(|tls| {
+        tls.watch(cancel.clone());
+        tls.acceptor()
     });
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            cancel.cancel();
-        })
-        .await
+    // The node's accept loop, which sets TCP_NODELAY: config updates are small frames on
+    // long-lived streams, which Nagle would hold back until the node's delayed ACK (40 ms).
+    let shutdown = async move {
+        shutdown.await;
+        cancel.cancel();
+    };
+    wharf_proxy::server::serve(listener, router(state), ServerLimits::default(), acceptor, shutdown).await
 }

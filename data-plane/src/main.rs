@@ -12,6 +12,7 @@ use wharf_proxy::evict::SizeSpec;
 use wharf_proxy::node::{ConfigSource, EvictionOptions, NodeOptions, run_node};
 use wharf_proxy::server::ServerLimits;
 use wharf_proxy::telemetry::{TelemetryArgs, shutdown_signal};
+use wharf_proxy::tls::{ClientTlsFiles, TlsArgs};
 use wharf_proxy::upstream::UpstreamOptions;
 
 /// A Wharf data-plane node: a pull-through cache serving the OCI distribution pull API.
@@ -45,6 +46,18 @@ struct Args {
     /// Where clients reach this node, as shown in the node list (default: the listen address).
     #[arg(long, env = "WHARF_ADVERTISE")]
     advertise: Option<String>,
+    /// Managed mode, https:// endpoints: the CA (PEM) that signed the control planes' certificates
+    /// (default: the system's roots).
+    #[arg(long, env = "WHARF_CONTROL_PLANE_CA", value_name = "PEM")]
+    control_plane_ca: Option<PathBuf>,
+    /// Managed mode, mTLS: this node's client certificate (PEM) for the control planes ...
+    #[arg(long, env = "WHARF_CONTROL_PLANE_CERT", requires = "control_plane_key", value_name = "PEM")]
+    control_plane_cert: Option<PathBuf>,
+    /// ... and its private key (PEM).
+    #[arg(long, env = "WHARF_CONTROL_PLANE_KEY", requires = "control_plane_cert", value_name = "PEM")]
+    control_plane_key: Option<PathBuf>,
+    #[command(flatten)]
+    tls: TlsArgs,
     #[command(flatten)]
     telemetry: TelemetryArgs,
     /// Connections served at once; past it, new ones are closed at once.
@@ -107,6 +120,16 @@ async fn main() -> anyhow::Result<()> {
             "watermarks must satisfy 0 < --cache-low-watermark < --cache-high-watermark <= 1 (got {low} and {high})"
         );
     }
+    let tls = args.tls.server_tls(None).context("--tls-cert / --tls-key")?;
+    let control_plane_tls = ClientTlsFiles {
+        ca: args.control_plane_ca.clone(),
+        cert: args.control_plane_cert.clone(),
+        key: args.control_plane_key.clone(),
+    };
+    if args.control_plane.iter().any(|e| e.starts_with("https://")) {
+        // Checked now, so a wrong path fails the start-up rather than every connection attempt.
+        control_plane_tls.tonic_config().context("--control-plane-ca / --control-plane-cert / --control-plane-key")?;
+    }
     let listener = TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
     let local = listener.local_addr()?;
     let source = match args.config {
@@ -114,7 +137,11 @@ async fn main() -> anyhow::Result<()> {
         None => ConfigSource::ControlPlanes {
             endpoints: args.control_plane,
             node_id: args.node_id.unwrap_or_else(|| default_node_id(local)),
-            address: args.advertise.unwrap_or_else(|| local.to_string()),
+            // A node serving HTTPS says so, for `regctl cache warm` and the node list.
+            address: args.advertise.unwrap_or_else(|| match &tls {
+                Some(_) => format!("https://{local}"),
+                None => local.to_string(),
+            }),
             token: match &args.control_plane_token_file {
                 Some(path) => Some(read_token(path)?),
                 None => {
@@ -149,6 +176,8 @@ async fn main() -> anyhow::Result<()> {
             max_header_bytes: args.max_header_bytes,
         },
         max_upstream_fetches: args.max_upstream_fetches,
+        tls,
+        control_plane_tls,
         eviction: EvictionOptions {
             max_size: args.cache_max_size,
             high,

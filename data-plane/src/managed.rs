@@ -20,6 +20,7 @@ use wharf_proto::v1::config_service_client::ConfigServiceClient;
 
 use crate::config::{Config, Snapshot};
 use crate::store::Store;
+use crate::tls::ClientTlsFiles;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManagedError {
@@ -38,6 +39,8 @@ pub struct ManagedOptions {
     pub address: String,
     pub snapshot_path: PathBuf,
     pub report_interval: Duration,
+    /// For `https://` endpoints: the CA to trust (else the system roots) and a client certificate.
+    pub tls: ClientTlsFiles,
     /// The node token (role `node`) sent to the control plane as `authorization: Bearer`.
     pub token: Option<Secret>,
 }
@@ -266,14 +269,17 @@ async fn follow(
     last_error: &std::sync::Mutex<String>,
     backoff: &mut Duration,
 ) -> Result<(), String> {
-    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_owned())
+    let mut channel = tonic::transport::Endpoint::from_shared(endpoint.to_owned())
         .map_err(|e| format!("invalid endpoint: {e}"))?
         .connect_timeout(Duration::from_secs(3))
         .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
+        .keep_alive_timeout(Duration::from_secs(5));
+    if endpoint.starts_with("https://") {
+        // The files are read at every attempt: replaced certificates need no restart.
+        let tls = opts.tls.tonic_config().map_err(|e| format!("TLS: {e}"))?;
+        channel = channel.tls_config(tls).map_err(|e| format!("TLS: {}", error_chain(&e)))?;
+    }
+    let channel = channel.connect().await.map_err(|e| format!("connect: {}", error_chain(&e)))?;
     let mut client = ConfigServiceClient::new(channel);
     let req = pb::WatchRequest {
         node_id: opts.node_id.clone(),
@@ -289,7 +295,17 @@ async fn follow(
                 "watch refused: {} (give this node a token of role node with --control-plane-token-file)",
                 s.message()
             ),
-            _ => format!("watch: {}", s.message()),
+            // Under TLS 1.3 a control plane refuses a client certificate after the handshake:
+            // the node sees only a connection that died before its first answer.
+            tonic::Code::Cancelled | tonic::Code::Unavailable | tonic::Code::Unknown
+                if endpoint.starts_with("https://") && opts.tls.cert.is_none() =>
+            {
+                format!(
+                    "watch: {} (if the control plane requires client certificates, give this node one with --control-plane-cert and --control-plane-key)",
+                    error_chain(&s)
+                )
+            }
+            _ => format!("watch: {}", error_chain(&s)),
         })?
         .into_inner();
     tracing::info!(%endpoint, revision = applied.load(Ordering::Relaxed), "following control plane");
@@ -308,6 +324,18 @@ async fn follow(
             _ = report.tick() => send_report(&mut client, opts, store, applied, last_error).await,
         }
     }
+}
+
+/// An error and its sources on one line (tonic's transport error says only "transport error").
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
 }
 
 fn apply(

@@ -14,8 +14,9 @@ use crate::config::{self, Config, ConfigError, Snapshot};
 use crate::evict::{self, LruWatermarks, SizeSpec};
 use crate::flight::Flights;
 use crate::managed::{self, ManagedOptions};
-use crate::server::{AppState, ServerLimits, run_with};
+use crate::server::{AppState, ServerLimits, router, serve};
 use crate::store::{Limits, Store, StoreError};
+use crate::tls::{ClientTlsFiles, ServerTls};
 use crate::upstream::{Upstream, UpstreamError, UpstreamOptions};
 
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +53,10 @@ pub struct NodeOptions {
     pub limits: ServerLimits,
     /// Upstream blob fetches at once.
     pub max_upstream_fetches: usize,
+    /// HTTPS on the registry port (`--tls-cert`, `--tls-key`), the certificate reloaded on change.
+    pub tls: Option<ServerTls>,
+    /// How to reach `https://` control planes (`--control-plane-ca`, `--control-plane-cert`/`-key`).
+    pub control_plane_tls: ClientTlsFiles,
 }
 
 /// How the cache is kept in bounds.
@@ -108,6 +113,7 @@ pub async fn run_node(listener: TcpListener, opts: NodeOptions, cancel: Cancella
             address: address.clone(),
             snapshot_path: opts.cache_dir.join("config.snapshot"),
             report_interval: Duration::from_secs(10),
+            tls: opts.control_plane_tls.clone(),
             token: token.clone(),
         };
         // Before serving: a restarted node answers its first request with its last configuration.
@@ -123,9 +129,20 @@ pub async fn run_node(listener: TcpListener, opts: NodeOptions, cancel: Cancella
     let mut state = AppState::new(config, store.clone(), upstream);
     state.flights = Arc::new(Flights::new(opts.max_upstream_fetches));
     state.metrics = opts.metrics.clone();
-    tracing::info!(addr = %listener.local_addr()?, cache_dir = %opts.cache_dir.display(), "listening");
+    let acceptor = opts.tls.as_ref().map(|tls| {
+        tls.watch(cancel.clone());
+        tls.acceptor()
+    });
+    tracing::info!(addr = %listener.local_addr()?, cache_dir = %opts.cache_dir.display(), tls = acceptor.is_some(), "listening");
     let stop = cancel.clone();
-    let server = tokio::spawn(run_with(listener, state, opts.limits.clone(), async move { stop.cancelled().await }));
+    let server =
+        tokio::spawn(serve(
+            listener,
+            router(state),
+            opts.limits.clone(),
+            acceptor,
+            async move { stop.cancelled().await },
+        ));
     cancel.cancelled().await;
     match tokio::time::timeout(opts.shutdown_grace, server).await {
         Ok(r) => {

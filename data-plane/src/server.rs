@@ -1,4 +1,5 @@
-//! The node's HTTP server: `run(listener, state, shutdown)`.
+//! The node's HTTP server: `run(listener, state, shutdown)`, and [`serve`], the accept loop (plain or
+//! TLS) of both binaries' ports.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -15,7 +16,9 @@ use hyper_util::service::TowerToHyperService;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
 
+use crate::authz::Decisions;
 use crate::config::Config;
 use crate::flight::Flights;
 use crate::registry;
@@ -29,13 +32,17 @@ pub struct AppState {
     pub store: Arc<Store>,
     pub upstream: Arc<Upstream>,
     pub flights: Arc<Flights>,
+    /// Passthrough repos: the upstream's recent acceptances of clients' credentials.
+    pub decisions: Arc<Decisions>,
     /// Renders `/metrics`; `None` when no recorder is installed (then `/metrics` is 404).
     pub metrics: Option<PrometheusHandle>,
 }
 
 impl AppState {
     pub fn new(config: Arc<Config>, store: Arc<Store>, upstream: Arc<Upstream>) -> Self {
-        Self { config, store, upstream, flights: Arc::default(), metrics: None }
+        let decisions =
+            Arc::new(Decisions::new(upstream.options().passthrough_auth_ttl, Decisions::DEFAULT_MAX_ENTRIES));
+        Self { config, store, upstream, flights: Arc::default(), decisions, metrics: None }
     }
 }
 
@@ -85,7 +92,21 @@ pub async fn run_with(
     limits: ServerLimits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let service = TowerToHyperService::new(router(state));
+    serve(listener, router(state), limits, None, shutdown).await
+}
+
+/// Serves `router` on `listener` (both binaries' ports): HTTP/1.1 and HTTP/2 (h2c, or h2 by ALPN
+/// over TLS), with a connection cap, a header read timeout that also bounds the TLS handshake,
+/// and a head size limit, until `shutdown` resolves; then stops accepting and waits for the open
+/// connections to finish their in-flight requests (the caller bounds that wait).
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    limits: ServerLimits,
+    tls: Option<TlsAcceptor>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let service = TowerToHyperService::new(router);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -93,6 +114,7 @@ pub async fn run_with(
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(limits.max_header_bytes.max(8192));
     builder.http2().max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+    let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let mut shutdown = std::pin::pin!(shutdown);
@@ -116,10 +138,48 @@ pub async fn run_with(
         };
         // Small responses (manifests, errors) go out at once rather than after the client's delayed ACK.
         let _ = tcp.set_nodelay(true);
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service.clone()).into_owned();
-        let conn = graceful.watch(conn);
+        // Taken now, so that shutdown waits for a connection still in its TLS handshake too (and
+        // closes it gracefully once it is served).
+        let watcher = graceful.watcher();
+        let Some(acceptor) = &tls else {
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service.clone()).into_owned();
+            tokio::spawn(async move {
+                if let Err(e) = watcher.watch(conn).await {
+                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                }
+                drop(slot);
+            });
+            continue;
+        };
+        let (acceptor, builder, service) = (acceptor.clone(), builder.clone(), service.clone());
+        let handshake_timeout = limits.header_read_timeout;
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            // The handshake happens here, not in the accept loop: a slow client delays nobody else.
+            let stream = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    // A refused client certificate (mTLS) is worth an operator's attention; scanners,
+                    // plain HTTP on the TLS port and dropped connections are not.
+                    let refused = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()).is_some_and(|r| {
+                        matches!(r, rustls::Error::NoCertificatesPresented | rustls::Error::InvalidCertificate(_))
+                    });
+                    let reason = if refused { "client_certificate" } else { "error" };
+                    metrics::counter!("wharf_tls_handshake_failures_total", "reason" => reason).increment(1);
+                    if refused {
+                        tracing::warn!(%peer, error = %e, "TLS client certificate refused");
+                    } else {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    }
+                    return;
+                }
+                Err(_) => {
+                    metrics::counter!("wharf_tls_handshake_failures_total", "reason" => "timeout").increment(1);
+                    tracing::debug!(%peer, timeout = ?handshake_timeout, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
+            if let Err(e) = watcher.watch(conn).await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
             drop(slot);

@@ -16,7 +16,7 @@ use futures_util::{Stream, StreamExt};
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use serde_json::{Value, json};
 use tracing::Instrument as _;
-use wharf_core::Repo;
+use wharf_core::{Repo, UpstreamTls};
 
 use self::auth::{Challenge, TokenCache};
 use self::trace::RoundTrip;
@@ -166,24 +166,48 @@ impl UpstreamResponse {
 
 /// The upstream client shared by every request of a node.
 pub struct Upstream {
+    /// The client of every repo without TLS settings of its own: one connection pool for all.
     http: reqwest::Client,
     opts: UpstreamOptions,
     tokens: TokenCache,
+    /// Clients of repos with their own TLS settings (a CA bundle, or no verification), by repo
+    /// key, with the settings each was built for: rebuilt only when those change.
+    custom: std::sync::Mutex<std::collections::HashMap<String, (UpstreamTls, reqwest::Client)>>,
 }
 
 const MAX_REDIRECTS: usize = 5;
 
 impl Upstream {
     pub fn new(opts: UpstreamOptions) -> Result<Self, UpstreamError> {
-        let http = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(opts.connect_timeout)
-            .tcp_nodelay(true)
-            .pool_idle_timeout(Duration::from_secs(90))
-            .user_agent(concat!("wharf/", env!("CARGO_PKG_VERSION")))
-            .build()
+        let http = build_client(&opts, &UpstreamTls::default())
             .map_err(|e| UpstreamError::Protocol { url: String::new(), message: format!("HTTP client: {e}") })?;
-        Ok(Self { http, opts, tokens: TokenCache::default() })
+        Ok(Self { http, opts, tokens: TokenCache::default(), custom: Default::default() })
+    }
+
+    /// The HTTP client for `repo`'s upstream (and its token endpoint): the shared one, or one
+    /// trusting the repo's CA bundle, or (tests only) one that verifies nothing.
+    pub fn client(&self, repo: &Repo) -> Result<reqwest::Client, UpstreamError> {
+        if repo.tls == UpstreamTls::default() {
+            return Ok(self.http.clone());
+        }
+        let mut custom = self.custom.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((tls, client)) = custom.get(repo.key.as_str())
+            && *tls == repo.tls
+        {
+            return Ok(client.clone());
+        }
+        let client = build_client(&self.opts, &repo.tls).map_err(|e| UpstreamError::Protocol {
+            url: redact(&repo.upstream),
+            message: format!("repo {}: TLS settings: {}", repo.key, error_chain(&e)),
+        })?;
+        if repo.tls.insecure_skip_verify {
+            tracing::warn!(repo_key = %repo.key, upstream = %repo.upstream,
+                "insecure_skip_tls_verify: this repo's upstream certificate is NOT verified (any certificate is accepted); for tests only");
+        } else {
+            tracing::info!(repo_key = %repo.key, upstream = %repo.upstream, "upstream TLS: the repo's CA bundle is trusted besides the system roots");
+        }
+        custom.insert(repo.key.to_string(), (repo.tls.clone(), client.clone()));
+        Ok(client)
     }
 
     pub fn options(&self) -> &UpstreamOptions {
@@ -207,16 +231,17 @@ impl Upstream {
         let retries = if req.retry { self.opts.retries } else { 0 };
         let mut attempt = 0;
         let mut reauthenticated = false;
+        let http = self.client(req.repo)?;
         loop {
-            let authorization = self.tokens.authorization(&self.http, &self.opts, req.repo, &scope).await?;
-            let result = self.send_following(req, &url, authorization.as_ref()).await;
+            let authorization = self.tokens.authorization(&http, &self.opts, req.repo, &scope).await?;
+            let result = self.send_following(&http, req, &url, authorization.as_ref()).await;
             let wait = match &result {
                 Ok(r) if r.status == StatusCode::UNAUTHORIZED && !reauthenticated => {
                     reauthenticated = true;
                     // Some registries (gcr.io) answer 401 without a challenge: the ping has it.
                     let challenge = match r.header_str(header::WWW_AUTHENTICATE).and_then(Challenge::parse) {
                         Some(c) => Some(c),
-                        None => self.ping(req.repo).await,
+                        None => self.ping(&http, req.repo).await,
                     };
                     tracing::debug!(upstream = %req.repo.upstream, ?challenge, "upstream asked for authentication");
                     if self.tokens.learn(req.repo, &scope, challenge, authorization.as_ref()) {
@@ -249,13 +274,13 @@ impl Upstream {
     }
 
     /// `GET /v2/` unauthenticated: the challenge the upstream answers with, if any.
-    async fn ping(&self, repo: &Repo) -> Option<Challenge> {
+    async fn ping(&self, http: &reqwest::Client, repo: &Repo) -> Option<Challenge> {
         let url = format!("{}/v2/", repo.upstream);
         let mut rt = RoundTrip::start(repo.key.as_str(), &Method::GET, &url);
         let mut headers = HeaderMap::new();
         crate::telemetry::inject(rt.span(), &mut headers);
         rt.sent(&headers);
-        let sent = self.http.get(&url).headers(headers).send();
+        let sent = http.get(&url).headers(headers).send();
         let resp = match tokio::time::timeout(self.opts.first_byte_timeout, sent).instrument(rt.span().clone()).await {
             Ok(Ok(resp)) => resp,
             Ok(Err(e)) => {
@@ -278,6 +303,7 @@ impl Upstream {
 
     async fn send_following(
         &self,
+        http: &reqwest::Client,
         req: &UpstreamRequest<'_>,
         first_url: &str,
         authorization: Option<&HeaderValue>,
@@ -297,7 +323,7 @@ impl Upstream {
             }
             crate::telemetry::inject(rt.span(), &mut headers);
             rt.sent(&headers);
-            let r = self.http.request(req.method.clone(), url.clone()).headers(headers);
+            let r = http.request(req.method.clone(), url.clone()).headers(headers);
             let shown = redact(url.as_str());
             let started = std::time::Instant::now();
             let sent = tokio::time::timeout(self.opts.first_byte_timeout, r.send()).instrument(rt.span().clone()).await;
@@ -315,7 +341,9 @@ impl Upstream {
             let resp = match sent {
                 Err(_) => Err(UpstreamError::Timeout { url: shown.clone(), phase: "waiting for the response" }),
                 Ok(Err(e)) if e.is_timeout() => Err(UpstreamError::Timeout { url: shown.clone(), phase: "connect" }),
-                Ok(Err(e)) => Err(UpstreamError::Unreachable { url: shown.clone(), message: error_chain(&e) }),
+                Ok(Err(e)) => {
+                    Err(UpstreamError::Unreachable { url: shown.clone(), message: with_tls_hint(error_chain(&e)) })
+                }
                 Ok(Ok(resp)) => Ok(resp),
             };
             let resp = match resp {
@@ -356,6 +384,45 @@ impl Upstream {
         }
         rt.failed("too many redirects");
         Err(UpstreamError::Protocol { url: redact(first_url), message: format!("more than {MAX_REDIRECTS} redirects") })
+    }
+}
+
+/// A client for upstreams with `tls`: the system roots (the Mozilla roots built in when the system
+/// has none) plus the repo's CA bundle, or no verification at all.
+fn build_client(opts: &UpstreamOptions, tls: &UpstreamTls) -> Result<reqwest::Client, reqwest::Error> {
+    let mut builder = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(opts.connect_timeout)
+        .tcp_nodelay(true)
+        .pool_idle_timeout(Duration::from_secs(90))
+        .user_agent(concat!("wharf/", env!("CARGO_PKG_VERSION")));
+    if tls.insecure_skip_verify {
+        return builder.tls_danger_accept_invalid_certs(true).build();
+    }
+    let extra = match &tls.ca_bundle {
+        Some(pem) => reqwest::Certificate::from_pem_bundle(pem.as_bytes())?,
+        None => Vec::new(),
+    };
+    if crate::tls::system_roots_available() {
+        // reqwest's platform verifier: the system's roots, re-read for each client built.
+        if !extra.is_empty() {
+            builder = builder.tls_certs_merge(extra);
+        }
+    } else {
+        let builtin = crate::tls::builtin_roots().iter().filter_map(|der| reqwest::Certificate::from_der(der).ok());
+        builder = builder.tls_certs_only(builtin.chain(extra));
+    }
+    builder.build()
+}
+
+/// What to do about a certificate the node does not trust, appended to the connection error.
+fn with_tls_hint(message: String) -> String {
+    if message.contains("certificate") {
+        format!(
+            "{message} (a TLS certificate problem: for an upstream with a private CA, give the repo its CA bundle: ca_bundle_file in the config file, ca_bundle through the API)"
+        )
+    } else {
+        message
     }
 }
 

@@ -328,7 +328,10 @@ async fn regctl_bad_input_and_bad_servers() -> anyhow::Result<()> {
     rc.run(&["repo", "list"]).await?.expect_error(&msg, "unreachable")?;
     rc.run(&["node", "list", "-o", "json"]).await?.expect_error(&msg, "unreachable (json)")?;
     rc.run(&["cache", "warm", "lab/app:v1"]).await?.expect_error(&msg, "warm needs the node list")?;
-    Regctl::new("localhost:7000").run(&["repo", "list"]).await?.expect_error("not an http:// URL", "no scheme")?;
+    Regctl::new("localhost:7000")
+        .run(&["repo", "list"])
+        .await?
+        .expect_error("not an http:// or https:// URL", "no scheme")?;
 
     let garbage = garbage_server(b"SSH-2.0-OpenSSH_9.2\r\n\x00\x01\x02garbage").await?;
     let out = Regctl::new(&garbage).run(&["repo", "list"]).await?;
