@@ -13,15 +13,23 @@ pub struct RegistryError {
     pub detail: Option<Value>,
     /// Passed on from an upstream 429.
     pub retry_after: Option<String>,
+    /// Sent with `WWW-Authenticate: Basic realm="wharf"`, so that clients send their credentials.
+    pub challenge: bool,
 }
 
 impl RegistryError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into(), detail: None, retry_after: None }
+        Self { status, code, message: message.into(), detail: None, retry_after: None, challenge: false }
     }
 
     pub fn with_detail(mut self, detail: Value) -> Self {
         self.detail = Some(detail);
+        self
+    }
+
+    /// Asks the client for credentials (`WWW-Authenticate: Basic realm="wharf"`).
+    pub fn with_challenge(mut self) -> Self {
+        self.challenge = true;
         self
     }
 
@@ -71,6 +79,9 @@ impl IntoResponse for RegistryError {
         h.insert("docker-distribution-api-version", HeaderValue::from_static("registry/2.0"));
         if let Some(v) = self.retry_after.and_then(|v| HeaderValue::from_str(&v).ok()) {
             h.insert(header::RETRY_AFTER, v);
+        }
+        if self.challenge {
+            h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(crate::authz::CHALLENGE));
         }
         resp
     }

@@ -20,8 +20,9 @@ use http::{Method, StatusCode};
 use serde_json::Value;
 use tokio::sync::watch;
 use tracing::Instrument as _;
-use wharf_core::{Digest, DigestHasher, Repo};
+use wharf_core::{Digest, DigestHasher, Repo, RepoKey};
 
+use crate::authz::ClientCredentials;
 use crate::bufpool;
 use crate::store::Store;
 use crate::upstream::{Upstream, UpstreamError, UpstreamRequest};
@@ -65,6 +66,9 @@ pub enum FetchFailure {
 
 /// A fetch in progress, shared by all its clients.
 pub struct Flight {
+    /// The repo and name whose client started the fetch (and to which it links the blob).
+    pub repo_key: RepoKey,
+    pub name: String,
     staging: PathBuf,
     dest: PathBuf,
     progress: watch::Receiver<Progress>,
@@ -127,6 +131,8 @@ pub struct FetchContext {
     pub digest: Digest,
     /// The span of the client whose request starts the fetch: the fetch's span is its child.
     pub parent: tracing::Span,
+    /// Passthrough repos: the credentials of the client who starts the fetch (memory only).
+    pub client: Option<Arc<ClientCredentials>>,
 }
 
 /// The fetches in progress on this node, by digest.
@@ -188,7 +194,14 @@ impl Flights {
             outcome = tracing::field::Empty,
             error = tracing::field::Empty,
         );
-        let flight = Arc::new(Flight { staging: path.clone(), dest, progress: rx, span: span.clone() });
+        let flight = Arc::new(Flight {
+            repo_key: ctx.repo.key.clone(),
+            name: ctx.name.clone(),
+            staging: path.clone(),
+            dest,
+            progress: rx,
+            span: span.clone(),
+        });
         map.insert(ctx.digest.clone(), flight.clone());
         metrics::gauge!("wharf_inflight_fetches").set(map.len() as f64);
         drop(map);
@@ -261,6 +274,7 @@ async fn fetch_into(
         query: None,
         headers: Default::default(),
         retry: true,
+        client: ctx.client.as_deref(),
     };
     let resp = ctx.upstream.send(&req).await.map_err(FetchFailure::Upstream)?;
     if resp.status != StatusCode::OK {

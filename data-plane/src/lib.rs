@@ -1,5 +1,6 @@
 //! Wharf's data plane: the OCI distribution pull API over a verified, single-flight disk cache.
 //!
+//! - [`authz`]: who may pull: puller tokens, and the upstream's decisions for passthrough repos.
 //! - [`config`]: the repos this node serves (standalone TOML), swapped atomically.
 //! - [`store`]: the content-addressed disk cache (blobs, manifests, tags, links), its in-memory index.
 //! - [`flight`]: one upstream fetch per digest, streamed to every waiting client as it arrives.
@@ -9,6 +10,7 @@
 //! - [`telemetry`]: logs and OTLP spans for both binaries, W3C trace context in and out.
 //! - [`tls`]: rustls for both binaries: server certificates reloaded from files, mTLS, client configs.
 
+pub mod authz;
 pub mod bufpool;
 pub mod config;
 pub mod error;

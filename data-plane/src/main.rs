@@ -90,6 +90,10 @@ struct Args {
     /// First backoff between retries (doubles each time, with jitter).
     #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
     retry_backoff: Duration,
+    /// Passthrough repos: how long the upstream's acceptance of a client's credentials for a
+    /// repository is trusted before cached content is served to that client again (0s: ask every time).
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    passthrough_auth_ttl: Duration,
     /// Cache size cap: bytes (500MB, 10GiB) or a share of the disk (80%). Default: the disk.
     #[arg(long, env = "WHARF_CACHE_MAX_SIZE")]
     cache_max_size: Option<SizeSpec>,
@@ -162,6 +166,7 @@ async fn main() -> anyhow::Result<()> {
             idle_timeout: args.idle_timeout,
             retries: args.retries,
             retry_backoff: args.retry_backoff,
+            passthrough_auth_ttl: args.passthrough_auth_ttl,
             ..UpstreamOptions::default()
         },
         shutdown_grace: args.shutdown_grace,

@@ -6,6 +6,7 @@
 //! an OCI error JSON.
 
 mod blobs;
+mod gate;
 mod log;
 mod manifests;
 mod passthrough;
@@ -19,8 +20,9 @@ use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use serde_json::{Value, json};
 use tracing::Instrument as _;
-use wharf_core::{Digest, NameError, Reference, Repo, RepoKey, normalize_name, validate_name};
+use wharf_core::{Access, AuthMode, Digest, NameError, Reference, Repo, RepoKey, normalize_name, validate_name};
 
+use crate::authz::{self, ClientCredentials};
 use crate::error::RegistryError;
 use crate::flight::FetchFailure;
 use crate::server::AppState;
@@ -120,6 +122,15 @@ pub struct Ctx {
     pub headers: HeaderMap,
     pub query: Option<String>,
     pub head: bool,
+    /// Passthrough repos: the client's credentials, presented upstream (`None`: anonymous).
+    pub client: Option<Arc<ClientCredentials>>,
+}
+
+impl Ctx {
+    /// Whether cached content needs the upstream's decision for this client first.
+    pub fn passthrough(&self) -> bool {
+        self.repo.auth == AuthMode::Passthrough
+    }
 }
 
 /// Every request under `/v2`.
@@ -153,6 +164,7 @@ async fn route(state: AppState, req: Request, log: &mut RequestLog) -> Result<Re
     let path = req.uri().path();
     if path == "/v2" || path == "/v2/" {
         log.kind = "version";
+        authz::ping(&state.config.snapshot(), req.headers(), std::time::SystemTime::now())?;
         return Ok(version());
     }
     let Some(rest) = path.strip_prefix("/v2/") else {
@@ -173,28 +185,53 @@ async fn route(state: AppState, req: Request, log: &mut RequestLog) -> Result<Re
             ),
         ));
     };
+    let name = normalize_name(&parsed.name, repo.kind.implicit_library());
+    // Public repos with static credentials (the common case) pass on this one branch.
+    let client = match (repo.access, repo.auth) {
+        (Access::Public, AuthMode::Static) => None,
+        (Access::Token, _) => {
+            let id = authz::check_puller(&snapshot, &repo.key, &name, req.headers(), std::time::SystemTime::now())
+                .inspect_err(|_| log.authz = "refused")?;
+            log.authz = "token";
+            log.token_id = id;
+            None
+        }
+        (Access::Public, AuthMode::Passthrough) => {
+            ClientCredentials::from_headers(req.headers()).inspect_err(|_| log.authz = "refused")?.map(Arc::new)
+        }
+    };
+    drop(snapshot);
     let ctx = Ctx {
-        name: normalize_name(&parsed.name, repo.kind.implicit_library()),
+        name,
         client_name: parsed.name,
         repo,
         headers: req.headers().clone(),
         query: req.uri().query().map(str::to_owned),
         head,
         state,
+        client,
     };
-    match parsed.target {
+    let result = target(&ctx, parsed.target, log).await;
+    if ctx.passthrough() {
+        return result.map_err(|e| gate::client_error(&ctx, e, log));
+    }
+    result
+}
+
+async fn target(ctx: &Ctx, target: Target, log: &mut RequestLog) -> Result<Response, RegistryError> {
+    match target {
         Target::Manifest(reference) => {
             log.reference = reference.to_string();
-            manifests::get(&ctx, reference, log).await
+            manifests::get(ctx, reference, log).await
         }
         Target::Blob(digest) => {
             log.reference = digest.to_string();
-            blobs::get(&ctx, digest, log).await
+            blobs::get(ctx, digest, log).await
         }
-        Target::Tags => passthrough::get(&ctx, "tags/list".into(), log).await,
+        Target::Tags => passthrough::get(ctx, "tags/list".into(), log).await,
         Target::Referrers(digest) => {
             log.reference = digest.to_string();
-            passthrough::get(&ctx, format!("referrers/{digest}"), log).await
+            passthrough::get(ctx, format!("referrers/{digest}"), log).await
         }
     }
 }
@@ -219,6 +256,14 @@ pub fn upstream_error(e: &UpstreamError) -> RegistryError {
     let (status, url) = match e {
         UpstreamError::Timeout { url, .. } => (StatusCode::GATEWAY_TIMEOUT, url),
         UpstreamError::Unreachable { url, .. } | UpstreamError::Protocol { url, .. } => (StatusCode::BAD_GATEWAY, url),
+        UpstreamError::Token { url, status: 401 | 403, .. } => {
+            return RegistryError::new(
+                StatusCode::UNAUTHORIZED,
+                "UNAUTHORIZED",
+                format!("the upstream's token endpoint refused the credentials ({url})"),
+            )
+            .with_detail(json!({ "upstream_url": url }));
+        }
         UpstreamError::Token { url, .. } => (StatusCode::BAD_GATEWAY, url),
     };
     RegistryError::new(status, "UNKNOWN", e.to_string()).with_detail(json!({ "upstream_url": url }))

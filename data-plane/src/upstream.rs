@@ -18,8 +18,9 @@ use serde_json::{Value, json};
 use tracing::Instrument as _;
 use wharf_core::{Repo, UpstreamTls};
 
-use self::auth::{Challenge, TokenCache};
+use self::auth::{Challenge, Presenting, TokenCache};
 use self::trace::RoundTrip;
+use crate::authz::ClientCredentials;
 
 /// Timeouts and retry policy towards upstreams.
 #[derive(Debug, Clone)]
@@ -34,6 +35,9 @@ pub struct UpstreamOptions {
     pub retry_backoff: Duration,
     /// A 429 whose `Retry-After` asks for longer than this is returned to the client, not waited on.
     pub max_retry_after: Duration,
+    /// Passthrough repos: how long the upstream's acceptance of a client's credentials for a
+    /// repository is trusted before cached content is served to that client again.
+    pub passthrough_auth_ttl: Duration,
 }
 
 impl Default for UpstreamOptions {
@@ -45,6 +49,7 @@ impl Default for UpstreamOptions {
             retries: 2,
             retry_backoff: Duration::from_millis(200),
             max_retry_after: Duration::from_secs(10),
+            passthrough_auth_ttl: crate::authz::Decisions::DEFAULT_TTL,
         }
     }
 }
@@ -80,6 +85,9 @@ pub struct UpstreamRequest<'a> {
     pub headers: HeaderMap,
     /// Whether 5xx, 429 and connection errors are retried (revalidation prefers a quick answer).
     pub retry: bool,
+    /// Passthrough repos: the client's credentials (`None`: anonymous). Ignored for static repos,
+    /// which present their own.
+    pub client: Option<&'a ClientCredentials>,
 }
 
 /// An upstream response whose body has not been read yet.
@@ -231,9 +239,10 @@ impl Upstream {
         let retries = if req.retry { self.opts.retries } else { 0 };
         let mut attempt = 0;
         let mut reauthenticated = false;
+        let who = Presenting::of(req.repo, req.client);
         let http = self.client(req.repo)?;
         loop {
-            let authorization = self.tokens.authorization(&http, &self.opts, req.repo, &scope).await?;
+            let authorization = self.tokens.authorization(&http, &self.opts, req.repo, &who, &scope).await?;
             let result = self.send_following(&http, req, &url, authorization.as_ref()).await;
             let wait = match &result {
                 Ok(r) if r.status == StatusCode::UNAUTHORIZED && !reauthenticated => {
@@ -244,7 +253,7 @@ impl Upstream {
                         None => self.ping(&http, req.repo).await,
                     };
                     tracing::debug!(upstream = %req.repo.upstream, ?challenge, "upstream asked for authentication");
-                    if self.tokens.learn(req.repo, &scope, challenge, authorization.as_ref()) {
+                    if self.tokens.learn(req.repo, &who, &scope, challenge, authorization.as_ref()) {
                         continue;
                     }
                     None

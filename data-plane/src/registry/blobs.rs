@@ -9,10 +9,11 @@ use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use wharf_core::Digest;
 
 use super::{
-    Ctx, RequestLog, content_headers, fetch_error, not_modified, not_modified_response, upstream_error, upstream_status,
+    Ctx, RequestLog, content_headers, fetch_error, gate, not_modified, not_modified_response, upstream_error,
+    upstream_status,
 };
 use crate::error::RegistryError;
-use crate::flight::{FetchContext, FetchFailure, Joined, Progress, read_file};
+use crate::flight::{FetchContext, FetchFailure, Flight, Joined, Progress, read_file};
 use crate::range::{self, Resolved};
 use crate::upstream::{Upstream, UpstreamRequest};
 
@@ -37,34 +38,52 @@ pub async fn get(ctx: &Ctx, digest: Digest, log: &mut RequestLog) -> Result<Resp
     if ctx.head {
         return head_upstream(ctx, &digest, log).await;
     }
-    let fetch = FetchContext {
-        store: store.clone(),
-        upstream: ctx.state.upstream.clone(),
-        repo: ctx.repo.clone(),
-        name: ctx.name.clone(),
-        digest: digest.clone(),
-        parent: tracing::Span::current(),
-    };
     log.upstream_url = format!("{}/v2/{}/blobs/{}", ctx.repo.upstream, ctx.name, digest);
-    let (flight, coalesced) = match ctx.state.flights.join_or_start(fetch).map_err(|e| fetch_error(&e))? {
-        Joined::Cached => {
-            let size =
-                store.blob_size(&digest).ok_or_else(|| RegistryError::internal("blob vanished from the cache"))?;
-            log.cache = "hit";
-            return serve_file(ctx, &digest, size);
+    // A passthrough waiter whose fetch failed on someone else's credentials starts its own, once.
+    let mut joins_left = if ctx.passthrough() { 2 } else { 1 };
+    let (flight, total) = loop {
+        joins_left -= 1;
+        let fetch = FetchContext {
+            store: store.clone(),
+            upstream: ctx.state.upstream.clone(),
+            repo: ctx.repo.clone(),
+            name: ctx.name.clone(),
+            digest: digest.clone(),
+            parent: tracing::Span::current(),
+            client: ctx.client.clone(),
+        };
+        let (flight, coalesced) = match ctx.state.flights.join_or_start(fetch).map_err(|e| fetch_error(&e))? {
+            Joined::Cached => {
+                let size =
+                    store.blob_size(&digest).ok_or_else(|| RegistryError::internal("blob vanished from the cache"))?;
+                authorize_cached(ctx, &digest, log).await?;
+                log.cache = "hit";
+                return serve_file(ctx, &digest, size);
+            }
+            Joined::Flight { flight, coalesced } => (flight, coalesced),
+        };
+        log.cache = if coalesced { "coalesced" } else { "miss" };
+        if coalesced {
+            crate::telemetry::link(&tracing::Span::current(), &flight.span);
+            authorize_waiter(ctx, &flight, &digest, log).await?;
         }
-        Joined::Flight { flight, coalesced } => (flight, coalesced),
-    };
-    log.cache = if coalesced { "coalesced" } else { "miss" };
-    if coalesced {
-        crate::telemetry::link(&tracing::Span::current(), &flight.span);
-    }
-    let total = match flight.head().await {
-        Progress::Failed(FetchFailure::NoSpace) => return uncached(ctx, &digest, log).await,
-        Progress::Failed(f) => return Err(fetch_error(&f)),
-        Progress::Streaming { total, .. } => total,
-        Progress::Done { size } => Some(size),
-        Progress::Connecting => None,
+        let total = match flight.head().await {
+            Progress::Failed(FetchFailure::NoSpace) => return uncached(ctx, &digest, log).await,
+            Progress::Failed(FetchFailure::Status { status, .. })
+                if coalesced && joins_left > 0 && matches!(status.as_u16(), 401 | 403 | 404) =>
+            {
+                continue;
+            }
+            Progress::Failed(f) => return Err(fetch_error(&f)),
+            Progress::Streaming { total, .. } => total,
+            Progress::Done { size } => Some(size),
+            Progress::Connecting => None,
+        };
+        if !coalesced {
+            // The fetch this client started got its 200 with the client's credentials.
+            gate::note_authorized(ctx, log);
+        }
+        break (flight, total);
     };
     let etag = format!("\"{digest}\"");
     if not_modified(&ctx.headers, &etag) {
@@ -96,12 +115,19 @@ pub async fn get(ctx: &Ctx, digest: Digest, log: &mut RequestLog) -> Result<Resp
 }
 
 /// A repo may serve a cached blob only when that repo and name were seen to hold it: a digest
-/// learnt elsewhere must not open another repository's content. Otherwise ask the upstream.
+/// learnt elsewhere must not open another repository's content. Otherwise ask the upstream (with
+/// the client's credentials, for a passthrough repo). A passthrough repo's client needs the
+/// upstream's acceptance besides (a recent one, or a HEAD now).
 async fn authorize_cached(ctx: &Ctx, digest: &Digest, log: &mut RequestLog) -> Result<(), RegistryError> {
     let store = &ctx.state.store;
     if store.is_linked(&ctx.repo.key, &ctx.name, digest) {
-        return Ok(());
+        return gate::authorize_hit(ctx, format!("blobs/{digest}"), log).await;
     }
+    confirm_upstream(ctx, digest, log).await
+}
+
+/// HEAD of the blob in this repo and name, as this client: 200 links it here.
+async fn confirm_upstream(ctx: &Ctx, digest: &Digest, log: &mut RequestLog) -> Result<(), RegistryError> {
     let req = blob_request(ctx, digest, Method::HEAD, HeaderMap::new());
     log.upstream_url = Upstream::url_for(&req);
     let resp = ctx.state.upstream.send(&req).await.map_err(|e| upstream_error(&e))?;
@@ -109,7 +135,23 @@ async fn authorize_cached(ctx: &Ctx, digest: &Digest, log: &mut RequestLog) -> R
         let status = resp.status;
         return Err(upstream_status(status, resp.error_detail().await, "blob", None));
     }
-    store.link(&ctx.repo.key, &ctx.name, [digest]).map_err(|e| RegistryError::internal(e.to_string()))
+    gate::note_authorized(ctx, log);
+    ctx.state.store.link(&ctx.repo.key, &ctx.name, [digest]).map_err(|e| RegistryError::internal(e.to_string()))
+}
+
+/// A client joining a fetch someone else started: a fetch for another repo or name is confirmed
+/// upstream for this one first (as a cache hit would be); a passthrough client needs the upstream's
+/// acceptance of its own credentials, whoever started the fetch.
+async fn authorize_waiter(
+    ctx: &Ctx,
+    flight: &Flight,
+    digest: &Digest,
+    log: &mut RequestLog,
+) -> Result<(), RegistryError> {
+    if flight.repo_key != ctx.repo.key || flight.name != ctx.name {
+        return confirm_upstream(ctx, digest, log).await;
+    }
+    gate::authorize_hit(ctx, format!("blobs/{digest}"), log).await
 }
 
 fn blob_request<'a>(ctx: &'a Ctx, digest: &Digest, method: Method, headers: HeaderMap) -> UpstreamRequest<'a> {
@@ -121,6 +163,7 @@ fn blob_request<'a>(ctx: &'a Ctx, digest: &Digest, method: Method, headers: Head
         query: None,
         headers,
         retry: true,
+        client: ctx.client.as_deref(),
     }
 }
 
@@ -221,6 +264,7 @@ async fn head_upstream(ctx: &Ctx, digest: &Digest, log: &mut RequestLog) -> Resu
         let retry_after = resp.header_str(header::RETRY_AFTER).map(str::to_owned);
         return Err(upstream_status(status, resp.error_detail().await, "blob", retry_after));
     }
+    gate::note_authorized(ctx, log);
     let mut r = Response::new(Body::empty());
     if let Some(len) = resp.content_length() {
         r.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(len));

@@ -24,6 +24,12 @@ pub struct RequestLog {
     pub upstream_url: String,
     /// hit, miss, coalesced, stale, revalidated, bypass.
     pub cache: &'static str,
+    /// How the pull was authorized: empty (public static repo), `token` (a puller token),
+    /// `upstream` (passthrough: the upstream answered with the client's credentials), `cached`
+    /// (passthrough: a recent upstream decision), `refused`.
+    pub authz: &'static str,
+    /// The puller token's id (public; never the secret).
+    pub token_id: String,
     pub error: Option<String>,
     /// The request's `wharf.request` span: its attributes are recorded, and it ends, with the line.
     pub span: tracing::Span,
@@ -61,6 +67,8 @@ impl RequestLog {
             reference: String::new(),
             upstream_url: String::new(),
             cache: "",
+            authz: "",
+            token_id: String::new(),
             error: None,
             span: tracing::Span::none(),
         }
@@ -106,6 +114,8 @@ impl RequestLog {
             reference = %self.reference,
             upstream_url = %self.upstream_url,
             cache = self.cache,
+            authz = self.authz,
+            token_id = %self.token_id,
             status,
             bytes,
             duration_ms,

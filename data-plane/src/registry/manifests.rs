@@ -8,7 +8,9 @@ use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use serde_json::Value;
 use wharf_core::{Digest, Reference};
 
-use super::{Ctx, RequestLog, content_headers, not_modified, not_modified_response, upstream_error, upstream_status};
+use super::{
+    Ctx, RequestLog, content_headers, gate, not_modified, not_modified_response, upstream_error, upstream_status,
+};
 use crate::error::RegistryError;
 use crate::store::{TagEntry, now_secs};
 use crate::upstream::{Upstream, UpstreamRequest};
@@ -39,6 +41,7 @@ pub async fn get(ctx: &Ctx, reference: Reference, log: &mut RequestLog) -> Resul
             drop(lookup);
             if let Some(m) = found {
                 log.cache = "hit";
+                gate::authorize_hit(ctx, format!("manifests/{d}"), log).await?;
                 return Ok(respond(ctx, m, IMMUTABLE, None));
             }
             let m = fetch(ctx, &reference, log).await?;
@@ -71,10 +74,12 @@ pub async fn get(ctx: &Ctx, reference: Reference, log: &mut RequestLog) -> Resul
                 let age = now_secs().saturating_sub(entry.fetched_at);
                 if age < ctx.repo.tag_ttl.as_secs() {
                     log.cache = "hit";
+                    gate::authorize_hit(ctx, format!("manifests/{}", m.digest), log).await?;
                     return Ok(respond(ctx, m, &cache_control, None));
                 }
                 match revalidate(ctx, tag, &m.digest, log).await {
                     Revalidated::Same => {
+                        gate::note_authorized(ctx, log);
                         let e = TagEntry { fetched_at: now_secs(), ..entry };
                         store
                             .put_tag(&ctx.repo.key, &ctx.name, tag, &e)
@@ -83,6 +88,7 @@ pub async fn get(ctx: &Ctx, reference: Reference, log: &mut RequestLog) -> Resul
                         return Ok(respond(ctx, m, &cache_control, None));
                     }
                     Revalidated::Stale(why) => {
+                        gate::stale_allowed(ctx, &why, log)?;
                         tracing::warn!(repo_key = %ctx.repo.key, name = %ctx.name, tag, reason = %why, "upstream failed revalidation; serving the cached tag stale");
                         log.cache = "stale";
                         return Ok(respond(ctx, m, &cache_control, Some(&why)));
@@ -176,6 +182,7 @@ async fn revalidate(ctx: &Ctx, tag: &str, cached: &Digest, log: &mut RequestLog)
         query: None,
         headers: forward_accept(&ctx.headers),
         retry: false,
+        client: ctx.client.as_deref(),
     };
     log.upstream_url = Upstream::url_for(&req);
     match ctx.state.upstream.send(&req).await {
@@ -210,6 +217,7 @@ async fn fetch(ctx: &Ctx, reference: &Reference, log: &mut RequestLog) -> Result
         query: None,
         headers: forward_accept(&ctx.headers),
         retry: true,
+        client: ctx.client.as_deref(),
     };
     log.upstream_url = Upstream::url_for(&req);
     let resp = ctx.state.upstream.send(&req).await.map_err(|e| upstream_error(&e))?;
@@ -218,6 +226,7 @@ async fn fetch(ctx: &Ctx, reference: &Reference, log: &mut RequestLog) -> Result
         let retry_after = resp.header_str(header::RETRY_AFTER).map(str::to_owned);
         return Err(upstream_status(status, resp.error_detail().await, "manifest", retry_after));
     }
+    gate::note_authorized(ctx, log);
     let url = resp.url.clone();
     let header_type =
         resp.header_str(header::CONTENT_TYPE).map(|t| t.split(';').next().unwrap_or("").trim().to_owned());

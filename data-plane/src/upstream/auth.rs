@@ -1,5 +1,7 @@
 //! Upstream authentication: the registry's `WWW-Authenticate` challenge, remembered per upstream,
-//! and bearer tokens cached per (realm, service, scope, user) until they expire.
+//! and bearer tokens cached per (realm, service, scope, identity) until they expire. The identity
+//! is the repo's static username, or for passthrough repos the SHA-256 of the client's credentials,
+//! so one client's upstream token never serves another client.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -8,10 +10,11 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use http::{HeaderValue, StatusCode};
 use tracing::Instrument as _;
-use wharf_core::{Credentials, Repo};
+use wharf_core::{AuthMode, Digest, Repo, Secret};
 
 use super::trace::RoundTrip;
 use super::{UpstreamError, UpstreamOptions, error_chain, redact};
+use crate::authz::ClientCredentials;
 
 /// What an upstream demands, from its `WWW-Authenticate` header.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,7 +74,69 @@ fn parse_params(s: &str) -> Vec<(String, String)> {
     out
 }
 
-type TokenKey = (String, Option<String>, String, Option<String>);
+/// Whose token a cached token is: one client's upstream token never serves another client.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(super) enum Identity {
+    Anonymous,
+    /// The repo's static credentials, by username.
+    Static(String),
+    /// A passthrough client, by the SHA-256 of its credentials.
+    Client(Digest),
+}
+
+type TokenKey = (String, Option<String>, String, Identity);
+
+/// What a request presents to the upstream.
+pub(super) enum Presenting<'a> {
+    Anonymous,
+    /// A username and password: sent as Basic to Basic upstreams, to the token endpoint otherwise.
+    Basic {
+        username: &'a str,
+        password: &'a str,
+        identity: Identity,
+    },
+    /// A passthrough client's Bearer token: forwarded as it is.
+    Bearer(&'a Secret),
+}
+
+impl<'a> Presenting<'a> {
+    /// The repo's static credentials, or (passthrough) the client's own.
+    pub(super) fn of(repo: &'a Repo, client: Option<&'a ClientCredentials>) -> Self {
+        match repo.auth {
+            AuthMode::Static => match &repo.credentials {
+                Some(c) => Presenting::Basic {
+                    username: &c.username,
+                    password: c.password.expose(),
+                    identity: Identity::Static(c.username.clone()),
+                },
+                None => Presenting::Anonymous,
+            },
+            AuthMode::Passthrough => match client {
+                None => Presenting::Anonymous,
+                Some(c @ ClientCredentials::Basic { username, password }) => Presenting::Basic {
+                    username,
+                    password: password.expose(),
+                    identity: Identity::Client(c.fingerprint()),
+                },
+                Some(ClientCredentials::Bearer(t)) => Presenting::Bearer(t),
+            },
+        }
+    }
+
+    fn user_pass(&self) -> Option<(&'a str, &'a str)> {
+        match self {
+            Presenting::Basic { username, password, .. } => Some((username, password)),
+            _ => None,
+        }
+    }
+
+    fn identity(&self) -> Identity {
+        match self {
+            Presenting::Basic { identity, .. } => identity.clone(),
+            _ => Identity::Anonymous,
+        }
+    }
+}
 
 #[derive(Default)]
 struct State {
@@ -89,50 +154,74 @@ pub struct TokenCache {
 const EXPIRY_MARGIN: Duration = Duration::from_secs(5);
 /// Registries that omit `expires_in` mean 60 s; none is trusted to mean less.
 const MIN_TOKEN_LIFETIME: u64 = 60;
+/// Past this many cached tokens (passthrough: one per client and repository), expired ones go.
+const MAX_TOKENS: usize = 10_000;
 
 impl TokenCache {
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The `Authorization` to send to `repo`'s upstream, if it is known to want one.
-    pub async fn authorization(
+    /// The `Authorization` to send to `repo`'s upstream, if it is known to want one (a passthrough
+    /// client's Bearer token: always).
+    pub(super) async fn authorization(
         &self,
         http: &reqwest::Client,
         opts: &UpstreamOptions,
         repo: &Repo,
+        who: &Presenting<'_>,
         scope: &str,
     ) -> Result<Option<HeaderValue>, UpstreamError> {
+        if let Presenting::Bearer(t) = who {
+            return Ok(bearer(t.expose()));
+        }
         let challenge = self.state().challenges.get(&repo.upstream).cloned();
         let (realm, service) = match challenge {
             None => return Ok(None),
-            Some(Challenge::Basic) => return Ok(repo.credentials.as_ref().map(basic)),
+            Some(Challenge::Basic) => return Ok(who.user_pass().map(|(u, p)| basic(u, p))),
             Some(Challenge::Bearer { realm, service }) => (realm, service),
         };
-        let key: TokenKey =
-            (realm.clone(), service.clone(), scope.to_owned(), repo.credentials.as_ref().map(|c| c.username.clone()));
+        let key: TokenKey = (realm.clone(), service.clone(), scope.to_owned(), who.identity());
         if let Some((token, expiry)) = self.state().tokens.get(&key)
             && Instant::now() < *expiry
         {
             return Ok(Some(token.clone()));
         }
-        let (token, lifetime) = fetch_token(http, opts, repo, &realm, service.as_deref(), scope).await?;
+        let (token, lifetime) =
+            fetch_token(http, opts, repo, who.user_pass(), &realm, service.as_deref(), scope).await?;
         let expiry = Instant::now() + lifetime.saturating_sub(EXPIRY_MARGIN);
-        self.state().tokens.insert(key, (token.clone(), expiry));
+        let mut st = self.state();
+        if st.tokens.len() >= MAX_TOKENS {
+            let now = Instant::now();
+            st.tokens.retain(|_, (_, e)| now < *e);
+            if st.tokens.len() >= MAX_TOKENS {
+                st.tokens.clear();
+            }
+        }
+        st.tokens.insert(key, (token.clone(), expiry));
         Ok(Some(token))
     }
 
     /// Records a 401's challenge. Returns whether retrying with fresh authorization may succeed.
-    pub fn learn(&self, repo: &Repo, scope: &str, challenge: Option<Challenge>, sent: Option<&HeaderValue>) -> bool {
+    pub(super) fn learn(
+        &self,
+        repo: &Repo,
+        who: &Presenting<'_>,
+        scope: &str,
+        challenge: Option<Challenge>,
+        sent: Option<&HeaderValue>,
+    ) -> bool {
         let Some(challenge) = challenge else {
             return false;
         };
         let mut st = self.state();
         st.challenges.insert(repo.upstream.clone(), challenge.clone());
-        match challenge {
+        match (challenge, who) {
+            // A client's own Bearer token was refused: sending it again would not help.
+            (_, Presenting::Bearer(_)) => false,
             // Credentials already sent and refused: retrying would not help.
-            Challenge::Basic => repo.credentials.is_some() && sent.is_none(),
-            Challenge::Bearer { .. } => {
+            (Challenge::Basic, _) => who.user_pass().is_some() && sent.is_none(),
+            (Challenge::Bearer { .. }, _) => {
                 if let Some(sent) = sent {
                     // The token was refused (expired early, revoked): forget it.
                     st.tokens.retain(|(_, _, s, _), (t, _)| !(s == scope && t == sent));
@@ -143,12 +232,18 @@ impl TokenCache {
     }
 }
 
-fn basic(c: &Credentials) -> HeaderValue {
-    let raw = format!("{}:{}", c.username, c.password.expose());
+fn basic(username: &str, password: &str) -> HeaderValue {
+    let raw = format!("{username}:{password}");
     let mut v = HeaderValue::from_str(&format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(raw)))
         .unwrap_or_else(|_| HeaderValue::from_static(""));
     v.set_sensitive(true);
     v
+}
+
+fn bearer(token: &str) -> Option<HeaderValue> {
+    let mut v = HeaderValue::from_str(&format!("Bearer {token}")).ok()?;
+    v.set_sensitive(true);
+    Some(v)
 }
 
 #[derive(serde::Deserialize)]
@@ -162,11 +257,11 @@ async fn fetch_token(
     http: &reqwest::Client,
     opts: &UpstreamOptions,
     repo: &Repo,
+    credentials: Option<(&str, &str)>,
     realm: &str,
     service: Option<&str>,
     scope: &str,
 ) -> Result<(HeaderValue, Duration), UpstreamError> {
-    let credentials = repo.credentials.as_ref();
     let shown = redact(realm);
     let mut url = reqwest::Url::parse(realm)
         .map_err(|e| UpstreamError::Protocol { url: shown.clone(), message: e.to_string() })?;
@@ -176,15 +271,15 @@ async fn fetch_token(
             q.append_pair("service", s);
         }
         q.append_pair("scope", scope);
-        if let Some(c) = credentials {
-            q.append_pair("account", &c.username);
+        if let Some((username, _)) = credentials {
+            q.append_pair("account", username);
         }
     }
     // The round-tripper records the exchange (credentials redacted, the token body never).
     let mut rt = RoundTrip::start(repo.key.as_str(), &http::Method::GET, url.as_str());
     let mut headers = http::HeaderMap::new();
-    if let Some(c) = credentials {
-        headers.insert(http::header::AUTHORIZATION, basic(c));
+    if let Some((username, password)) = credentials {
+        headers.insert(http::header::AUTHORIZATION, basic(username, password));
     }
     crate::telemetry::inject(rt.span(), &mut headers);
     rt.sent(&headers);

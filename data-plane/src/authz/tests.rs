@@ -1,0 +1,221 @@
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use http::HeaderValue;
+use wharf_core::token::{format_token, hash_secret};
+use wharf_core::{Access, AuthMode, Grant, Repo, RepoKind, RepoPattern, Role};
+
+use super::*;
+use crate::config::Config;
+use crate::server::AppState;
+use crate::store::Store;
+use crate::upstream::{Upstream, UpstreamOptions};
+
+const ID: &str = "0123456789abcdef";
+
+fn secret() -> String {
+    "s".repeat(43)
+}
+
+fn token() -> String {
+    format_token(ID, &secret())
+}
+
+/// A puller grant for [`token`], limited to `patterns` (none: every repo).
+fn grant(patterns: &[&str], expires_at: Option<SystemTime>) -> Grant {
+    Grant {
+        id: ID.into(),
+        secret_sha256: hash_secret(&secret()),
+        role: Role::Puller,
+        repos: patterns.iter().map(|p| p.parse::<RepoPattern>().unwrap()).collect(),
+        expires_at,
+    }
+}
+
+fn headers(authorization: &str) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert(header::AUTHORIZATION, HeaderValue::from_str(authorization).unwrap());
+    h
+}
+
+fn basic(user: &str, password: &str) -> String {
+    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}")))
+}
+
+fn repo(key: &str, auth: AuthMode, access: Access) -> Repo {
+    Repo::new(key.parse().unwrap(), RepoKind::Generic, Some("http://127.0.0.1:1"), Repo::DEFAULT_TAG_TTL, None)
+        .unwrap()
+        .with_access(auth, access)
+        .unwrap()
+}
+
+#[test]
+fn client_credentials_parse_and_never_print() {
+    assert_eq!(ClientCredentials::from_headers(&HeaderMap::new()).unwrap(), None);
+    let b = ClientCredentials::from_headers(&headers(&basic("alice", "pw:with:colons"))).unwrap().unwrap();
+    match &b {
+        ClientCredentials::Basic { username, password } => {
+            assert_eq!((username.as_str(), password.expose()), ("alice", "pw:with:colons"));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(!format!("{b:?}").contains("pw"));
+    let t = ClientCredentials::from_headers(&headers("bearer abc.def")).unwrap().unwrap();
+    assert_eq!(t, ClientCredentials::Bearer(Secret::new("abc.def")));
+    assert!(!format!("{t:?}").contains("abc"));
+    for bad in ["Basic !!!", "Basic bm9jb2xvbg==", "Negotiate xyz", "Bearer"] {
+        let e = ClientCredentials::from_headers(&headers(bad)).unwrap_err();
+        assert_eq!((e.status, e.code, e.challenge), (StatusCode::UNAUTHORIZED, "UNAUTHORIZED", true), "{bad}");
+    }
+}
+
+#[test]
+fn fingerprints_separate_clients() {
+    let c = |u: &str, p: &str| ClientCredentials::Basic { username: u.into(), password: Secret::new(p) };
+    assert_eq!(c("a", "b").fingerprint(), c("a", "b").fingerprint());
+    assert_ne!(c("a", "b").fingerprint(), c("a", "c").fingerprint());
+    // The user/password boundary counts: "ab" + "c" is not "a" + "bc".
+    assert_ne!(c("ab", "c").fingerprint(), c("a", "bc").fingerprint());
+    assert_ne!(c("a", "b").fingerprint(), ClientCredentials::Bearer(Secret::new("b")).fingerprint());
+}
+
+#[test]
+fn puller_tokens_gate_token_repos() {
+    let now = SystemTime::now();
+    let key: RepoKey = "lab".parse().unwrap();
+    let snap = Snapshot::default().with_pullers([grant(&["lab/team/*"], Some(now + Duration::from_secs(60)))]);
+    let check = |h: &HeaderMap| check_puller(&snap, &key, "team/app", h, now);
+
+    assert_eq!(check(&headers(&format!("Bearer {}", token()))).unwrap(), ID);
+    assert_eq!(check(&headers(&basic("anyone", &token()))).unwrap(), ID, "docker login: the token as password");
+
+    let none = check(&HeaderMap::new()).unwrap_err();
+    assert_eq!((none.status, none.code, none.challenge), (StatusCode::UNAUTHORIZED, "UNAUTHORIZED", true));
+    let not_wharf = check(&headers(&basic("user", "upstream-password"))).unwrap_err();
+    assert_eq!(not_wharf.status, StatusCode::UNAUTHORIZED);
+
+    let wrong_secret = format_token(ID, &"t".repeat(43));
+    let unknown_id = format_token("fedcba9876543210", &secret());
+    for t in [wrong_secret, unknown_id] {
+        let e = check(&headers(&format!("Bearer {t}"))).unwrap_err();
+        assert_eq!((e.status, e.challenge), (StatusCode::UNAUTHORIZED, true), "{t}");
+        assert!(!e.message.contains(&secret()) && !e.message.contains(&"t".repeat(43)));
+    }
+    let expired =
+        check_puller(&snap, &key, "team/app", &headers(&format!("Bearer {}", token())), now + Duration::from_secs(61));
+    assert_eq!(expired.unwrap_err().status, StatusCode::UNAUTHORIZED);
+
+    let denied = check_puller(&snap, &key, "other/app", &headers(&format!("Bearer {}", token())), now).unwrap_err();
+    assert_eq!((denied.status, denied.code, denied.challenge), (StatusCode::FORBIDDEN, "DENIED", false));
+
+    // Revoked: gone from the next snapshot.
+    let next = Snapshot::default();
+    let revoked = check_puller(&next, &key, "team/app", &headers(&format!("Bearer {}", token())), now).unwrap_err();
+    assert_eq!(revoked.status, StatusCode::UNAUTHORIZED);
+}
+
+#[test]
+fn ping_checks_only_wharf_tokens() {
+    let now = SystemTime::now();
+    let snap = Snapshot::default().with_pullers([grant(&[], None)]);
+    assert!(ping(&snap, &HeaderMap::new(), now).is_ok());
+    assert!(ping(&snap, &headers(&basic("user", "upstream-password")), now).is_ok());
+    assert!(ping(&snap, &headers("Bearer some-upstream-token"), now).is_ok());
+    assert!(ping(&snap, &headers(&format!("Bearer {}", token())), now).is_ok());
+    assert!(ping(&snap, &headers(&basic("u", &token())), now).is_ok());
+    let bad = ping(&Snapshot::default(), &headers(&format!("Bearer {}", token())), now).unwrap_err();
+    assert_eq!((bad.status, bad.challenge), (StatusCode::UNAUTHORIZED, true));
+}
+
+#[test]
+fn decisions_expire_and_stay_bounded() {
+    let k = |n: usize| DecisionKey {
+        client: Some(Digest::of(&n.to_be_bytes())),
+        repo: "lab".parse().unwrap(),
+        name: "a".into(),
+    };
+    let d = Decisions::new(Duration::from_millis(100), 3);
+    assert!(!d.allowed(&k(0)));
+    d.allow(k(0));
+    assert!(d.allowed(&k(0)));
+    assert!(!d.allowed(&DecisionKey { client: None, ..k(0) }), "anonymous is another client");
+    assert!(!d.allowed(&DecisionKey { name: "b".into(), ..k(0) }), "another repository");
+    for n in 1..10 {
+        d.allow(k(n));
+        assert!(d.len() <= 3);
+    }
+    assert!(d.allowed(&k(9)));
+    std::thread::sleep(Duration::from_millis(120));
+    assert!(!d.allowed(&k(9)), "expired");
+
+    let never = Decisions::new(Duration::ZERO, 10);
+    never.allow(k(1));
+    assert!(!never.allowed(&k(1)) && never.is_empty(), "a TTL of 0 asks every time");
+}
+
+/// The whole gate through the node's router: a real store, the real upstream client (towards a
+/// port nothing listens on: a request that passes the gate ends in 502), a snapshot with pullers.
+#[tokio::test]
+async fn token_repos_through_the_router() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(dir.path()).unwrap());
+    let opts = UpstreamOptions { retries: 0, connect_timeout: Duration::from_secs(2), ..UpstreamOptions::default() };
+    let upstream = Arc::new(Upstream::new(opts).unwrap());
+    let snapshot = Snapshot::new([
+        repo("private", AuthMode::Static, Access::Token),
+        repo("open", AuthMode::Static, Access::Public),
+    ])
+    .with_pullers([grant(&["private/team"], None)]);
+    let state = AppState::new(Arc::new(Config::new(snapshot)), store, upstream);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let server = tokio::spawn(crate::server::run(listener, state, stop.clone().cancelled_owned()));
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let get = |path: &str, auth: Option<String>| {
+        let mut r = http.get(format!("http://{addr}{path}"));
+        if let Some(a) = auth {
+            r = r.header("authorization", a);
+        }
+        async move { r.send().await.unwrap() }
+    };
+    let bearer = Some(format!("Bearer {}", token()));
+    let digest = Digest::of(b"x");
+
+    for path in [
+        "/v2/private/team/app/manifests/v1".to_owned(),
+        format!("/v2/private/team/app/blobs/{digest}"),
+        "/v2/private/team/app/tags/list".to_owned(),
+        format!("/v2/private/team/app/referrers/{digest}"),
+    ] {
+        let r = get(&path, None).await;
+        assert_eq!(r.status(), 401, "{path}");
+        assert_eq!(r.headers()["www-authenticate"], CHALLENGE);
+        let body: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+        assert_eq!(body["errors"][0]["code"], "UNAUTHORIZED", "{body}");
+
+        // Past the gate: the upstream (nothing listening) is asked.
+        let r = get(&path, bearer.clone()).await;
+        assert_eq!(r.status(), 502, "{path}");
+        let r = get(&path, Some(basic("whoever", &token()))).await;
+        assert_eq!(r.status(), 502, "{path}");
+    }
+    let r = get("/v2/private/other/manifests/v1", bearer.clone()).await;
+    assert_eq!(r.status(), 403);
+    let body: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    assert_eq!(body["errors"][0]["code"], "DENIED");
+    let r =
+        get("/v2/private/team/app/manifests/v1", Some(format!("Bearer {}", format_token(ID, &"x".repeat(40))))).await;
+    assert_eq!(r.status(), 401);
+
+    // A public repo ignores tokens; the ping stays open, but checks a Wharf token sent to it.
+    assert_eq!(get("/v2/open/team/app/manifests/v1", None).await.status(), 502);
+    assert_eq!(get("/v2/", None).await.status(), 200);
+    assert_eq!(get("/v2/", bearer.clone()).await.status(), 200);
+    let r = get("/v2/", Some(format!("Bearer {}", format_token("fedcba9876543210", &secret())))).await;
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.headers()["www-authenticate"], CHALLENGE);
+
+    stop.cancel();
+    server.await.unwrap().unwrap();
+}

@@ -1,0 +1,136 @@
+//! Passthrough repos: cached content reaches a client only after the upstream accepted that
+//! client's credentials for the repository, now or less than `--passthrough-auth-ttl` ago.
+//!
+//! Every upstream answer 200 to a request made with the client's credentials (a manifest GET, a
+//! tag revalidation, a blob fetch the client started, a HEAD) is such an acceptance and is noted;
+//! a cache hit without a recent one asks with a HEAD first. An upstream that cannot be asked
+//! refuses the hit (fail closed): 503, never the content.
+
+use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+
+use super::manifests::DEFAULT_ACCEPT;
+use super::{Ctx, RequestLog, upstream_error, upstream_status};
+use crate::authz::DecisionKey;
+use crate::error::RegistryError;
+use crate::upstream::{Upstream, UpstreamError, UpstreamRequest};
+
+/// This client, this repo, this repository.
+pub fn key(ctx: &Ctx) -> DecisionKey {
+    DecisionKey {
+        client: ctx.client.as_ref().map(|c| c.fingerprint()),
+        repo: ctx.repo.key.clone(),
+        name: ctx.name.clone(),
+    }
+}
+
+/// The upstream just answered 200 to this client's credentials for this repository.
+pub fn note_authorized(ctx: &Ctx, log: &mut RequestLog) {
+    if ctx.passthrough() {
+        ctx.state.decisions.allow(key(ctx));
+        log.authz = "upstream";
+    }
+}
+
+/// Before cached content of a passthrough repo goes to a client: a recent decision, or a HEAD of
+/// `path` (`manifests/<digest>`, `blobs/<digest>`) upstream with the client's credentials.
+pub async fn authorize_hit(ctx: &Ctx, path: String, log: &mut RequestLog) -> Result<(), RegistryError> {
+    if !ctx.passthrough() {
+        return Ok(());
+    }
+    let key = key(ctx);
+    if ctx.state.decisions.allowed(&key) {
+        log.authz = "cached";
+        return Ok(());
+    }
+    let what = if path.starts_with("manifests/") { "manifest" } else { "blob" };
+    let mut headers = HeaderMap::new();
+    if what == "manifest" {
+        headers.insert(header::ACCEPT, HeaderValue::from_static(DEFAULT_ACCEPT));
+    }
+    let req = UpstreamRequest {
+        repo: &ctx.repo,
+        name: &ctx.name,
+        method: Method::HEAD,
+        path,
+        query: None,
+        headers,
+        retry: true,
+        client: ctx.client.as_deref(),
+    };
+    if log.upstream_url.is_empty() {
+        log.upstream_url = Upstream::url_for(&req);
+    }
+    match ctx.state.upstream.send(&req).await {
+        Ok(r) if r.status == StatusCode::OK => {
+            ctx.state.decisions.allow(key);
+            log.authz = "upstream";
+            Ok(())
+        }
+        Ok(r) => {
+            log.authz = "refused";
+            let status = r.status;
+            let retry_after = r.header_str(header::RETRY_AFTER).map(str::to_owned);
+            Err(upstream_status(status, r.error_detail().await, what, retry_after))
+        }
+        // The token endpoint refused these credentials: a 401 like any other.
+        Err(e @ UpstreamError::Token { status: 401 | 403, .. }) => {
+            log.authz = "refused";
+            Err(upstream_error(&e))
+        }
+        Err(e) => {
+            log.authz = "refused";
+            Err(RegistryError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "UNAVAILABLE",
+                format!(
+                    "repo {} passes clients' credentials to its upstream, which could not be asked whether these may pull {}; cached content is not served without its answer: {e}",
+                    ctx.repo.key, ctx.client_name
+                ),
+            ))
+        }
+    }
+}
+
+/// A passthrough repo's error as the client gets it: a 401 carries the Basic challenge (so that
+/// docker, containerd and podman send the user's login for this node) and says whose credentials
+/// were refused.
+pub fn client_error(ctx: &Ctx, mut e: RegistryError, log: &mut RequestLog) -> RegistryError {
+    if matches!(e.status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
+        log.authz = "refused";
+    }
+    if e.status == StatusCode::UNAUTHORIZED {
+        e.message = match &ctx.client {
+            None => format!(
+                "{} needs credentials: repo {} passes them to its upstream; log in to this node with your upstream credentials (docker login <node>)",
+                ctx.client_name, ctx.repo.key
+            ),
+            Some(_) => format!(
+                "the upstream refused the credentials sent for {} (repo {} passes them on as they are)",
+                ctx.client_name, ctx.repo.key
+            ),
+        };
+        e = e.with_challenge();
+    }
+    e
+}
+
+/// A passthrough repo serves a tag stale (its upstream failing) only to a client the upstream
+/// accepted recently: otherwise 503.
+pub fn stale_allowed(ctx: &Ctx, why: &str, log: &mut RequestLog) -> Result<(), RegistryError> {
+    if !ctx.passthrough() {
+        return Ok(());
+    }
+    if ctx.state.decisions.allowed(&key(ctx)) {
+        log.authz = "cached";
+        return Ok(());
+    }
+    log.authz = "refused";
+    Err(RegistryError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "UNAVAILABLE",
+        format!(
+            "repo {} passes clients' credentials to its upstream, which failed ({why}); the cached {} is not served without the upstream's answer for these credentials",
+            ctx.repo.key, ctx.client_name
+        ),
+    ))
+}
