@@ -150,6 +150,41 @@ struct Inner {
     token_seq: u64,
     /// Added to every answer (see [`FakeUpstream::set_response_header`]).
     response_headers: Vec<(String, String)>,
+    /// Users besides the one of [`AuthMode`] (see [`FakeUpstream::add_user`]): user -> password.
+    users: HashMap<String, String>,
+    /// Private repositories: name -> the users who may pull it (see [`FakeUpstream::make_private`]).
+    private: HashMap<String, Vec<String>>,
+    /// The repositories a blob was put in by [`FakeUpstream::put_image`]: a blob of a private
+    /// repository is unknown (404) in every other repository, as distribution's links make it.
+    blob_repos: HashMap<String, Vec<String>>,
+}
+
+impl Inner {
+    /// Whether `user:password` is a known login (the [`AuthMode`]'s or an added user).
+    fn valid_login(&self, user: &str, password: &str) -> bool {
+        let configured = match &self.auth {
+            AuthMode::Basic { username, password: p } => Some((username.as_str(), p.as_str())),
+            AuthMode::Bearer { credentials: Some((u, p)), .. } => Some((u.as_str(), p.as_str())),
+            _ => None,
+        };
+        configured == Some((user, password)) || self.users.get(user).is_some_and(|p| p == password)
+    }
+
+    /// Whether `user` (`None`: anonymous) may pull repository `name`.
+    fn may_pull(&self, user: Option<&str>, name: &str) -> bool {
+        match self.private.get(name) {
+            None => true,
+            Some(allowed) => user.is_some_and(|u| allowed.iter().any(|a| a == u)),
+        }
+    }
+
+    /// Whether blob `digest` exists in repository `name` (a private repository's blobs exist only there).
+    fn blob_in(&self, digest: &str, name: &str) -> bool {
+        match self.blob_repos.get(digest) {
+            Some(repos) if !repos.iter().any(|r| r == name) => !repos.iter().any(|r| self.private.contains_key(r)),
+            _ => true,
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -161,6 +196,8 @@ struct IssuedToken {
 struct Shared {
     inner: Mutex<Inner>,
     gate: watch::Sender<bool>,
+    /// Set by [`FakeUpstream::stop`]: the listeners close, open connections end.
+    stopped: watch::Sender<bool>,
     addr: SocketAddr,
     redirect_addr: SocketAddr,
 }
@@ -207,17 +244,23 @@ impl FakeUpstream {
             Err(_) => TcpListener::bind("127.0.0.1:0").await?,
         };
         let (gate, _) = watch::channel(false);
+        let (stopped, _) = watch::channel(false);
         let shared = Arc::new(Shared {
             inner: Mutex::new(Inner { auth, ..Inner::default() }),
             gate,
+            stopped,
             addr: main.local_addr()?,
             redirect_addr: redirect.local_addr()?,
         });
         let mut tasks = Vec::new();
         for (listener, which) in [(main, Listener::Main), (redirect, Listener::Redirect)] {
             let router = Router::new().fallback(handle).with_state(Ctx { shared: shared.clone(), listener: which });
+            let mut stopped = shared.stopped.subscribe();
             tasks.push(tokio::spawn(async move {
-                let _ = axum::serve(listener, router).await;
+                let stop = async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                };
+                let _ = axum::serve(listener, router).with_graceful_shutdown(stop).await;
             }));
         }
         Ok(Self { shared, tasks })
@@ -236,6 +279,30 @@ impl FakeUpstream {
     /// The redirect target's address (another host).
     pub fn redirect_addr(&self) -> SocketAddr {
         self.shared.redirect_addr
+    }
+
+    /// Stops serving, as an upstream that went away: both listeners close and idle keep-alive
+    /// connections end, so the next request gets "connection refused". Waits (up to 10 s) until then.
+    pub async fn stop(&mut self) {
+        self.shared.stopped.send_replace(true);
+        for t in &mut self.tasks {
+            if tokio::time::timeout(Duration::from_secs(10), &mut *t).await.is_err() {
+                t.abort();
+            }
+        }
+    }
+
+    /// Adds a user who may log in (to the token endpoint, or as Basic credentials), besides the
+    /// one of the [`AuthMode`].
+    pub fn add_user(&self, user: &str, password: &str) {
+        self.shared.lock().users.insert(user.to_string(), password.to_string());
+    }
+
+    /// Makes repository `name` private to `users`: tokens for anyone else leave out its scope
+    /// (so its requests answer 401), Basic logins of anyone else get 403, and its blobs are
+    /// unknown in every other repository.
+    pub fn make_private(&self, name: &str, users: &[&str]) {
+        self.shared.lock().private.insert(name.to_string(), users.iter().map(|u| u.to_string()).collect());
     }
 
     /// Changes the authentication mode.
@@ -272,7 +339,8 @@ impl FakeUpstream {
     /// Adds `image`'s manifest (under `name:<image.tag>`) and its blobs.
     pub fn put_image(&self, name: &str, image: &TestImage) {
         for b in image.blobs() {
-            self.add_blob(b.data.clone());
+            let digest = self.add_blob(b.data.clone());
+            self.shared.lock().blob_repos.entry(digest).or_default().push(name.to_string());
         }
         self.put_manifest(name, Some(&image.tag), crate::image::OCI_MANIFEST, image.manifest.data.clone());
     }
@@ -547,7 +615,8 @@ async fn route(ctx: &Ctx, req: &RecordedRequest) -> Response {
             }
             let redirect = shared.lock().redirect;
             if req.method == Method::GET && redirect != RedirectMode::None {
-                if !shared.lock().blobs.contains_key(&digest) {
+                let known = { shared.lock().blobs.contains_key(&digest) && shared.lock().blob_in(&digest, &name) };
+                if !known {
                     return oci_error(StatusCode::NOT_FOUND, "BLOB_UNKNOWN", "blob unknown");
                 }
                 let location = match redirect {
@@ -568,6 +637,11 @@ fn hv(s: &str) -> HeaderValue {
 }
 
 async fn serve_blob(shared: &Arc<Shared>, req: &RecordedRequest, digest: &str) -> Response {
+    if let Target::Blob { name, .. } = parse_target(&req.path)
+        && !shared.lock().blob_in(digest, &name)
+    {
+        return oci_error(StatusCode::NOT_FOUND, "BLOB_UNKNOWN", "blob unknown to repository");
+    }
     let data = shared.lock().blobs.get(digest).cloned();
     let Some(data) = data else {
         return oci_error(StatusCode::NOT_FOUND, "BLOB_UNKNOWN", "blob unknown");
@@ -790,13 +864,20 @@ fn check_auth(shared: &Arc<Shared>, req: &RecordedRequest, name: Option<&str>) -
     let auth = inner.auth.clone();
     match &auth {
         AuthMode::None => Ok(()),
-        AuthMode::Basic { username, password } => {
-            if req.basic_auth() == Some((username.clone(), password.clone())) {
-                Ok(())
-            } else {
-                Err(Box::new(challenge(shared, &auth, name)))
+        AuthMode::Basic { .. } => match req.basic_auth() {
+            Some((u, p)) if inner.valid_login(&u, &p) => {
+                if name.is_none_or(|n| inner.may_pull(Some(&u), n)) {
+                    Ok(())
+                } else {
+                    Err(Box::new(oci_error(
+                        StatusCode::FORBIDDEN,
+                        "DENIED",
+                        "requested access to the resource is denied",
+                    )))
+                }
             }
-        }
+            _ => Err(Box::new(challenge(shared, &auth, name))),
+        },
         AuthMode::Bearer { .. } => {
             let token = req.header("authorization").and_then(|h| h.strip_prefix("Bearer ")).map(str::trim);
             let ok = token.and_then(|t| inner.tokens.get(t)).is_some_and(|t| {
@@ -837,9 +918,16 @@ fn token_endpoint(shared: &Arc<Shared>, req: &RecordedRequest) -> Response {
     } else {
         return StatusCode::METHOD_NOT_ALLOWED.into_response();
     };
-    if let Some(expected) = &credentials
-        && user_pass.as_ref() != Some(expected)
-    {
+    let refused = {
+        let inner = shared.lock();
+        match &user_pass {
+            // Added users: any login must be one of them (or the configured one).
+            Some((u, p)) if credentials.is_some() || !inner.users.is_empty() => !inner.valid_login(u, p),
+            Some(_) => false,
+            None => credentials.is_some(),
+        }
+    };
+    if refused {
         return (
             StatusCode::UNAUTHORIZED,
             [(header::CONTENT_TYPE, "application/json")],
@@ -848,6 +936,15 @@ fn token_endpoint(shared: &Arc<Shared>, req: &RecordedRequest) -> Response {
             .into_response();
     }
     let mut inner = shared.lock();
+    // As Docker Hub's: a token is issued, without the scopes of private repositories the user may not pull.
+    let user = user_pass.as_ref().map(|(u, _)| u.clone());
+    let scopes: Vec<String> = scopes
+        .into_iter()
+        .filter(|s| {
+            let name = s.strip_prefix("repository:").and_then(|r| r.rsplit_once(':')).map(|(n, _)| n);
+            name.is_none_or(|n| inner.may_pull(user.as_deref(), n))
+        })
+        .collect();
     inner.token_seq += 1;
     let token = format!("tok-{}-{}", inner.token_seq, crate::random_name(""));
     inner.tokens.insert(
