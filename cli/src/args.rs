@@ -42,16 +42,6 @@ pub struct Global {
     /// A file holding the API token (else $WHARF_TOKEN), sent as `authorization: Bearer`.
     #[arg(long, global = true, value_name = "PATH")]
     pub token_file: Option<PathBuf>,
-    /// The CA (PEM) that signed the control plane's certificate (https:// --server; default: the
-    /// system's roots); also trusted, besides the system's roots, for nodes (cache warm, check-cdn).
-    #[arg(long, global = true, env = "WHARF_CA_CERT", value_name = "PEM")]
-    pub ca_cert: Option<PathBuf>,
-    /// mTLS: a client certificate (PEM) for the control plane and the nodes ...
-    #[arg(long = "cert", global = true, env = "WHARF_CLIENT_CERT", requires = "client_key", value_name = "PEM")]
-    pub client_cert: Option<PathBuf>,
-    /// ... and its private key (PEM).
-    #[arg(long = "key", global = true, env = "WHARF_CLIENT_KEY", requires = "client_cert", value_name = "PEM")]
-    pub client_key: Option<PathBuf>,
     /// Output format.
     #[arg(short, long, global = true, value_enum, default_value_t = Output::Table)]
     pub output: Output,
@@ -93,6 +83,17 @@ Examples:
   regctl node list -o yaml"
     )]
     Node(NodeCmd),
+    /// API tokens: admin (everything), reader (reads), puller (pulls from nodes), node (config stream).
+    #[command(
+        subcommand,
+        after_help = "\
+Examples:
+  regctl token create --role puller --repos 'ghcr/acme/*' --expires 90d > ci.token
+  regctl token create --role node --description rack-a > node.token
+  regctl token list
+  regctl token revoke 3f9c2a1b7d4e6f80"
+    )]
+    Token(TokenCmd),
     /// The nodes' caches.
     #[command(
         subcommand,
@@ -262,6 +263,35 @@ pub struct RepoUpdateArgs {
     /// Write only if the repo is still at this revision (default: the revision just read).
     #[arg(long, value_name = "N")]
     pub revision: Option<i64>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokenCmd {
+    /// Issue a token and print it once (stdout; the control plane keeps only its hash).
+    Create(TokenCreateArgs),
+    /// Every token: id, role, repos, expiry (never the secret).
+    List,
+    /// Revoke a token by id: the API refuses it at once, nodes once they have the new configuration.
+    Revoke {
+        /// The token's id (`token list`).
+        id: String,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct TokenCreateArgs {
+    /// admin | reader | puller | node
+    #[arg(long)]
+    pub role: String,
+    /// Puller tokens: patterns over <repoKey>/<name> (`*` matches anything), comma-separated; default: every repo.
+    #[arg(long, value_delimiter = ',', value_name = "PATTERN,...")]
+    pub repos: Vec<String>,
+    /// Lifetime (`90d`, `12h`); default: never expires.
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub expires: Option<Duration>,
+    /// A note shown in `token list`.
+    #[arg(long)]
+    pub description: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]

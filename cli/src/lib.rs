@@ -10,7 +10,7 @@ pub mod node;
 pub mod output;
 pub mod registry;
 pub mod repo;
-pub mod tls;
+pub mod token;
 pub mod warm;
 
 use args::{CacheCmd, Cli, Command};
@@ -22,6 +22,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Repo(cmd) => repo::run(&global, cmd).await,
         Command::Node(cmd) => node::run(&global, cmd).await,
+        Command::Token(cmd) => token::run(&global, cmd).await,
         Command::Cache(CacheCmd::Warm(args)) => warm::run(&global, args).await,
         Command::CheckCdn(args) => cdn::run(&global, args).await,
         Command::Completion { shell } => completion(shell),

@@ -133,6 +133,25 @@ async fn control_openapi_document_matches_the_gateway() -> anyhow::Result<()> {
     check("delete", one, &rest("DELETE", &url("/api/repos/oa"), &[], None).await?);
     check("delete", one, &rest("DELETE", &url("/api/repos/oa"), &[], None).await?);
     check("get", "/api/nodes", &rest("GET", &url("/api/nodes"), &[], None).await?);
+    let anonymous = [("authorization", "")];
+    check("get", "/api/repos", &rest("GET", &url("/api/repos"), &anonymous, None).await?);
+    let tokens = url("/api/tokens");
+    let created = rest_json("POST", &tokens, &[], &json!({"role": "reader", "expires_in": "1h"})).await?;
+    check("post", "/api/tokens", &created);
+    let reader = format!("Bearer {}", created.json()?["token"].as_str().unwrap_or_default());
+    let as_reader = [("authorization", reader.as_str())];
+    check("post", "/api/tokens", &rest_json("POST", &tokens, &as_reader, &json!({"role": "admin"})).await?);
+    check("post", "/api/tokens", &rest_json("POST", &tokens, &anonymous, &json!({"role": "admin"})).await?);
+    check("post", "/api/tokens", &rest_json("POST", &tokens, &[], &json!({"role": "root"})).await?);
+    check("post", "/api/tokens", &rest("POST", &tokens, &[], Some(&vec![b' '; 2 << 20])).await?);
+    check("get", "/api/tokens", &rest("GET", &tokens, &as_reader, None).await?);
+    check("get", "/api/tokens", &rest("GET", &tokens, &anonymous, None).await?);
+    let id = created.json()?["id"].as_str().unwrap_or_default().to_owned();
+    let one_token = "/api/tokens/{id}";
+    check("delete", one_token, &rest("DELETE", &url(&format!("/api/tokens/{id}")), &as_reader, None).await?);
+    check("delete", one_token, &rest("DELETE", &url("/api/tokens/xyz"), &[], None).await?);
+    check("delete", one_token, &rest("DELETE", &url(&format!("/api/tokens/{id}")), &[], None).await?);
+    check("delete", one_token, &rest("DELETE", &url(&format!("/api/tokens/{id}")), &[], None).await?);
     check("get", "/healthz", &rest("GET", &url("/healthz"), &[], None).await?);
     check("get", "/readyz", &rest("GET", &url("/readyz"), &[], None).await?);
 

@@ -1,0 +1,187 @@
+//! Tokens and the management API's access control, against a real `wharf-control` (embedded
+//! store) and real managed nodes: tokens issued with `regctl token create` (shown once, stored as a
+//! hash), each role on REST and gRPC (no token: 401 / UNAUTHENTICATED; too little: 403 /
+//! PERMISSION_DENIED, with a message saying what is needed), a revoked token refused at once, a
+//! node without a node token refused the configuration (it carries upstream credentials), and
+//! `--insecure-no-auth` letting everything through, loudly.
+
+use std::time::Duration;
+
+use serde_json::json;
+use tonic::Code;
+use wharf_proto::v1 as pb;
+use wharf_proto::v1::config_service_client::ConfigServiceClient;
+use wharf_proto::v1::repo_service_client::RepoServiceClient;
+use wharf_proto::v1::token_service_client::TokenServiceClient;
+use wharf_tests::control::{
+    ControlOptions, ControlPlane, Node, expect_problem, grpc_as, poll, repo_json, rest, rest_json, write_token_file,
+};
+use wharf_tests::process::{fields, message};
+use wharf_tests::regctl::Regctl;
+
+const UPSTREAM: &str = "http://127.0.0.1:1";
+
+/// `regctl token create ...`: the token printed on stdout.
+async fn create_token(cp: &ControlPlane, args: &[&str]) -> anyhow::Result<String> {
+    let mut all = vec!["token", "create"];
+    all.extend_from_slice(args);
+    let out = Regctl::new(&cp.url()).run(&all).await?;
+    out.expect_code(0, "token create")?;
+    let token = out.stdout.trim().to_owned();
+    anyhow::ensure!(token.starts_with("wharf_"), "token create printed {out:?}");
+    anyhow::ensure!(out.stderr.contains("shown once"), "no warning that the token is shown once: {out:?}");
+    Ok(token)
+}
+
+fn bearer(token: &str) -> String {
+    format!("Bearer {token}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_auth_roles_on_rest_and_grpc_and_revocation() -> anyhow::Result<()> {
+    let cp = ControlPlane::embedded()?;
+    let repos = cp.api("/api/repos");
+    let reader = create_token(&cp, &["--role", "reader", "--description", "dashboards"]).await?;
+    let puller = create_token(&cp, &["--role", "puller", "--repos", "ghcr/acme/*,quay", "--expires", "90d"]).await?;
+    let node = create_token(&cp, &["--role", "node"]).await?;
+
+    // No token, a malformed one, an unknown one: 401 with a challenge and a message.
+    for auth in
+        ["", "Bearer nope", "Basic YWRtaW46YWRtaW4=", &bearer(&format!("wharf_0123456789abcdef_{}", "0".repeat(64)))]
+    {
+        let r = rest("GET", &repos, &[("authorization", auth)], None).await?;
+        let p = expect_problem(&r, 401, None)?;
+        assert!(r.header("www-authenticate").is_some_and(|v| v.starts_with("Bearer")), "{auth:?}: {r:?}");
+        assert!(p["detail"].as_str().is_some_and(|d| d.contains("token")), "{auth:?}: {p}");
+    }
+    // Health, readiness, metrics and the API description stay open.
+    for path in ["/healthz", "/readyz", "/metrics", "/api/openapi.json"] {
+        let r = rest("GET", &cp.api(path), &[("authorization", "")], None).await?;
+        assert_eq!(r.status, 200, "{path}: {}", r.text());
+    }
+
+    // reader: reads, but no writes.
+    let reader_auth = bearer(&reader);
+    let as_reader = [("authorization", reader_auth.as_str())];
+    assert_eq!(rest("GET", &repos, &as_reader, None).await?.status, 200);
+    assert_eq!(rest("GET", &cp.api("/api/nodes"), &as_reader, None).await?.status, 200);
+    assert_eq!(rest("GET", &cp.api("/api/tokens"), &as_reader, None).await?.status, 200);
+    let r = rest_json("POST", &repos, &as_reader, &repo_json("a", UPSTREAM)).await?;
+    let p = expect_problem(&r, 403, None)?;
+    assert!(p["detail"].as_str().is_some_and(|d| d.contains("admin")), "{p}");
+    let r = rest_json("POST", &cp.api("/api/tokens"), &as_reader, &json!({"role": "admin"})).await?;
+    expect_problem(&r, 403, None)?;
+    // puller and node tokens are not for the management API.
+    for t in [&puller, &node] {
+        let r = rest("GET", &repos, &[("authorization", &bearer(t))], None).await?;
+        expect_problem(&r, 403, None)?;
+    }
+
+    // The same over gRPC.
+    let mut g = RepoServiceClient::new(grpc_as(&cp.url(), None).await?);
+    let s = g.list_repos(pb::ListReposRequest {}).await.unwrap_err();
+    assert_eq!(s.code(), Code::Unauthenticated, "{s:?}");
+    let mut g = RepoServiceClient::new(grpc_as(&cp.url(), Some(&reader)).await?);
+    g.list_repos(pb::ListReposRequest {}).await?;
+    let create = pb::CreateRepoRequest {
+        repo: Some(pb::Repo {
+            key: "a".into(),
+            kind: "generic".into(),
+            upstream: UPSTREAM.into(),
+            ..Default::default()
+        }),
+    };
+    let s = g.create_repo(create.clone()).await.unwrap_err();
+    assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
+    let mut t = TokenServiceClient::new(grpc_as(&cp.url(), Some(&reader)).await?);
+    let s = t.create_token(pb::CreateTokenRequest { role: "admin".into(), ..Default::default() }).await.unwrap_err();
+    assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
+    let mut c = ConfigServiceClient::new(grpc_as(&cp.url(), Some(&reader)).await?);
+    let s = c.watch(pb::WatchRequest { node_id: "sneaky".into(), ..Default::default() }).await.unwrap_err();
+    assert_eq!(s.code(), Code::PermissionDenied, "a reader must not get the node configuration: {s:?}");
+    // admin (the bootstrap token) may do everything.
+    let mut g = RepoServiceClient::new(wharf_tests::control::grpc(&cp.url()).await?);
+    g.create_repo(create).await?;
+
+    // Bad token requests name the field.
+    let tokens = cp.api("/api/tokens");
+    for (body, field) in [
+        (json!({}), "role"),
+        (json!({"role": "root"}), "role"),
+        (json!({"role": "admin", "repos": ["ghcr"]}), "repos"),
+        (json!({"role": "puller", "repos": ["Bad Pattern"]}), "repos"),
+        (json!({"role": "puller", "expires_in": "soon"}), "expires_in"),
+        (json!({"role": "puller", "expires_in": "1s"}), "expires_in"),
+        (json!({"role": "puller", "bogus": 1}), "bogus"),
+    ] {
+        let r = rest_json("POST", &tokens, &[], &body).await?;
+        expect_problem(&r, 400, Some(field))?;
+    }
+    let r = rest_json("POST", &tokens, &[], &json!({"role": "reader", "description": "rest"})).await?;
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(r.header("cache-control"), Some("no-store"));
+    let created = r.json()?;
+    assert!(created["token"].as_str().is_some_and(|t| t.starts_with("wharf_")), "{created}");
+
+    // The list shows ids and roles, never a secret; the store holds hashes only.
+    let list = Regctl::new(&cp.url()).run(&["token", "list", "-o", "json"]).await?;
+    list.expect_code(0, "token list")?;
+    let listed = list.json()?;
+    assert_eq!(listed["tokens"].as_array().map(Vec::len), Some(5), "bootstrap, 3 by regctl, 1 by REST: {listed}");
+    for secret in [&reader, &puller, &node] {
+        let tail = secret.rsplit('_').next().unwrap_or_default();
+        assert!(!list.stdout.contains(tail), "token list shows a secret");
+        let stored = std::fs::read_dir(cp.data_dir())?
+            .filter_map(|e| std::fs::read(e.ok()?.path()).ok())
+            .any(|bytes| bytes.windows(tail.len()).any(|w| w == tail.as_bytes()));
+        assert!(!stored, "the store holds a token secret");
+    }
+    let table = Regctl::new(&cp.url()).run(&["token", "list"]).await?;
+    assert!(table.stdout.contains("ghcr/acme/*,quay") && table.stdout.contains("dashboards"), "{}", table.stdout);
+
+    // Revoked: refused at once (the replica follows its store), and revoking twice says so.
+    let reader_id = reader.split('_').nth(1).unwrap_or_default().to_owned();
+    Regctl::new(&cp.url()).run(&["token", "revoke", &reader_id]).await?.expect_code(0, "revoke")?;
+    poll(Duration::from_secs(5), "the revoked token to be refused", || async {
+        let r = rest("GET", &repos, &as_reader, None).await.ok()?;
+        (r.status == 401).then_some(())
+    })
+    .await?;
+    Regctl::new(&cp.url()).run(&["token", "revoke", &reader_id]).await?.expect_error("not found", "revoke twice")?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_auth_nodes_need_a_node_token() -> anyhow::Result<()> {
+    let cp = ControlPlane::embedded()?;
+    let node_token = create_token(&cp, &["--role", "node"]).await?;
+    let puller = create_token(&cp, &["--role", "puller"]).await?;
+    let dir = tempfile::tempdir()?;
+    let endpoints = [cp.url()];
+
+    // A node with a puller token (or none) is refused and says how to fix it.
+    let wrong = write_token_file(dir.path(), "puller.token", &puller)?;
+    let refused =
+        Node::spawn_with("refused", &endpoints, None, &["--control-plane-token-file", &wrong.to_string_lossy()])?;
+    let error = |v: &serde_json::Value| fields(v)["error"].as_str().unwrap_or_default().to_owned();
+    let event = refused.wait_log(0, Duration::from_secs(10), |v| error(v).contains("watch refused"))?;
+    assert!(error(&event).contains("node token"), "{event}");
+    assert!(refused.applied().is_empty(), "a refused node applied a configuration");
+
+    // With a node token: the configuration arrives.
+    let good = write_token_file(dir.path(), "node.token", &node_token)?;
+    let node = Node::spawn_with("good", &endpoints, None, &["--control-plane-token-file", &good.to_string_lossy()])?;
+    node.wait_applied(1, Duration::from_secs(10))?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_auth_insecure_no_auth_is_open_and_loud() -> anyhow::Result<()> {
+    let cp = ControlPlane::spawn(ControlOptions { args: vec!["--insecure-no-auth".into()], ..Default::default() })?;
+    let r = rest_json("POST", &cp.api("/api/repos"), &[("authorization", "")], &repo_json("a", UPSTREAM)).await?;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let warned =
+        cp.logs().iter().any(|v| v["level"] == "WARN" && message(v).is_some_and(|m| m.contains("--insecure-no-auth")));
+    assert!(warned, "no warning about --insecure-no-auth:\n{}", cp.log_tail(20));
+    Ok(())
+}
