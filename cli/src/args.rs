@@ -42,6 +42,16 @@ pub struct Global {
     /// A file holding the API token (else $WHARF_TOKEN), sent as `authorization: Bearer`.
     #[arg(long, global = true, value_name = "PATH")]
     pub token_file: Option<PathBuf>,
+    /// The CA (PEM) that signed the control plane's certificate (https:// --server; default: the
+    /// system's roots); also trusted, besides the system's roots, for nodes (cache warm, check-cdn).
+    #[arg(long, global = true, env = "WHARF_CA_CERT", value_name = "PEM")]
+    pub ca_cert: Option<PathBuf>,
+    /// mTLS: a client certificate (PEM) for the control plane and the nodes ...
+    #[arg(long = "cert", global = true, env = "WHARF_CLIENT_CERT", requires = "client_key", value_name = "PEM")]
+    pub client_cert: Option<PathBuf>,
+    /// ... and its private key (PEM).
+    #[arg(long = "key", global = true, env = "WHARF_CLIENT_KEY", requires = "client_cert", value_name = "PEM")]
+    pub client_key: Option<PathBuf>,
     /// Output format.
     #[arg(short, long, global = true, value_enum, default_value_t = Output::Table)]
     pub output: Output,

@@ -78,23 +78,30 @@ impl ControlPlane {
             }
             None => Auth(None),
         };
-        if url.starts_with("https://") {
+        let https = url.starts_with("https://");
+        if !https && !url.starts_with("http://") {
             return Err(CliError::BadServerUrl(format!(
-                "{url}: TLS to the control plane is not supported yet; use http:// on a private network"
+                "--server {url:?} is not an http:// or https:// URL (for example http://127.0.0.1:7000)"
             )));
         }
-        if !url.starts_with("http://") {
-            return Err(CliError::BadServerUrl(format!(
-                "--server {url:?} is not an http:// URL (for example http://127.0.0.1:7000)"
-            )));
-        }
-        let endpoint = Endpoint::from_shared(url.clone())
+        let mut endpoint = Endpoint::from_shared(url.clone())
             .map_err(|e| CliError::BadServerUrl(format!("--server {url:?} is not a valid URL: {e}")))?
             .connect_timeout(CONNECT_TIMEOUT)
             .timeout(global.timeout);
+        if https {
+            endpoint = endpoint
+                .tls_config(crate::tls::tonic_config(global)?)
+                .map_err(|e| CliError::Input(format!("TLS settings: {}", error_chain(&e))))?;
+        }
         let channel = match tokio::time::timeout(CONNECT_TIMEOUT + Duration::from_secs(1), endpoint.connect()).await {
             Ok(Ok(c)) => c,
-            Ok(Err(e)) => return Err(CliError::Unreachable { url, why: error_chain(&e) }),
+            Ok(Err(e)) => {
+                let mut why = error_chain(&e);
+                if why.contains("certificate") {
+                    why.push_str(" (a TLS certificate problem: give the CA that signed the server's certificate with --ca-cert, and a client certificate with --cert/--key if the server requires one)");
+                }
+                return Err(CliError::Unreachable { url, why });
+            }
             Err(_) => return Err(CliError::Unreachable { url, why: format!("no answer within {CONNECT_TIMEOUT:?}") }),
         };
         Ok(Self { url, channel, auth, timeout: global.timeout })

@@ -10,6 +10,7 @@ pub mod node;
 pub mod output;
 pub mod registry;
 pub mod repo;
+pub mod tls;
 pub mod token;
 pub mod warm;
 
