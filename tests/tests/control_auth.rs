@@ -3,7 +3,8 @@
 //! hash), each role on REST and gRPC (no token: 401 / UNAUTHENTICATED; too little: 403 /
 //! PERMISSION_DENIED, with a message saying what is needed), a revoked token refused at once, a
 //! node without a node token refused the configuration (it carries upstream credentials), and
-//! `--insecure-no-auth` letting everything through, loudly.
+//! `--insecure-no-auth` letting everything through, loudly; puller tokens opening `access = "token"`
+//! repos on every node (Bearer or Basic password) until revoked.
 
 use std::time::Duration;
 
@@ -14,12 +15,18 @@ use wharf_proto::v1::config_service_client::ConfigServiceClient;
 use wharf_proto::v1::repo_service_client::RepoServiceClient;
 use wharf_proto::v1::token_service_client::TokenServiceClient;
 use wharf_tests::control::{
-    ControlOptions, ControlPlane, Node, expect_problem, grpc_as, poll, repo_json, rest, rest_json, write_token_file,
+    ControlOptions, ControlPlane, Node, create_repo, expect_problem, grpc_as, poll, repo_json, rest, rest_json,
+    write_token_file,
 };
+use wharf_tests::http::Resp;
 use wharf_tests::process::{fields, message};
 use wharf_tests::regctl::Regctl;
+use wharf_tests::{Registry, TestImage};
 
 const UPSTREAM: &str = "http://127.0.0.1:1";
+
+/// How long a change may take to reach a node.
+const PROPAGATION: Duration = Duration::from_secs(5);
 
 /// `regctl token create ...`: the token printed on stdout.
 async fn create_token(cp: &ControlPlane, args: &[&str]) -> anyhow::Result<String> {
@@ -183,5 +190,84 @@ async fn control_auth_insecure_no_auth_is_open_and_loud() -> anyhow::Result<()> 
     let warned =
         cp.logs().iter().any(|v| v["level"] == "WARN" && message(v).is_some_and(|m| m.contains("--insecure-no-auth")));
     assert!(warned, "no warning about --insecure-no-auth:\n{}", cp.log_tail(20));
+    Ok(())
+}
+
+/// GET `<key>/<name>/manifests/<tag>` from `node` with `authorization` (empty: none): the status.
+async fn manifest_status(node: &Node, key: &str, name: &str, tag: &str, authorization: &str) -> anyhow::Result<Resp> {
+    let mut h = vec![("accept", wharf_tests::image::OCI_MANIFEST)];
+    if !authorization.is_empty() {
+        h.push(("authorization", authorization));
+    }
+    wharf_tests::http::get(&node.v2(&format!("{key}/{name}/manifests/{tag}")), &h).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_auth_puller_tokens_open_token_repos_on_every_node_until_revoked() -> anyhow::Result<()> {
+    let registry = Registry::start()?;
+    let image = TestImage::random("v1", &[10_000])?;
+    image.push(&registry.host(), "team/app")?;
+    let cp = ControlPlane::embedded()?;
+    let nodes = [Node::spawn("a", &[cp.url()])?, Node::spawn("b", &[cp.url()])?];
+    let mut repo = repo_json("priv", &registry.url());
+    repo["access"] = json!("token");
+    let rev = create_repo(&cp.url(), &repo).await?;
+    let created = |body: serde_json::Value| {
+        let url = cp.api("/api/tokens");
+        async move {
+            let r = rest_json("POST", &url, &[], &body).await?;
+            anyhow::ensure!(r.status == 201, "{}", r.text());
+            r.json()
+        }
+    };
+    let team = created(json!({"role": "puller", "repos": ["priv/team/*"]})).await?;
+    let other = created(json!({"role": "puller", "repos": ["priv/other"]})).await?;
+    let (team_token, other_token) =
+        (team["token"].as_str().unwrap_or_default(), other["token"].as_str().unwrap_or_default());
+    let basic = format!(
+        "Basic {}",
+        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, format!("ci:{team_token}"))
+    );
+    for node in &nodes {
+        node.wait_applied(rev, PROPAGATION)?;
+        poll(PROPAGATION, "the puller token to reach the node", || async {
+            let r = manifest_status(node, "priv", "team/app", "v1", &bearer(team_token)).await.ok()?;
+            (r.status == 200).then_some(())
+        })
+        .await?;
+        // As the Basic password too (docker login <node> with any username).
+        let r = manifest_status(node, "priv", "team/app", "v1", &basic).await?;
+        assert_eq!(r.status, 200, "Basic on {}: {}", node.id(), r.text());
+        assert_eq!(r.digest(), image.digest());
+        // Without a token: a Basic challenge, so clients send their credentials.
+        let r = manifest_status(node, "priv", "team/app", "v1", "").await?;
+        assert_eq!(r.status, 401, "anonymous on {}: {}", node.id(), r.text());
+        assert!(r.header("www-authenticate").is_some_and(|c| c.starts_with("Basic")), "{:?}", r.headers);
+        // A token for other repos: 403.
+        let r = manifest_status(node, "priv", "team/app", "v1", &bearer(other_token)).await?;
+        assert_eq!(r.status, 403, "another repo's token on {}: {}", node.id(), r.text());
+        // The management API does not take puller tokens, nor nodes admin-only calls.
+        let r = rest("GET", &cp.api("/api/repos"), &[("authorization", &bearer(team_token))], None).await?;
+        assert_eq!(r.status, 403);
+    }
+
+    // Revoked: every node refuses it once it has the new configuration.
+    let id = team["id"].as_str().unwrap_or_default();
+    let started = std::time::Instant::now();
+    let r = rest("DELETE", &cp.api(&format!("/api/tokens/{id}")), &[], None).await?;
+    assert_eq!(r.status, 204, "{}", r.text());
+    for node in &nodes {
+        poll(PROPAGATION, "the revoked token to be refused", || async {
+            let r = manifest_status(node, "priv", "team/app", "v1", &bearer(team_token)).await.ok()?;
+            (r.status == 401).then_some(())
+        })
+        .await?;
+    }
+    eprintln!("revocation reached both nodes in {:?}", started.elapsed());
+    // And it stays refused, on both nodes, with the cache warm.
+    for node in &nodes {
+        let r = manifest_status(node, "priv", "team/app", "v1", &basic).await?;
+        assert_eq!(r.status, 401, "revoked token as Basic on {}: {}", node.id(), r.text());
+    }
     Ok(())
 }
