@@ -239,12 +239,25 @@ pub struct RepoAddArgs {
     /// Evict this repo's content when not accessed for this long (overrides the nodes' --cache-ttl).
     #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
     pub cache_ttl: Option<Duration>,
+    /// Whose credentials go upstream: static (--username, or anonymous) or passthrough (each
+    /// client's own; cached content only reaches clients the upstream accepts).
+    #[arg(long, value_parser = ["static", "passthrough"])]
+    pub auth: Option<String>,
+    /// Who may pull: public, or token (a puller token whose --repos patterns match).
+    #[arg(long, value_parser = ["public", "token"])]
+    pub access: Option<String>,
+    /// A PEM file of CA certificates the nodes trust for this upstream (beside the system roots).
+    #[arg(long, value_name = "PATH")]
+    pub ca_bundle_file: Option<PathBuf>,
+    /// Tests only: the nodes accept any upstream certificate.
+    #[arg(long)]
+    pub insecure_skip_tls_verify: bool,
 }
 
 #[derive(Args, Debug)]
 #[command(group = clap::ArgGroup::new("change").multiple(true).required(true).args([
     "kind", "upstream", "tag_ttl", "username", "password_stdin", "password_env", "password_file", "clear_credentials",
-    "cache_ttl",
+    "cache_ttl", "auth", "access", "ca_bundle_file", "clear_ca_bundle", "insecure_skip_tls_verify",
 ]))]
 pub struct RepoUpdateArgs {
     /// The repoKey.
@@ -270,6 +283,21 @@ pub struct RepoUpdateArgs {
     /// New cache TTL override for this repo's content.
     #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
     pub cache_ttl: Option<Duration>,
+    /// static or passthrough.
+    #[arg(long, value_parser = ["static", "passthrough"])]
+    pub auth: Option<String>,
+    /// public or token.
+    #[arg(long, value_parser = ["public", "token"])]
+    pub access: Option<String>,
+    /// A new PEM file of CA certificates for this upstream.
+    #[arg(long, value_name = "PATH", conflicts_with = "clear_ca_bundle")]
+    pub ca_bundle_file: Option<PathBuf>,
+    /// Remove the CA bundle: the system roots only.
+    #[arg(long)]
+    pub clear_ca_bundle: bool,
+    /// Tests only: accept any upstream certificate (true) or verify again (false).
+    #[arg(long, value_name = "BOOL")]
+    pub insecure_skip_tls_verify: Option<bool>,
     /// Write only if the repo is still at this revision (default: the revision just read).
     #[arg(long, value_name = "N")]
     pub revision: Option<i64>,

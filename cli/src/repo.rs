@@ -25,6 +25,12 @@ pub struct RepoView {
     pub revision: i64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cache_ttl: Option<String>,
+    pub auth: String,
+    pub access: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_bundle: Option<String>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub insecure_skip_tls_verify: bool,
 }
 
 impl From<&pb::Repo> for RepoView {
@@ -40,6 +46,10 @@ impl From<&pb::Repo> for RepoView {
             updated_at: output::timestamp(r.updated_at.as_ref()),
             revision: r.revision,
             cache_ttl: r.cache_ttl.as_ref().map(|d| output::duration(Some(d))),
+            auth: if r.auth.is_empty() { "static".into() } else { r.auth.clone() },
+            access: if r.access.is_empty() { "public".into() } else { r.access.clone() },
+            ca_bundle: (!r.ca_bundle.is_empty()).then(|| r.ca_bundle.clone()),
+            insecure_skip_tls_verify: r.insecure_skip_tls_verify,
         }
     }
 }
@@ -103,6 +113,10 @@ async fn add(global: &Global, cp: &ControlPlane, a: RepoAddArgs, password: Optio
         username: a.username.unwrap_or_default(),
         password: password.unwrap_or_default(),
         cache_ttl: a.cache_ttl.map(proto_duration),
+        auth: a.auth.unwrap_or_default(),
+        access: a.access.unwrap_or_default(),
+        ca_bundle: a.ca_bundle_file.as_deref().map(read_ca_bundle).transpose()?.unwrap_or_default(),
+        insecure_skip_tls_verify: a.insecure_skip_tls_verify,
         ..Default::default()
     };
     let r = cp.call(&key, cp.repos().create_repo(pb::CreateRepoRequest { repo: Some(repo) })).await?;
@@ -133,6 +147,21 @@ async fn update(
     }
     if let Some(u) = a.username {
         repo.username = u;
+    }
+    if let Some(x) = a.auth {
+        repo.auth = x;
+    }
+    if let Some(x) = a.access {
+        repo.access = x;
+    }
+    if let Some(path) = &a.ca_bundle_file {
+        repo.ca_bundle = read_ca_bundle(path)?;
+    }
+    if a.clear_ca_bundle {
+        repo.ca_bundle.clear();
+    }
+    if let Some(x) = a.insecure_skip_tls_verify {
+        repo.insecure_skip_tls_verify = x;
     }
     if a.clear_credentials {
         repo.username.clear();
@@ -213,6 +242,15 @@ fn read_password(src: &PasswordSource) -> Result<Option<String>, CliError> {
     Ok(Some(p.to_owned()))
 }
 
+/// A CA bundle file's text (checked by the control plane).
+fn read_ca_bundle(path: &std::path::Path) -> Result<String, CliError> {
+    std::fs::read_to_string(path).map_err(|source| CliError::ReadFile {
+        what: "the CA bundle",
+        path: path.to_owned(),
+        source,
+    })
+}
+
 fn proto_duration(d: std::time::Duration) -> prost_types::Duration {
     prost_types::Duration { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 }
 }
@@ -221,7 +259,8 @@ fn list_table(repos: &[RepoView]) -> String {
     if repos.is_empty() {
         return "no repos (add one with regctl repo add)\n".into();
     }
-    let mut t = Table::new(&["KEY", "KIND", "UPSTREAM", "TAG TTL", "USERNAME", "PASSWORD", "REVISION"]);
+    let mut t =
+        Table::new(&["KEY", "KIND", "UPSTREAM", "TAG TTL", "USERNAME", "PASSWORD", "AUTH", "ACCESS", "REVISION"]);
     for r in repos {
         t.row(vec![
             r.key.clone(),
@@ -230,6 +269,8 @@ fn list_table(repos: &[RepoView]) -> String {
             r.tag_ttl.clone(),
             r.username.clone().unwrap_or_else(|| "-".into()),
             if r.password_set { "set" } else { "-" }.into(),
+            r.auth.clone(),
+            r.access.clone(),
             r.revision.to_string(),
         ]);
     }
@@ -244,6 +285,9 @@ fn repo_fields(r: &RepoView) -> String {
         ("tag ttl", r.tag_ttl.clone()),
         ("username", r.username.clone().unwrap_or_else(|| "-".into())),
         ("password", if r.password_set { "set" } else { "-" }.into()),
+        ("auth", r.auth.clone()),
+        ("access", r.access.clone()),
+        ("ca bundle", if r.ca_bundle.is_some() { "set" } else { "-" }.into()),
         ("created", r.created_at.clone()),
         ("updated", r.updated_at.clone()),
         ("revision", r.revision.to_string()),

@@ -83,7 +83,21 @@ async fn regctl_repo_commands_outputs_exit_codes_and_stale_revision() -> anyhow:
     assert_eq!(ghcr["password_set"], false);
     assert!(ghcr.get("username").is_none(), "{ghcr}");
     let fields: Vec<&str> = ghcr.as_object().map(|o| o.keys().map(String::as_str).collect()).unwrap_or_default();
-    assert_eq!(fields, ["created_at", "key", "kind", "password_set", "revision", "tag_ttl", "updated_at", "upstream"]);
+    assert_eq!(
+        fields,
+        [
+            "access",
+            "auth",
+            "created_at",
+            "key",
+            "kind",
+            "password_set",
+            "revision",
+            "tag_ttl",
+            "updated_at",
+            "upstream"
+        ]
+    );
     for k in ["corp", "lab", "quay"] {
         assert_eq!(repo(&list, k)["password_set"], true, "{k}: {list}");
     }
@@ -152,6 +166,27 @@ async fn regctl_repo_commands_outputs_exit_codes_and_stale_revision() -> anyhow:
     rc.run(&["repo", "update", "corp"]).await?.expect_code(2, "update without a change")?;
     rc.run(&["repo", "update", "nope", "--tag-ttl", "1m"]).await?.expect_error("not found", "update a missing repo")?;
     rc.run(&["repo", "update", "corp", "--tag-ttl", "40d"]).await?.expect_error("tag_ttl", "ttl out of range")?;
+
+    // Access and credential modes, and the upstream's CA bundle.
+    rc.run(&["repo", "add", "sec", "--kind", "ghcr", "--access", "token"]).await?.expect_code(0, "add --access")?;
+    let sec = rc.run(&["repo", "get", "sec", "-o", "json"]).await?.json()?;
+    assert_eq!((sec["auth"].as_str(), sec["access"].as_str()), (Some("static"), Some("token")), "{sec}");
+    rc.run(&["repo", "update", "sec", "--auth", "passthrough"])
+        .await?
+        .expect_error("passthrough", "passthrough with token access")?;
+    rc.run(&["repo", "update", "sec", "--access", "private"]).await?.expect_code(2, "an unknown access")?;
+    let missing_ca = secrets.path().join("no-ca.pem");
+    rc.run(&["repo", "update", "sec", "--ca-bundle-file", &missing_ca.to_string_lossy()])
+        .await?
+        .expect_error("reading the CA bundle", "a missing CA bundle")?;
+    std::fs::write(&missing_ca, "not a certificate")?;
+    rc.run(&["repo", "update", "sec", "--ca-bundle-file", &missing_ca.to_string_lossy()])
+        .await?
+        .expect_error("CA bundle", "a CA bundle without certificates")?;
+    rc.run(&["repo", "update", "sec", "--access", "public", "--auth", "passthrough"])
+        .await?
+        .expect_code(0, "to passthrough")?;
+    rc.run(&["repo", "rm", "sec", "--yes"]).await?.expect_code(0, "rm sec")?;
 
     // rm: asks on a terminal; without one it needs --yes.
     rc.run(&["repo", "rm", "ghcr"]).await?.expect_code(2, "rm without --yes off a terminal")?;
