@@ -5,12 +5,13 @@ DATA_DIR ?= ./wharf-data
 LISTEN ?= 0.0.0.0:5000
 CONTROL_LISTEN ?= 0.0.0.0:7000
 
-.PHONY: run test build lint bench bench-control bench-startup clean
+.PHONY: run test build lint fuzz bench bench-control bench-startup clean
 
 run:
 	@scripts/ensure-deps.sh run
 	cargo build --release --bin wharf-control --bin wharf-proxy
 	@echo "make run: control plane on $(CONTROL_LISTEN) (embedded store in $(DATA_DIR)), one node on $(LISTEN) (cache in $(CACHE_DIR))"
+	@echo "make run: admin token in $(DATA_DIR)/admin.token (for regctl: export WHARF_TOKEN=\$$(cat $(DATA_DIR)/admin.token))"
 	./target/release/wharf-control --dev --listen $(CONTROL_LISTEN) --data-dir $(DATA_DIR) \
 		--dev-node-listen $(LISTEN) --dev-cache-dir $(CACHE_DIR)
 
@@ -22,6 +23,11 @@ test:
 lint:
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
+
+# The parsers' and the REST JSON's property tests with many more cases than `make test` runs.
+FUZZ_CASES ?= 50000
+fuzz:
+	PROPTEST_CASES=$(FUZZ_CASES) cargo test --release --workspace --lib fuzz
 
 bench:
 	@scripts/ensure-deps.sh bench

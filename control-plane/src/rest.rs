@@ -265,8 +265,9 @@ fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Problem
         let field = msg
             .strip_prefix("unknown field `")
             .and_then(|r| r.split('`').next())
+            .filter(|f| !f.is_empty())
             .map(str::to_owned)
-            .unwrap_or_else(|| if path == "." { "body".into() } else { path });
+            .unwrap_or_else(|| if path == "." || path.is_empty() { "body".into() } else { path });
         Problem::invalid(field, msg)
     })
 }
@@ -337,17 +338,22 @@ async fn patch_repo(State(s): State<ApiState>, Path(key): Path<String>, headers:
 }
 
 fn merge_patch(target: &mut Value, patch: &Value) {
-    match (target, patch) {
-        (Value::Object(t), Value::Object(p)) => {
-            for (k, v) in p {
-                if v.is_null() {
-                    t.remove(k);
-                } else {
-                    merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
-                }
+    let Value::Object(p) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    // An object patch applies to an object: anything else is replaced by an empty one first.
+    if !target.is_object() {
+        *target = Value::Object(Default::default());
+    }
+    if let Value::Object(t) = target {
+        for (k, v) in p {
+            if v.is_null() {
+                t.remove(k);
+            } else {
+                merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
             }
         }
-        (t, p) => *t = p.clone(),
     }
 }
 
@@ -451,6 +457,10 @@ mod tests {
         let mut doc = json!({"a": 1, "b": {"c": 2, "d": 3}});
         merge_patch(&mut doc, &json!({"a": null, "b": {"c": 4}, "e": "x"}));
         assert_eq!(doc, json!({"b": {"c": 4, "d": 3}, "e": "x"}));
+        // Found by fuzzing: an object patch onto a non-object keeps none of its nulls.
+        let mut doc = json!("s");
+        merge_patch(&mut doc, &json!({"a": null, "b": {"c": null}}));
+        assert_eq!(doc, json!({"b": {}}));
     }
 
     #[test]
@@ -463,5 +473,110 @@ mod tests {
         assert_eq!(if_match(&h).ok(), Some(None));
         h.insert(header::IF_MATCH, HeaderValue::from_static("abc"));
         assert!(if_match(&h).is_err());
+    }
+}
+
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::repos::validate;
+
+    /// Any JSON value, nested a few levels.
+    fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>().prop_map(Value::from),
+            "\\PC{0,40}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(3, 32, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                prop::collection::btree_map("[a-z_]{0,12}", inner, 0..6)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// A repo body with each field either plausible or arbitrary.
+    fn repo_body() -> impl Strategy<Value = Value> {
+        let field = |plausible: BoxedStrategy<Value>| prop_oneof![3 => plausible, 1 => json_value()];
+        let s = |re: &'static str| re.prop_map(Value::String).boxed();
+        (
+            field(s("[a-z0-9._-]{0,70}")),
+            field(s("(dockerhub|ghcr|quay|ecr|gcr|acr|generic|x)")),
+            field(s("(https?|ftp)://[a-z0-9.:@/-]{0,30}")),
+            field(s("[0-9]{0,6}(s|m|h|d|x)")),
+            field(s("(static|passthrough|oauth)")),
+            field(s("(public|token|private)")),
+            field(s("(-----BEGIN CERTIFICATE-----)?\\PC{0,20}")),
+            field(any::<bool>().prop_map(Value::Bool).boxed()),
+            field(s("[a-z]{0,5}")),
+        )
+            .prop_map(|(key, kind, upstream, ttl, auth, access, ca, insecure, user)| {
+                json!({
+                    "key": key, "kind": kind, "upstream": upstream, "tag_ttl": ttl.clone(), "cache_ttl": ttl,
+                    "auth": auth, "access": access, "ca_bundle": ca, "insecure_skip_tls_verify": insecure,
+                    "username": user.clone(), "password": user,
+                })
+            })
+    }
+
+    /// A refusal is a 400 naming the field; never a panic or another status.
+    fn refused_well(p: &Problem) -> Result<(), TestCaseError> {
+        prop_assert_eq!(p.status, StatusCode::BAD_REQUEST);
+        prop_assert!(p.field.as_deref().is_some_and(|f| !f.is_empty()), "no field: {}", p.detail);
+        Ok(())
+    }
+
+    proptest! {
+        /// Repo bodies: parsed, converted and validated without panicking; refusals name a field.
+        #[test]
+        fn repo_bodies(body in prop_oneof![repo_body(), json_value()]) {
+            match parse_json::<RepoInput>(body.to_string().as_bytes()) {
+                Ok(input) => {
+                    let key = input.key.clone().unwrap_or_default();
+                    match input.into_spec(key) {
+                        Ok(spec) => {
+                            if let Err(ApiError::Invalid { field, .. }) = validate(&spec, None) {
+                                prop_assert!(!field.is_empty());
+                            }
+                        }
+                        Err(e) => refused_well(&Problem::from(e))?,
+                    }
+                }
+                Err(p) => refused_well(&p)?,
+            }
+        }
+
+        /// Token bodies likewise.
+        #[test]
+        fn token_bodies(body in json_value()) {
+            if let Err(p) = parse_json::<TokenInput>(body.to_string().as_bytes()) {
+                refused_well(&p)?;
+            }
+        }
+
+        /// Arbitrary bytes are refused as a body, never a panic.
+        #[test]
+        fn bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..200)) {
+            if let Err(p) = parse_json::<RepoInput>(&bytes) {
+                refused_well(&p)?;
+            }
+        }
+
+        /// Merge patches of any shape apply without panicking; `null` removes.
+        #[test]
+        fn merge_patches(mut doc in json_value(), patch in json_value()) {
+            merge_patch(&mut doc, &patch);
+            if let (Some(p), Some(d)) = (patch.as_object(), doc.as_object()) {
+                for (k, v) in p {
+                    prop_assert_eq!(v.is_null(), !d.contains_key(k));
+                }
+            }
+        }
     }
 }
