@@ -147,7 +147,14 @@ pub fn init(opts: &TelemetryOptions) -> Result<Telemetry, TelemetryError> {
     let otel = provider.as_ref().map(|p| {
         let targets = tracing_subscriber::filter::Targets::new()
             .with_targets(EXPORTED_TARGETS.iter().map(|t| (*t, tracing::Level::INFO)));
-        tracing_opentelemetry::layer().with_tracer(p.tracer("wharf")).with_filter(targets)
+        // No per-span code location, thread or busy/idle attributes: they cost more than the
+        // request itself on a cache hit, and the span names say where they come from.
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer("wharf"))
+            .with_location(false)
+            .with_threads(false)
+            .with_tracked_inactivity(false)
+            .with_filter(targets)
     });
     tracing_subscriber::registry()
         .with(fmt.with_filter(filter))
