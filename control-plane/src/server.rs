@@ -174,8 +174,12 @@ async fn require_token(
     }
 }
 
-/// `wharf_control_api_requests_total{api, method, code}` for every call, REST and gRPC.
+/// `wharf_control_api_requests_total{api, method, code}` for every API call, REST and gRPC (health
+/// checks and scrapes are not API calls).
 async fn count_requests(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    if matches!(req.uri().path(), "/healthz" | "/readyz" | "/metrics") {
+        return next.run(req).await;
+    }
     let grpc = is_grpc(&req);
     let method =
         if grpc { req.uri().path().rsplit('/').next().unwrap_or("").to_owned() } else { req.method().to_string() };

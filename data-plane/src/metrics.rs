@@ -23,6 +23,9 @@ static MISSES: AtomicU64 = AtomicU64::new(0);
 /// Records one finished registry request.
 pub fn request(repo_key: &str, kind: &'static str, cache: &'static str, status: u16, bytes: u64, seconds: f64) {
     let repo_key = repo_key.to_owned();
+    // Answered before any cache decision (a bad request, an unknown repo, a refusal, an upstream
+    // error): a label value of its own rather than an empty one.
+    let cache = if cache.is_empty() { "none" } else { cache };
     metrics::counter!("wharf_requests_total", "repo_key" => repo_key.clone(), "kind" => kind, "cache" => cache, "status" => status.to_string())
         .increment(1);
     metrics::histogram!("wharf_request_duration_seconds", "repo_key" => repo_key.clone(), "kind" => kind)
