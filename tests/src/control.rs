@@ -351,6 +351,24 @@ impl Node {
         self.child.kill();
     }
 
+    /// Sends SIGTERM (or SIGINT): the node shuts down gracefully, in its own time.
+    pub fn signal(&self, signal: &str) -> anyhow::Result<()> {
+        let pid = self.child.id().context("the node is not running")?;
+        let status = Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status()?;
+        ensure!(status.success(), "kill -{signal} {pid} failed");
+        Ok(())
+    }
+
+    /// Waits for the process to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        self.child.wait_exit(timeout)
+    }
+
+    /// Files left in `<cache-dir>/staging` (partial downloads).
+    pub fn staging_files(&self) -> Vec<PathBuf> {
+        crate::files_under(&self.cache_dir.join("staging"))
+    }
+
     /// Kills the process if it runs (SIGKILL), then starts it again with the same id, endpoints and
     /// cache dir (on a new port). The log starts afresh.
     pub fn restart(&mut self) -> anyhow::Result<()> {
