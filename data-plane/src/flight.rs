@@ -274,6 +274,7 @@ async fn fetch_into(
         query: None,
         headers: Default::default(),
         retry: true,
+        follow_redirects: true,
         client: ctx.client.as_deref(),
     };
     let resp = ctx.upstream.send(&req).await.map_err(FetchFailure::Upstream)?;

@@ -85,6 +85,9 @@ pub struct UpstreamRequest<'a> {
     pub headers: HeaderMap,
     /// Whether 5xx, 429 and connection errors are retried (revalidation prefers a quick answer).
     pub retry: bool,
+    /// Whether redirects are followed; when not, a redirect comes back as the response (an
+    /// authorization check: the registry's redirect is its yes, and signed URLs may refuse HEAD).
+    pub follow_redirects: bool,
     /// Passthrough repos: the client's credentials (`None`: anonymous). Ignored for static repos,
     /// which present their own.
     pub client: Option<&'a ClientCredentials>,
@@ -367,6 +370,7 @@ impl Upstream {
             }
             let status = resp.status();
             if status.is_redirection()
+                && req.follow_redirects
                 && let Some(loc) = resp.headers().get(header::LOCATION).and_then(|l| l.to_str().ok())
             {
                 let next = match url.join(loc) {

@@ -144,6 +144,9 @@ struct Inner {
     manifests: HashMap<(String, String), (String, Bytes)>,
     auth: AuthMode,
     redirect: RedirectMode,
+    /// HEADs of blobs are redirected too, and the redirect target refuses them (403), as S3 does
+    /// with a URL signed for GET.
+    redirect_heads: bool,
     faults: Vec<FaultRule>,
     requests: Vec<RecordedRequest>,
     tokens: HashMap<String, IssuedToken>,
@@ -308,6 +311,12 @@ impl FakeUpstream {
     /// Changes the authentication mode.
     pub fn set_auth(&self, auth: AuthMode) {
         self.shared.lock().auth = auth;
+    }
+
+    /// Redirects blob HEADs too (with [`RedirectMode::OtherHost`] or `Relative`), to a target that
+    /// refuses them with 403.
+    pub fn set_redirect_heads(&self, on: bool) {
+        self.shared.lock().redirect_heads = on;
     }
 
     /// Changes where blob GETs go.
@@ -538,6 +547,10 @@ async fn route(ctx: &Ctx, req: &RecordedRequest) -> Response {
         let Target::Redirected { digest } = target else {
             return StatusCode::NOT_FOUND.into_response();
         };
+        if req.method == Method::HEAD && shared.lock().redirect_heads {
+            // A URL signed for GET.
+            return (StatusCode::FORBIDDEN, "SignatureDoesNotMatch").into_response();
+        }
         if req.headers.contains_key(header::AUTHORIZATION) {
             // What S3 answers when a signed URL also gets an Authorization header.
             return (StatusCode::BAD_REQUEST, "InvalidArgument: Only one auth mechanism allowed").into_response();
@@ -550,7 +563,12 @@ async fn route(ctx: &Ctx, req: &RecordedRequest) -> Response {
             Ok(()) => ([(header::CONTENT_TYPE, "application/json")], "{}".to_string()).into_response(),
             Err(r) => *r,
         },
-        Target::Redirected { digest } => serve_blob(shared, req, &digest).await,
+        Target::Redirected { digest } => {
+            if req.method == Method::HEAD && shared.lock().redirect_heads {
+                return (StatusCode::FORBIDDEN, "SignatureDoesNotMatch").into_response();
+            }
+            serve_blob(shared, req, &digest).await
+        }
         Target::Unknown => oci_error(StatusCode::NOT_FOUND, "UNSUPPORTED", "unknown path"),
         Target::Tags { name } => {
             if let Err(r) = check_auth(shared, req, Some(&name)) {
@@ -613,9 +631,15 @@ async fn route(ctx: &Ctx, req: &RecordedRequest) -> Response {
             if req.method != Method::GET && req.method != Method::HEAD {
                 return oci_error(StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED", "read-only");
             }
-            let redirect = shared.lock().redirect;
-            if req.method == Method::GET && redirect != RedirectMode::None {
-                let known = { shared.lock().blobs.contains_key(&digest) && shared.lock().blob_in(&digest, &name) };
+            let (redirect, heads) = {
+                let inner = shared.lock();
+                (inner.redirect, inner.redirect_heads)
+            };
+            if (req.method == Method::GET || (heads && req.method == Method::HEAD)) && redirect != RedirectMode::None {
+                let known = {
+                    let inner = shared.lock();
+                    inner.blobs.contains_key(&digest) && inner.blob_in(&digest, &name)
+                };
                 if !known {
                     return oci_error(StatusCode::NOT_FOUND, "BLOB_UNKNOWN", "blob unknown");
                 }

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use base64::Engine as _;
-use wharf_tests::fake::{Fault, FaultRule};
+use wharf_tests::fake::{Fault, FaultRule, RedirectMode};
 use wharf_tests::http::{Resp, get, head};
 use wharf_tests::image::OCI_MANIFEST;
 use wharf_tests::otlp::Collector;
@@ -327,5 +327,33 @@ async fn a_client_joining_another_clients_fetch_is_authorized_first() -> anyhow:
     let fetches = fake.requests_matching("GET", &layer.digest);
     let with_body = fetches.iter().filter(|r| r.sent.load(std::sync::atomic::Ordering::SeqCst) > 0).count();
     assert_eq!(with_body, 1, "one fetch: {}", fake.describe_requests());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_registry_redirect_is_its_yes_and_is_not_followed_for_a_head() -> anyhow::Result<()> {
+    // Blobs live behind signed URLs (S3-like) that refuse HEAD: the registry's 307 is the answer.
+    let fake = FakeUpstream::start_with(AuthMode::Bearer { credentials: None, expires_in: Some(300) }).await?;
+    fake.set_redirect(RedirectMode::OtherHost);
+    fake.set_redirect_heads(true);
+    let image = TestImage::random("v1", &[30_000])?;
+    let u = users(&fake, &image);
+    // Every hit asks the upstream.
+    let proxy = Proxy::spawn(&config(&fake.url()), &["--passthrough-auth-ttl", "0s"])?;
+
+    pull(&proxy, PRIVATE, &image, Some(&u.alice)).await?;
+    pull(&proxy, PRIVATE, &image, Some(&u.alice)).await?;
+    let heads = fake.count("HEAD", &format!("/v2/{PRIVATE}/blobs/"));
+    assert!(heads >= image.blobs().count(), "every blob hit asked: {}", fake.describe_requests());
+    let followed: Vec<_> =
+        fake.redirect_requests().into_iter().filter(|r| r.method == axum::http::Method::HEAD).collect();
+    assert!(followed.is_empty(), "a HEAD followed the redirect: {followed:?}");
+    // Under another name, the registry's redirect links the blob there too (a static-style check).
+    let layer = &image.layers[0];
+    let r = get(&proxy.v2(&format!("pt/library/other/blobs/{}", layer.digest)), &[("authorization", &u.alice)]).await?;
+    assert_eq!(r.status, 404, "the blob is not in library/other upstream: {}", r.text());
+
+    assert_all_refused(&proxy, &image, Some(&u.bob), "bob").await?;
+    assert_all_refused(&proxy, &image, None, "anonymous").await?;
     Ok(())
 }

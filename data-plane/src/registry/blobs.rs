@@ -126,12 +126,14 @@ async fn authorize_cached(ctx: &Ctx, digest: &Digest, log: &mut RequestLog) -> R
     confirm_upstream(ctx, digest, log).await
 }
 
-/// HEAD of the blob in this repo and name, as this client: 200 links it here.
+/// HEAD of the blob in this repo and name, as this client: 200 (or the registry's redirect to the
+/// content, not followed) links it here.
 async fn confirm_upstream(ctx: &Ctx, digest: &Digest, log: &mut RequestLog) -> Result<(), RegistryError> {
-    let req = blob_request(ctx, digest, Method::HEAD, HeaderMap::new());
+    let mut req = blob_request(ctx, digest, Method::HEAD, HeaderMap::new());
+    req.follow_redirects = false;
     log.upstream_url = Upstream::url_for(&req);
     let resp = ctx.state.upstream.send(&req).await.map_err(|e| upstream_error(&e))?;
-    if resp.status != StatusCode::OK {
+    if !gate::accepted(&resp) {
         let status = resp.status;
         return Err(upstream_status(status, resp.error_detail().await, "blob", None));
     }
@@ -163,6 +165,7 @@ fn blob_request<'a>(ctx: &'a Ctx, digest: &Digest, method: Method, headers: Head
         query: None,
         headers,
         retry: true,
+        follow_redirects: true,
         client: ctx.client.as_deref(),
     }
 }

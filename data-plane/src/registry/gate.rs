@@ -12,7 +12,7 @@ use super::manifests::DEFAULT_ACCEPT;
 use super::{Ctx, RequestLog, upstream_error, upstream_status};
 use crate::authz::DecisionKey;
 use crate::error::RegistryError;
-use crate::upstream::{Upstream, UpstreamError, UpstreamRequest};
+use crate::upstream::{Upstream, UpstreamError, UpstreamRequest, UpstreamResponse};
 
 /// This client, this repo, this repository.
 pub fn key(ctx: &Ctx) -> DecisionKey {
@@ -55,13 +55,14 @@ pub async fn authorize_hit(ctx: &Ctx, path: String, log: &mut RequestLog) -> Res
         query: None,
         headers,
         retry: true,
+        follow_redirects: false,
         client: ctx.client.as_deref(),
     };
     if log.upstream_url.is_empty() {
         log.upstream_url = Upstream::url_for(&req);
     }
     match ctx.state.upstream.send(&req).await {
-        Ok(r) if r.status == StatusCode::OK => {
+        Ok(r) if accepted(&r) => {
             ctx.state.decisions.allow(key);
             log.authz = "upstream";
             Ok(())
@@ -89,6 +90,13 @@ pub async fn authorize_hit(ctx: &Ctx, path: String, log: &mut RequestLog) -> Res
             ))
         }
     }
+}
+
+/// An upstream's yes to a HEAD sent without following redirects: 200, or a redirect to where the
+/// content is (a registry signs a CDN or object-store URL only for a client it authorized; the
+/// signed URL itself may refuse HEAD, as S3's for GET do).
+pub fn accepted(r: &UpstreamResponse) -> bool {
+    r.status == StatusCode::OK || (r.status.is_redirection() && r.headers.contains_key(header::LOCATION))
 }
 
 /// A passthrough repo's error as the client gets it: a 401 carries the Basic challenge (so that

@@ -182,6 +182,7 @@ async fn revalidate(ctx: &Ctx, tag: &str, cached: &Digest, log: &mut RequestLog)
         query: None,
         headers: forward_accept(&ctx.headers),
         retry: false,
+        follow_redirects: true,
         client: ctx.client.as_deref(),
     };
     log.upstream_url = Upstream::url_for(&req);
@@ -217,6 +218,7 @@ async fn fetch(ctx: &Ctx, reference: &Reference, log: &mut RequestLog) -> Result
         query: None,
         headers: forward_accept(&ctx.headers),
         retry: true,
+        follow_redirects: true,
         client: ctx.client.as_deref(),
     };
     log.upstream_url = Upstream::url_for(&req);

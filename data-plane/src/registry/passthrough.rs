@@ -22,6 +22,7 @@ pub async fn get(ctx: &Ctx, path: String, log: &mut RequestLog) -> Result<Respon
         query: ctx.query.clone(),
         headers,
         retry: true,
+        follow_redirects: true,
         client: ctx.client.as_deref(),
     };
     log.upstream_url = Upstream::url_for(&req);

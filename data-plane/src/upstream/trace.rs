@@ -88,11 +88,30 @@ pub fn redact_headers(headers: &HeaderMap) -> String {
         if !out.is_empty() {
             out.push_str("; ");
         }
-        let shown =
-            if SECRET_HEADERS.contains(&name.as_str()) { REDACTED } else { value.to_str().unwrap_or("<binary>") };
+        let shown = if SECRET_HEADERS.contains(&name.as_str()) {
+            REDACTED.to_owned()
+        } else {
+            match value.to_str() {
+                // A redirect kept as the answer (not followed) points at a signed URL.
+                Ok(v) if name == http::header::LOCATION || name == http::header::CONTENT_LOCATION => redact_location(v),
+                Ok(v) => v.to_owned(),
+                Err(_) => "<binary>".to_owned(),
+            }
+        };
         let _ = write!(out, "{name}: {shown}");
     }
     out
+}
+
+/// A `Location` value, absolute or relative, with its token-bearing query values redacted.
+fn redact_location(v: &str) -> String {
+    if url::Url::parse(v).is_ok() {
+        return redact_url(v);
+    }
+    match v.split_once('?') {
+        Some((path, query)) => format!("{path}?{}", redact_query(query)),
+        None => v.to_owned(),
+    }
 }
 
 /// The record of one upstream request, redirects included. Finished (span fields recorded, debug
@@ -240,6 +259,20 @@ mod tests {
     use http::HeaderValue;
 
     use super::*;
+
+    #[test]
+    fn redirect_locations_in_headers_are_redacted() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            http::header::LOCATION,
+            "https://s3.example/b/k?X-Amz-Expires=60&X-Amz-Signature=abc".parse().unwrap(),
+        );
+        let shown = redact_headers(&h);
+        assert!(shown.contains("X-Amz-Expires=60") && !shown.contains("abc"), "{shown}");
+        h.insert(http::header::LOCATION, "/artifacts-downloads/x?sig=s3cr3t&a=1".parse().unwrap());
+        let shown = redact_headers(&h);
+        assert!(shown.contains("a=1") && !shown.contains("s3cr3t"), "{shown}");
+    }
 
     #[test]
     fn signed_url_values_are_redacted_and_the_rest_kept() {
