@@ -284,7 +284,9 @@ async fn skopeo_pulls_from_an_https_node_with_a_cert_dir() -> anyhow::Result<()>
         .arg(format!("docker://{}/lab/team/app:{}", proxy.host(), image.tag))
         .arg(format!("dir:{}", dest.path().display()))
         .output();
-    let out = tokio::time::timeout(Duration::from_secs(120), out).await??;
+    let out = tokio::time::timeout(Duration::from_secs(120), out)
+        .await
+        .map_err(|_| anyhow::anyhow!("skopeo timed out\n{}", proxy.log_tail(15)))??;
     ensure!(out.status.success(), "skopeo failed: {}", String::from_utf8_lossy(&out.stderr));
     wharf_tests::verify_dir_copy(dest.path(), &image)?;
     Ok(())
