@@ -94,7 +94,11 @@ pub async fn get(ctx: &Ctx, reference: Reference, log: &mut RequestLog) -> Resul
                         return Ok(respond(ctx, m, &cache_control, Some(&why)));
                     }
                     Revalidated::Gone(e) => {
-                        store.remove_tag(&ctx.repo.key, &ctx.name, tag);
+                        // A passthrough upstream may say 404 to a client it does not let see the
+                        // repository: that client must not drop the tag for everyone.
+                        if !ctx.passthrough() {
+                            store.remove_tag(&ctx.repo.key, &ctx.name, tag);
+                        }
                         return Err(e);
                     }
                     Revalidated::Error(e) => return Err(e),
