@@ -15,7 +15,7 @@ use wharf_control::server::{ApiState, run_tls};
 use wharf_control::store::{ConfigStore, EmbeddedOptions, EmbeddedStore, EtcdOptions, EtcdStore, TracedStore};
 use wharf_core::Secret;
 use wharf_core::token::Role;
-use wharf_proxy::telemetry::{TelemetryArgs, shutdown_signal};
+use wharf_proxy::telemetry::{ShutdownSignals, TelemetryArgs};
 use wharf_proxy::tls::TlsArgs;
 
 /// Wharf's control plane: repos in etcd (or the embedded store), gRPC and REST (/api/repos) on one
@@ -82,6 +82,7 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let telemetry = wharf_proxy::telemetry::init(&args.telemetry.options("wharf-control"))?;
+    let mut signals = ShutdownSignals::new().context("listening for SIGTERM and SIGINT")?;
     if args.dev && args.tls.tls_cert.is_some() {
         anyhow::bail!(
             "--dev runs its node against this control plane over plain http: it cannot be combined with --tls-cert (run wharf-proxy with --control-plane-ca instead)"
@@ -176,7 +177,7 @@ async fn main() -> anyhow::Result<()> {
 
     let mut server = server;
     tokio::select! {
-        signal = shutdown_signal() => {
+        signal = signals.recv() => {
             tracing::info!(signal, "shutting down: ending node streams, finishing in-flight calls");
         }
         r = &mut server => {
@@ -194,7 +195,7 @@ async fn main() -> anyhow::Result<()> {
             server.await?.context("server")
         } => r?,
         _ = tokio::time::sleep(grace) => tracing::warn!("shutdown grace period over"),
-        s = shutdown_signal() => tracing::warn!(signal = s, "second signal; exiting at once"),
+        s = signals.recv() => tracing::warn!(signal = s, "second signal; exiting at once"),
     }
     let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
     Ok(())

@@ -103,6 +103,11 @@ pub fn router(state: ApiState) -> Router {
 /// `traceparent`; store calls made for it are its children. For a server stream (Watch) the span
 /// covers the call up to the response head, not the stream.
 async fn trace_requests(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let sampled = wharf_proxy::telemetry::head_sampled(req.headers());
+    wharf_proxy::telemetry::unsampled(sampled, traced(req, next)).await
+}
+
+async fn traced(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
     let grpc = is_grpc(&req);
     let path: String = req.uri().path().chars().take(256).collect();
     let span = tracing::info_span!(

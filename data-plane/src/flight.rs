@@ -205,7 +205,8 @@ impl Flights {
         map.insert(ctx.digest.clone(), flight.clone());
         metrics::gauge!("wharf_inflight_fetches").set(map.len() as f64);
         drop(map);
-        tokio::spawn(self.clone().run(ctx, path, file, tx).instrument(span));
+        // Sampled or not like the request that started it (its spans would be roots otherwise).
+        tokio::spawn(crate::telemetry::same_sampling(self.clone().run(ctx, path, file, tx).instrument(span)));
         Ok(Joined::Flight { flight, coalesced: false })
     }
 

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use wharf_proxy::evict::SizeSpec;
 use wharf_proxy::node::{ConfigSource, EvictionOptions, NodeOptions, run_node};
 use wharf_proxy::server::ServerLimits;
-use wharf_proxy::telemetry::{TelemetryArgs, shutdown_signal};
+use wharf_proxy::telemetry::{ShutdownSignals, TelemetryArgs};
 use wharf_proxy::tls::{ClientTlsFiles, TlsArgs};
 use wharf_proxy::upstream::UpstreamOptions;
 
@@ -191,14 +191,15 @@ async fn main() -> anyhow::Result<()> {
             interval: args.eviction_interval,
         },
     };
+    let mut signals = ShutdownSignals::new().context("listening for SIGTERM and SIGINT")?;
     let cancel = CancellationToken::new();
     let node = tokio::spawn(run_node(listener, opts, cancel.clone()));
-    let signal = shutdown_signal().await;
+    let signal = signals.recv().await;
     tracing::info!(signal, "shutting down: no new connections, finishing in-flight responses");
     cancel.cancel();
     tokio::select! {
         r = node => r?.context("node")?,
-        s = shutdown_signal() => tracing::warn!(signal = s, "second signal; exiting at once"),
+        s = signals.recv() => tracing::warn!(signal = s, "second signal; exiting at once"),
     }
     // The last spans: bounded by the exporter's timeout, off the runtime's threads.
     let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;

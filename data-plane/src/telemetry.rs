@@ -11,9 +11,15 @@
 //! `OTEL_SDK_DISABLED`.
 //!
 //! Incoming and outgoing context is W3C Trace Context (`traceparent`), see [`extract`] and [`inject`].
+//!
+//! Head sampling: with `OTEL_TRACES_SAMPLER=traceidratio|parentbased_traceidratio`, each request is
+//! decided when it arrives ([`head_sampled`]: the incoming `traceparent`'s flag, else the ratio),
+//! and a request that is not sampled runs in [`unsampled`]: none of its spans is even built (the
+//! OpenTelemetry layer would otherwise build every span and drop it at the end). The SDK then
+//! samples what reaches it (parent-based, always on), so the ratio applies once.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
@@ -24,7 +30,7 @@ use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{
-    BatchConfigBuilder, BatchSpanProcessor, SdkTracerProvider, Span, SpanData, SpanExporter, SpanProcessor,
+    BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracerProvider, Span, SpanData, SpanExporter, SpanProcessor,
 };
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use tracing_subscriber::Layer as _;
@@ -64,15 +70,25 @@ impl TelemetryArgs {
     }
 }
 
-/// SIGTERM or SIGINT, whichever comes first (never, where signals cannot be installed).
-pub async fn shutdown_signal() -> &'static str {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+/// SIGTERM and SIGINT, listened to from creation on: a second signal sent right after the first
+/// is not lost between two listeners.
+pub struct ShutdownSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    pub fn new() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self { term: signal(SignalKind::terminate())?, int: signal(SignalKind::interrupt())? })
+    }
+
+    /// The next SIGTERM or SIGINT (including one that came since the last call).
+    pub async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
     }
 }
 
@@ -128,6 +144,74 @@ pub fn enabled() -> bool {
     EXPORTING.load(Ordering::Relaxed)
 }
 
+tokio::task_local! {
+    /// Set while an unsampled request runs: its spans are not built.
+    static UNSAMPLED: ();
+}
+
+/// The head sampling ratio as `f64` bits; 1.0 (every request) unless a trace-id ratio sampler is
+/// configured.
+static HEAD_RATIO: AtomicU64 = AtomicU64::new(0x3FF0_0000_0000_0000);
+
+/// Whether a request with these headers is traced: the `traceparent`'s sampled flag when it has a
+/// valid one, else the head ratio.
+pub fn head_sampled(headers: &HeaderMap) -> bool {
+    if !enabled() {
+        return true;
+    }
+    let flags = headers.get("traceparent").and_then(|v| {
+        let v = v.to_str().ok()?;
+        let parts: Vec<&str> = v.split('-').collect();
+        (parts.len() >= 4 && parts[1].len() == 32 && parts[2].len() == 16)
+            .then(|| u8::from_str_radix(parts[3], 16).ok())
+            .flatten()
+    });
+    match flags {
+        Some(f) => f & 1 == 1,
+        None => {
+            let ratio = f64::from_bits(HEAD_RATIO.load(Ordering::Relaxed));
+            ratio >= 1.0 || rand::random::<f64>() < ratio
+        }
+    }
+}
+
+/// Runs `fut` (a request's handling) without building spans when it is not `sampled`.
+pub async fn unsampled<F: std::future::Future>(sampled: bool, fut: F) -> F::Output {
+    if sampled { fut.await } else { UNSAMPLED.scope((), fut).await }
+}
+
+/// Lets through every event, and the spans of requests that are sampled.
+struct SampledSpans;
+
+impl<S> tracing_subscriber::layer::Filter<S> for SampledSpans {
+    fn enabled(&self, meta: &tracing::Metadata<'_>, _: &tracing_subscriber::layer::Context<'_, S>) -> bool {
+        !(meta.is_span() && UNSAMPLED.try_with(|_| ()).is_ok())
+    }
+
+    /// Decided per span, never cached for the callsite: the first request to reach a callsite may
+    /// be one that is not sampled.
+    fn callsite_enabled(&self, _: &'static tracing::Metadata<'static>) -> tracing::subscriber::Interest {
+        tracing::subscriber::Interest::sometimes()
+    }
+}
+
+/// `fut`, to be spawned, sampled or not like the task spawning it.
+pub fn same_sampling<F: std::future::Future>(fut: F) -> impl std::future::Future<Output = F::Output> {
+    unsampled(UNSAMPLED.try_with(|_| ()).is_err(), fut)
+}
+
+/// The SDK's sampler for the standard variables; a trace-id ratio becomes the head ratio instead.
+fn sampler_from_env() -> Option<Sampler> {
+    let name = std::env::var("OTEL_TRACES_SAMPLER").ok()?;
+    if !matches!(name.trim(), "traceidratio" | "parentbased_traceidratio") {
+        return None;
+    }
+    let ratio = std::env::var("OTEL_TRACES_SAMPLER_ARG").ok().and_then(|v| v.trim().parse::<f64>().ok());
+    let ratio = ratio.filter(|r| (0.0..=1.0).contains(r)).unwrap_or(1.0);
+    HEAD_RATIO.store(ratio.to_bits(), Ordering::Relaxed);
+    Some(Sampler::ParentBased(Box::new(Sampler::AlwaysOn)))
+}
+
 /// Spans of these crates are exported (libraries' own spans, the OTLP client's included, are not).
 const EXPORTED_TARGETS: &[&str] = &["wharf_proxy", "wharf_control"];
 
@@ -163,7 +247,7 @@ pub fn init(opts: &TelemetryOptions) -> Result<Telemetry, TelemetryError> {
             .with_location(false)
             .with_threads(false)
             .with_tracked_inactivity(false)
-            .with_filter(targets)
+            .with_filter(targets.and(SampledSpans))
     });
     tracing_subscriber::registry().with(fmt).with(otel).try_init().map_err(|e| TelemetryError::Init(e.to_string()))?;
     if provider.is_some() {
@@ -202,7 +286,11 @@ fn provider(endpoint: &str, service_name: &'static str) -> Result<SdkTracerProvi
     if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
         resource = resource.with_service_name(service_name);
     }
-    Ok(SdkTracerProvider::builder()
+    let mut builder = SdkTracerProvider::builder();
+    if let Some(sampler) = sampler_from_env() {
+        builder = builder.with_sampler(sampler);
+    }
+    Ok(builder
         .with_span_processor(Bounded { inner: batch, pending, capacity: queue })
         .with_resource(resource.build())
         .build())

@@ -73,7 +73,14 @@ fn main() -> anyhow::Result<()> {
             );
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
-        println!("  spans received by the collector: {}", collector.spans().len());
+        let metrics = wharf_tests::http::get(&format!("http://{}/metrics", observed.addr()), &[]).await?;
+        let scrape = wharf_tests::prom::Scrape::parse(&metrics.text())?;
+        println!(
+            "  observed node: {} requests, {} spans received by the collector, {} dropped",
+            scrape.sum("wharf_requests_total"),
+            collector.spans().len(),
+            scrape.sum("wharf_spans_dropped_total"),
+        );
         Ok(())
     })
 }

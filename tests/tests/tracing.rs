@@ -291,3 +291,53 @@ async fn token_requests_are_round_tripped_without_credentials_or_tokens() -> any
     }
     Ok(())
 }
+
+/// Head sampling (`OTEL_TRACES_SAMPLER=parentbased_traceidratio`): requests that are not sampled
+/// build no spans at all, and a later sampled one (a `traceparent` with the sampled flag) is
+/// exported whole, also after unsampled requests went through every callsite first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unsampled_requests_export_nothing_and_sampled_ones_everything() -> anyhow::Result<()> {
+    let collector = Collector::start().await?;
+    let fake = FakeUpstream::start().await?;
+    let blobs: Vec<_> = (0..3).map(|_| fake.add_random_blob(20_000)).collect();
+    let proxy = Proxy::spawn_with(ProxyOptions {
+        env: vec![
+            ("OTEL_BSP_SCHEDULE_DELAY".into(), "50".into()),
+            ("OTEL_TRACES_SAMPLER".into(), "parentbased_traceidratio".into()),
+            ("OTEL_TRACES_SAMPLER_ARG".into(), "0".into()),
+        ],
+        ..ProxyOptions::new(
+            &repo_config("lab", &fake.url(), "generic", "5m"),
+            &["--otlp-endpoint", &collector.endpoint()],
+        )
+    })?;
+    // Ratio 0, no traceparent (or one whose flag says not sampled): cold and warm pulls, no span.
+    let not_sampled = format!("00-{TRACE_ID}-{PARENT_ID}-00");
+    for b in &blobs[..2] {
+        for headers in [&[][..], &[("traceparent", not_sampled.as_str())][..]] {
+            let resp = get(&proxy.v2(&format!("lab/org/img/blobs/{}", b.digest)), headers).await?;
+            assert_eq!(resp.status, 200, "{}", resp.text());
+        }
+    }
+    // The sampled flag: the whole tree of a cold pull, in the caller's trace.
+    let traceparent = format!("00-{TRACE_ID}-{PARENT_ID}-01");
+    let url = proxy.v2(&format!("lab/org/img/blobs/{}", blobs[2].digest));
+    assert_eq!(get(&url, &[("traceparent", &traceparent)]).await?.status, 200);
+    let spans = collector
+        .wait_for(Duration::from_secs(15), "the sampled pull's spans", |spans| {
+            ["wharf.request", "cache.lookup", "blob.fetch", "upstream.fetch", "blob.stream"]
+                .iter()
+                .all(|n| spans.iter().any(|s| s.name == *n))
+        })
+        .await?;
+    let request = one(&spans, "wharf.request");
+    assert_eq!(request.parent_span_id, PARENT_ID);
+    // Nothing else: every exported span belongs to the sampled pull (blob.fetch is its own trace,
+    // linked to it).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let all = collector.spans();
+    let others: Vec<_> = all.iter().filter(|s| s.trace_id != TRACE_ID && s.name != "blob.fetch").collect();
+    assert!(others.is_empty(), "spans of unsampled requests were exported: {others:#?}");
+    assert_eq!(all.iter().filter(|s| s.name == "wharf.request").count(), 1, "{all:#?}");
+    Ok(())
+}
