@@ -353,9 +353,7 @@ impl Upstream {
             let resp = match sent {
                 Err(_) => Err(UpstreamError::Timeout { url: shown.clone(), phase: "waiting for the response" }),
                 Ok(Err(e)) if e.is_timeout() => Err(UpstreamError::Timeout { url: shown.clone(), phase: "connect" }),
-                Ok(Err(e)) => {
-                    Err(UpstreamError::Unreachable { url: shown.clone(), message: with_tls_hint(error_chain(&e)) })
-                }
+                Ok(Err(e)) => Err(send_error(shown.clone(), error_chain(&e))),
                 Ok(Ok(resp)) => Ok(resp),
             };
             let resp = match resp {
@@ -429,13 +427,16 @@ fn build_client(opts: &UpstreamOptions, tls: &UpstreamTls) -> Result<reqwest::Cl
 }
 
 /// What to do about a certificate the node does not trust, appended to the connection error.
-fn with_tls_hint(message: String) -> String {
+/// A request that got no response. A certificate problem will not go away by itself: it is not
+/// retried (and says what to do); anything else is the upstream being unreachable.
+fn send_error(url: String, message: String) -> UpstreamError {
     if message.contains("certificate") {
-        format!(
+        let message = format!(
             "{message} (a TLS certificate problem: for an upstream with a private CA, give the repo its CA bundle: ca_bundle_file in the config file, ca_bundle through the API)"
-        )
+        );
+        UpstreamError::Protocol { url, message }
     } else {
-        message
+        UpstreamError::Unreachable { url, message }
     }
 }
 

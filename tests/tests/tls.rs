@@ -330,7 +330,8 @@ async fn upstream_over_https_needs_the_repos_ca_bundle_or_insecure_skip_verify()
         repo_config("noca", &upstream, "generic", "5m"),
         repo_config("insecure", &upstream, "generic", "5m"),
     );
-    let proxy = Proxy::spawn(&config, &["--retries", "0"])?;
+    // Retries on: a certificate failure must not use them.
+    let proxy = Proxy::spawn(&config, &["--retries", "2"])?;
     let http = reqwest::Client::builder().no_proxy().timeout(WAIT).build()?;
     let base = |key: &str| format!("http://{}/v2/{key}", proxy.addr());
 
@@ -347,6 +348,10 @@ async fn upstream_over_https_needs_the_repos_ca_bundle_or_insecure_skip_verify()
     let body = resp.text().await?;
     assert_eq!(status, 502, "{body}");
     assert!(body.contains("certificate") && body.contains("ca_bundle"), "no clear TLS error: {body}");
+    // ... at once: a certificate problem is not retried.
+    let retried =
+        proxy.stdout().lines().iter().any(|l| l.contains("retrying upstream request") && l.contains("certificate"));
+    assert!(!retried, "a certificate failure was retried");
 
     // No verification: pulled, with a warning logged once for the repo.
     pull(&http, &base("insecure"), &image).await?;
