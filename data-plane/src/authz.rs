@@ -154,6 +154,8 @@ pub struct DecisionKey {
     /// [`ClientCredentials::fingerprint`]; `None`: anonymous.
     pub client: Option<Digest>,
     pub repo: RepoKey,
+    /// The repo's upstream when the decision was made: pointing the repo elsewhere voids it.
+    pub upstream: String,
     /// The upstream's name of the repository.
     pub name: String,
 }

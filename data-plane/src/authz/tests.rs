@@ -132,6 +132,7 @@ fn decisions_expire_and_stay_bounded() {
     let k = |n: usize| DecisionKey {
         client: Some(Digest::of(&n.to_be_bytes())),
         repo: "lab".parse().unwrap(),
+        upstream: "https://registry.example".into(),
         name: "a".into(),
     };
     let d = Decisions::new(Duration::from_millis(100), 3);
@@ -140,6 +141,7 @@ fn decisions_expire_and_stay_bounded() {
     assert!(d.allowed(&k(0)));
     assert!(!d.allowed(&DecisionKey { client: None, ..k(0) }), "anonymous is another client");
     assert!(!d.allowed(&DecisionKey { name: "b".into(), ..k(0) }), "another repository");
+    assert!(!d.allowed(&DecisionKey { upstream: "https://elsewhere.example".into(), ..k(0) }), "another upstream");
     for n in 1..10 {
         d.allow(k(n));
         assert!(d.len() <= 3);

@@ -19,6 +19,7 @@ pub fn key(ctx: &Ctx) -> DecisionKey {
     DecisionKey {
         client: ctx.client.as_ref().map(|c| c.fingerprint()),
         repo: ctx.repo.key.clone(),
+        upstream: ctx.repo.upstream.clone(),
         name: ctx.name.clone(),
     }
 }
