@@ -34,6 +34,21 @@ struct Args {
     /// etcd client URLs, comma-separated. Without it, the embedded store in --data-dir.
     #[arg(long, env = "WHARF_ETCD", value_delimiter = ',')]
     etcd: Vec<String>,
+    /// etcd user (etcd with authentication on); its password comes from --etcd-password-file.
+    #[arg(long, env = "WHARF_ETCD_USER", requires = "etcd_password_file")]
+    etcd_user: Option<String>,
+    /// A file holding the etcd user's password.
+    #[arg(long, env = "WHARF_ETCD_PASSWORD_FILE", requires = "etcd_user")]
+    etcd_password_file: Option<PathBuf>,
+    /// https:// etcd endpoints: the CA (PEM) that signed etcd's certificates (default: the system's roots).
+    #[arg(long, env = "WHARF_ETCD_CA", value_name = "PEM")]
+    etcd_ca: Option<PathBuf>,
+    /// etcd with --client-cert-auth: the control plane's client certificate (PEM) ...
+    #[arg(long, env = "WHARF_ETCD_CERT", requires = "etcd_key", value_name = "PEM")]
+    etcd_cert: Option<PathBuf>,
+    /// ... and its key (PEM).
+    #[arg(long, env = "WHARF_ETCD_KEY", requires = "etcd_cert", value_name = "PEM")]
+    etcd_key: Option<PathBuf>,
     /// Directory of the embedded store (single machine).
     #[arg(long, default_value = "./wharf-data", env = "WHARF_DATA_DIR")]
     data_dir: PathBuf,
@@ -98,9 +113,33 @@ async fn main() -> anyhow::Result<()> {
         tracing::info!(data_dir = %args.data_dir.display(), "using the embedded store");
         Arc::new(store)
     } else {
+        let user = match (&args.etcd_user, &args.etcd_password_file) {
+            (Some(user), Some(file)) => {
+                let password = std::fs::read_to_string(file)
+                    .with_context(|| format!("reading the etcd password from {}", file.display()))?;
+                Some((user.clone(), password.trim_end_matches(['\r', '\n']).to_owned()))
+            }
+            _ => None,
+        };
+        let tls_files = wharf_proxy::tls::ClientTlsFiles {
+            ca: args.etcd_ca.clone(),
+            cert: args.etcd_cert.clone(),
+            key: args.etcd_key.clone(),
+        };
+        let tls = if args.etcd.iter().any(|e| e.starts_with("https://")) {
+            Some(tls_files.tonic_config().context("--etcd-ca / --etcd-cert / --etcd-key")?)
+        } else {
+            anyhow::ensure!(
+                args.etcd_ca.is_none() && args.etcd_cert.is_none(),
+                "--etcd-ca and --etcd-cert need https:// etcd endpoints"
+            );
+            None
+        };
         let opts = EtcdOptions {
             prefix: args.prefix.clone(),
             timeout: args.store_timeout,
+            user,
+            tls,
             ..EtcdOptions::new(args.etcd.clone())
         };
         let store = EtcdStore::connect(opts).await.context("connecting to etcd")?;

@@ -21,6 +21,7 @@ use wharf_proto::v1::config_service_client::ConfigServiceClient;
 use crate::config::{Config, Snapshot};
 use crate::store::Store;
 use crate::tls::ClientTlsFiles;
+use crate::upstream::error_chain;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManagedError {
@@ -324,18 +325,6 @@ async fn follow(
             _ = report.tick() => send_report(&mut client, opts, store, applied, last_error).await,
         }
     }
-}
-
-/// An error and its sources on one line (tonic's transport error says only "transport error").
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
-    }
-    s
 }
 
 fn apply(

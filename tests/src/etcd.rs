@@ -20,7 +20,8 @@ use tempfile::TempDir;
 
 use crate::process::ChildGuard;
 
-const ETCD_BIN: &str = "/usr/bin/etcd";
+/// Where Debian's etcd-server puts etcd.
+pub const ETCD_BIN: &str = "/usr/bin/etcd";
 /// How long a cluster may take to become healthy.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 const START_ATTEMPTS: usize = 5;

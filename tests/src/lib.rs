@@ -22,6 +22,7 @@ pub mod fake;
 pub mod http;
 pub mod image;
 pub mod otlp;
+pub mod pki;
 pub mod process;
 pub mod prom;
 pub mod proxy;

@@ -4,18 +4,16 @@
 //! https, mTLS refusing a node without a client certificate, regctl with --ca-cert), and upstreams
 //! over HTTPS (a repo's CA bundle, none, insecure_skip_tls_verify).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, ensure};
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
-};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use wharf_tests::control::{ControlOptions, ControlPlane, Node, admin_token};
+use wharf_tests::pki::{Leaf, Pki};
 use wharf_tests::proxy::repo_config;
 use wharf_tests::regctl::Regctl;
 use wharf_tests::{FakeUpstream, Proxy, ProxyOptions, TestImage};
@@ -25,69 +23,6 @@ const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
-}
-
-/// A test CA in a temp dir, issuing leaf certificates for 127.0.0.1 and localhost.
-struct Pki {
-    dir: tempfile::TempDir,
-    issuer: Issuer<'static, KeyPair>,
-    ca_pem: String,
-}
-
-/// A certificate and its key.
-struct Leaf {
-    cert_pem: String,
-    key_pem: String,
-    der: CertificateDer<'static>,
-}
-
-impl Pki {
-    fn new(name: &str) -> anyhow::Result<Self> {
-        let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params.distinguished_name.push(DnType::CommonName, format!("{name} test CA"));
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages =
-            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-        let key = KeyPair::generate()?;
-        let cert = params.self_signed(&key)?;
-        let dir = tempfile::Builder::new().prefix("wharf-pki-").tempdir()?;
-        std::fs::write(dir.path().join("ca.pem"), cert.pem())?;
-        Ok(Self { dir, issuer: Issuer::new(params, key), ca_pem: cert.pem() })
-    }
-
-    fn ca_path(&self) -> PathBuf {
-        self.dir.path().join("ca.pem")
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    /// A certificate for 127.0.0.1 and localhost, for servers and clients alike.
-    fn leaf(&self, cn: &str) -> anyhow::Result<Leaf> {
-        let mut params = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])?;
-        params.distinguished_name.push(DnType::CommonName, cn);
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
-        params.use_authority_key_identifier_extension = true;
-        let key = KeyPair::generate()?;
-        let cert = params.signed_by(&key, &self.issuer)?;
-        Ok(Leaf { cert_pem: cert.pem(), key_pem: key.serialize_pem(), der: cert.der().clone() })
-    }
-
-    /// Writes `leaf` to `<name>.crt` and `<name>.key` (each replaced at once, by rename).
-    fn write(&self, name: &str, leaf: &Leaf) -> anyhow::Result<(PathBuf, PathBuf)> {
-        let (cert, key) = (self.path(&format!("{name}.crt")), self.path(&format!("{name}.key")));
-        replace_file(&key, leaf.key_pem.as_bytes())?;
-        replace_file(&cert, leaf.cert_pem.as_bytes())?;
-        Ok((cert, key))
-    }
-}
-
-fn replace_file(path: &Path, data: &[u8]) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, data)?;
-    std::fs::rename(&tmp, path)?;
-    Ok(())
 }
 
 fn s(p: &Path) -> String {

@@ -21,7 +21,7 @@ const LIST_PAGE: i64 = 500;
 /// Options for [`EtcdStore::connect`].
 #[derive(Debug, Clone)]
 pub struct EtcdOptions {
-    /// Client URLs of the cluster's members, e.g. `http://10.0.0.1:2379` (plain HTTP only for now).
+    /// Client URLs of the cluster's members, e.g. `https://10.0.0.1:2379`.
     pub endpoints: Vec<String>,
     /// The prefix every key lives under; must not be empty.
     pub prefix: String,
@@ -29,6 +29,9 @@ pub struct EtcdOptions {
     pub timeout: Duration,
     /// etcd user name and password, when etcd has authentication on.
     pub user: Option<(String, String)>,
+    /// For `https://` endpoints: the CA to trust and, for etcd's `--client-cert-auth`, a client
+    /// certificate.
+    pub tls: Option<etcd_client::TlsOptions>,
 }
 
 impl EtcdOptions {
@@ -39,6 +42,7 @@ impl EtcdOptions {
             prefix: super::DEFAULT_PREFIX.to_string(),
             timeout: super::DEFAULT_TIMEOUT,
             user: None,
+            tls: None,
         }
     }
 }
@@ -83,6 +87,9 @@ impl EtcdStore {
             .with_require_leader(true);
         if let Some((user, password)) = &opts.user {
             co = co.with_user(user.clone(), password.clone());
+        }
+        if let Some(tls) = &opts.tls {
+            co = co.with_tls(tls.clone());
         }
         let endpoints = opts.endpoints.iter().map(|e| redact(e)).collect::<Vec<_>>().join(",");
         let client = match tokio::time::timeout(opts.timeout, Client::connect(&opts.endpoints, Some(co))).await {
