@@ -153,6 +153,11 @@ impl Store {
     /// reading metadata only, never blob contents.
     pub fn open(root: impl Into<PathBuf>) -> Result<Self, StoreError> {
         let root = root.into();
+        if !root.exists() {
+            // Private images' blobs and manifests land here: a directory of the service user's.
+            use std::os::unix::fs::DirBuilderExt as _;
+            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&root).map_err(io(&root))?;
+        }
         for d in ["blobs/sha256", "manifests/sha256", "repos", "staging"] {
             let p = root.join(d);
             std::fs::create_dir_all(&p).map_err(io(&p))?;
@@ -587,6 +592,15 @@ mod tests {
         assert_eq!(s.get_tag(&repo, "a/b", "v1").unwrap().digest, d.to_string());
         assert!(s.is_linked(&repo, "a/b", &d));
         assert!(!s.is_linked(&repo, "a", &d));
+    }
+
+    #[test]
+    fn a_new_cache_dir_is_private() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let parent = tempfile::tempdir().unwrap();
+        let root = parent.path().join("cache");
+        Store::open(&root).unwrap();
+        assert_eq!(std::fs::metadata(&root).unwrap().permissions().mode() & 0o777, 0o700);
     }
 
     #[test]

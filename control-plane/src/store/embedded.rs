@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
+use std::os::unix::fs::DirBuilderExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
@@ -278,8 +279,14 @@ impl EmbeddedStore {
     }
 
     fn open_blocking(dir: PathBuf, opts: EmbeddedOptions) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| StoreError::Internal(format!("creating store directory {}: {e}", dir.display())))?;
+        if !dir.exists() {
+            // The store holds upstream passwords and token hashes: a directory of the service user's.
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)
+                .map_err(|e| StoreError::Internal(format!("creating store directory {}: {e}", dir.display())))?;
+        }
         let lock_path = dir.join("LOCK");
         let lock_file = OpenOptions::new()
             .create(true)

@@ -120,3 +120,21 @@ async fn watch_streams_end_when_the_store_closes() {
     assert!(matches!(w.next().await, Some(Err(StoreError::Unavailable(_)))));
     assert!(w.next().await.is_none());
 }
+
+#[tokio::test]
+async fn the_store_is_private_to_its_user() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let parent = tempfile::tempdir().unwrap();
+    let dir = parent.path().join("data");
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let s = open(&dir).await;
+    s.create("repos/a", b"secret".to_vec()).await.unwrap();
+    drop(s);
+    assert_eq!(mode(&dir), 0o700);
+    assert_eq!(mode(&dir.join(LOG_FILE)), 0o600);
+    // A log left readable by others (as older versions wrote it) is made private at open.
+    std::fs::set_permissions(dir.join(LOG_FILE), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let s = open(&dir).await;
+    assert_eq!(mode(&dir.join(LOG_FILE)), 0o600);
+    assert!(s.get("repos/a").await.unwrap().is_some());
+}

@@ -20,6 +20,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read as _, Write as _};
+use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 
 use super::StoreError;
@@ -253,6 +254,13 @@ pub(super) fn open_existing(dir: &Path) -> Result<Option<(Replayed, File)>, Stor
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(io_err("opening", &path, e)),
     };
+    // It holds upstream passwords and token hashes: the service user's alone (older stores were
+    // created 0644).
+    let mode = file.metadata().map_err(|e| io_err("reading the mode of", &path, e))?.permissions().mode();
+    if mode & 0o077 != 0 {
+        file.set_permissions(std::fs::Permissions::from_mode(0o600)).map_err(|e| io_err("restricting", &path, e))?;
+        tracing::info!(path = %path.display(), was = format!("{:o}", mode & 0o777), "store log made private (0600)");
+    }
     let mut data = Vec::new();
     file.read_to_end(&mut data).map_err(|e| io_err("reading", &path, e))?;
     let replayed = replay(&data)?;
@@ -357,6 +365,7 @@ fn write_atomically(dir: &Path, data: &[u8]) -> Result<File, StoreError> {
         .append(true)
         .create(true)
         .truncate(false)
+        .mode(0o600)
         .open(&tmp)
         .map_err(|e| io_err("creating", &tmp, e))?;
     f.set_len(0).map_err(|e| io_err("truncating", &tmp, e))?;
