@@ -13,6 +13,7 @@ use wharf_control::error::ApiError;
 use wharf_control::repos::RepoSpec;
 use wharf_control::server::{ApiState, run_tls};
 use wharf_control::store::{ConfigStore, EmbeddedOptions, EmbeddedStore, EtcdOptions, EtcdStore, TracedStore};
+use wharf_control::tokens::Ensured;
 use wharf_core::Secret;
 use wharf_core::token::Role;
 use wharf_proxy::telemetry::{ShutdownSignals, TelemetryArgs};
@@ -166,8 +167,13 @@ async fn main() -> anyhow::Result<()> {
         // Before listening when the store answers, so the token works from the first call; else
         // in the background until it does.
         match state.tokens.ensure(&token, Role::Admin, "bootstrap").await {
-            Ok(created) => {
-                tracing::info!(path = %path.display(), created, "bootstrap admin token in place");
+            Ok(Ensured::Revoked) => tracing::warn!(
+                path = %path.display(),
+                token_id = %id,
+                "the bootstrap token was revoked and stays so (to have a new one made, remove the file and restart)"
+            ),
+            Ok(found) => {
+                tracing::info!(path = %path.display(), ?found, "bootstrap admin token in place");
                 if !state.hub.wait_for(args.store_timeout, |p| p.tokens.contains_key(&id)).await {
                     tracing::warn!("the bootstrap token is stored but not loaded yet");
                 }
@@ -180,7 +186,7 @@ async fn main() -> anyhow::Result<()> {
                     loop {
                         tokio::time::sleep(backoff).await;
                         match tokens.ensure(&token, Role::Admin, "bootstrap").await {
-                            Ok(_) => return tracing::info!("bootstrap admin token in place"),
+                            Ok(found) => return tracing::info!(?found, "bootstrap admin token checked"),
                             Err(ApiError::Unavailable(_)) => backoff = (backoff * 2).min(Duration::from_secs(5)),
                             Err(e) => return tracing::error!(error = %e, "bootstrap token refused"),
                         }
@@ -208,7 +214,13 @@ async fn main() -> anyhow::Result<()> {
     let node = if args.dev {
         // The in-process node follows this control plane like any other: with a node token.
         let node_token = token_file(&args.data_dir.join("node.token"))?;
-        state_tokens.ensure(&node_token, Role::Node, "dev node").await.context("storing the dev node's token")?;
+        let found =
+            state_tokens.ensure(&node_token, Role::Node, "dev node").await.context("storing the dev node's token")?;
+        anyhow::ensure!(
+            found != Ensured::Revoked,
+            "the dev node's token was revoked: remove {} and start again",
+            args.data_dir.join("node.token").display()
+        );
         Some(start_dev_node(&args, local, metrics, Secret::new(node_token), cancel.clone()).await?)
     } else {
         None

@@ -6,13 +6,17 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
-use wharf_core::token::{Grant, Presented, RepoPattern, Role, format_token, hash_secret};
+use wharf_core::token::{Grant, Presented, RepoPattern, Role, format_token, hash_secret, valid_id};
 
 use crate::error::ApiError;
+use crate::repos::{millis, now};
 use crate::store::{ConfigStore, KeyValue};
 
 /// Where tokens live in the store.
 pub const PREFIX: &str = "tokens/";
+
+/// Tombstones of revoked tokens (the time of revocation, in ms).
+const REVOKED: &str = "revoked/";
 
 /// Longest lifetime a token may be given.
 pub const MAX_EXPIRY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
@@ -46,10 +50,6 @@ struct Stored {
     created_at_ms: u64,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     description: String,
-}
-
-fn millis(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 fn from_millis(ms: u64) -> SystemTime {
@@ -136,7 +136,7 @@ impl Tokens {
     pub async fn create(&self, spec: TokenSpec) -> Result<(TokenRecord, String), ApiError> {
         let (role, repos) = validate(&spec)?;
         let (id, secret) = generate();
-        let now = from_millis(millis(SystemTime::now()));
+        let now = now();
         let record = TokenRecord {
             grant: Grant {
                 id: id.clone(),
@@ -161,10 +161,20 @@ impl Tokens {
         Ok(tokens)
     }
 
+    /// Deletes the token and leaves a tombstone (`revoked/<id>`), so that a token file read at
+    /// start-up (bootstrap, dev) does not bring it back.
     pub async fn revoke(&self, id: &str) -> Result<(), ApiError> {
-        let valid = id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit());
-        if !valid {
-            return Err(ApiError::invalid("id", "a token id is 16 hexadecimal digits (see `token list`)"));
+        if !valid_id(id) {
+            return Err(ApiError::invalid("id", "a token id is 16 lowercase hexadecimal digits (see `token list`)"));
+        }
+        if self.store.get(&store_key(id)).await.map_err(|e| ApiError::from_store(e, id, None))?.is_none() {
+            return Err(ApiError::TokenNotFound { id: id.to_owned() });
+        }
+        // The tombstone first: a failure after it leaves the token revoked-to-be, never resurrectable.
+        let tombstone = millis(SystemTime::now()).to_string().into_bytes();
+        match self.store.create(&format!("{REVOKED}{id}"), tombstone).await {
+            Ok(_) | Err(crate::store::StoreError::AlreadyExists { .. }) => {}
+            Err(e) => return Err(ApiError::from_store(e, id, None)),
         }
         self.store.delete(&store_key(id), None).await.map_err(|e| match e {
             crate::store::StoreError::NotFound { .. } => ApiError::TokenNotFound { id: id.to_owned() },
@@ -174,29 +184,43 @@ impl Tokens {
         Ok(())
     }
 
-    /// Makes sure `token` (the full `wharf_<id>_<secret>` text) exists with `role`; returns
-    /// whether it had to be created. Used for the bootstrap admin token and `--dev`.
-    pub async fn ensure(&self, token: &str, role: Role, description: &str) -> Result<bool, ApiError> {
+    /// Makes sure `token` (the full `wharf_<id>_<secret>` text) exists with `role`, unless it was
+    /// revoked. Used for the bootstrap admin token and `--dev`.
+    pub async fn ensure(&self, token: &str, role: Role, description: &str) -> Result<Ensured, ApiError> {
         let p = Presented::parse(token)
             .ok_or_else(|| ApiError::invalid("token", "not a Wharf token (wharf_<16 hex digits>_<secret>)"))?;
-        if let Some(kv) = self.store.get(&store_key(&p.id)).await.map_err(|e| ApiError::from_store(e, &p.id, None))? {
+        let get =
+            |key: String| async move { self.store.get(&key).await.map_err(|e| ApiError::from_store(e, &key, None)) };
+        if let Some(kv) = get(store_key(&p.id)).await? {
             return match decode(&kv) {
-                Some(r) if r.grant.secret_sha256 == p.secret_sha256 && r.grant.role == role => Ok(false),
+                Some(r) if r.grant.secret_sha256 == p.secret_sha256 && r.grant.role == role => Ok(Ensured::Present),
                 _ => Err(ApiError::invalid("token", format!("token id {} exists with another secret or role", p.id))),
             };
         }
+        if get(format!("{REVOKED}{}", p.id)).await?.is_some() {
+            return Ok(Ensured::Revoked);
+        }
         let record = TokenRecord {
             grant: Grant { id: p.id.clone(), secret_sha256: p.secret_sha256, role, repos: vec![], expires_at: None },
-            created_at: from_millis(millis(SystemTime::now())),
+            created_at: now(),
             description: description.to_owned(),
         };
         match self.store.create(&store_key(&p.id), encode(&record)).await {
-            Ok(_) => Ok(true),
+            Ok(_) => Ok(Ensured::Created),
             // Another replica created it at the same moment.
-            Err(crate::store::StoreError::AlreadyExists { .. }) => Ok(false),
+            Err(crate::store::StoreError::AlreadyExists { .. }) => Ok(Ensured::Present),
             Err(e) => Err(ApiError::from_store(e, &p.id, None)),
         }
     }
+}
+
+/// What [`Tokens::ensure`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ensured {
+    Present,
+    Created,
+    /// Revoked earlier: it stays so.
+    Revoked,
 }
 
 /// A new token's text, for files written at start-up (bootstrap, dev).

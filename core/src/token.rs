@@ -151,12 +151,16 @@ pub struct Presented {
     pub secret_sha256: [u8; 32],
 }
 
+/// Whether `id` is shaped like a token id: 16 lowercase hexadecimal digits.
+pub fn valid_id(id: &str) -> bool {
+    id.len() == 16 && id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
 impl Presented {
     pub fn parse(token: &str) -> Option<Self> {
         let rest = token.trim().strip_prefix(PREFIX)?;
         let (id, secret) = rest.split_once('_')?;
-        let id_ok = id.len() == 16 && id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-        if !id_ok || secret.len() < 32 || secret.len() > 128 {
+        if !valid_id(id) || secret.len() < 32 || secret.len() > 128 {
             return None;
         }
         Some(Self { id: id.to_owned(), secret_sha256: hash_secret(secret) })

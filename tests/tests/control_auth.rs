@@ -15,8 +15,8 @@ use wharf_proto::v1::config_service_client::ConfigServiceClient;
 use wharf_proto::v1::repo_service_client::RepoServiceClient;
 use wharf_proto::v1::token_service_client::TokenServiceClient;
 use wharf_tests::control::{
-    ControlOptions, ControlPlane, Node, create_repo, expect_problem, grpc_as, poll, repo_json, rest, rest_json,
-    write_token_file,
+    ControlOptions, ControlPlane, Node, admin_token, create_repo, expect_problem, grpc_as, poll, repo_json, rest,
+    rest_json, write_token_file,
 };
 use wharf_tests::http::Resp;
 use wharf_tests::process::{fields, message};
@@ -269,5 +269,24 @@ async fn control_auth_puller_tokens_open_token_repos_on_every_node_until_revoked
         let r = manifest_status(node, "priv", "team/app", "v1", &basic).await?;
         assert_eq!(r.status, 401, "revoked token as Basic on {}: {}", node.id(), r.text());
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_auth_a_revoked_bootstrap_token_stays_revoked_across_restarts() -> anyhow::Result<()> {
+    let mut cp = ControlPlane::embedded()?;
+    let admin = create_token(&cp, &["--role", "admin", "--description", "ops"]).await?;
+    let as_admin = bearer(&admin);
+    let bootstrap_id = admin_token().split('_').nth(1).unwrap_or_default().to_owned();
+    let r =
+        rest("DELETE", &cp.api(&format!("/api/tokens/{bootstrap_id}")), &[("authorization", &as_admin)], None).await?;
+    assert_eq!(r.status, 204, "{}", r.text());
+    // The bootstrap file still holds it: a restart must not bring it back.
+    cp.restart()?;
+    let repos = cp.api("/api/repos");
+    assert_eq!(rest("GET", &repos, &[], None).await?.status, 401, "the revoked bootstrap token works again");
+    assert_eq!(rest("GET", &repos, &[("authorization", &as_admin)], None).await?.status, 200);
+    let warned = cp.logs().iter().any(|v| message(v).is_some_and(|m| m.contains("was revoked and stays so")));
+    assert!(warned, "no warning about the revoked bootstrap token:\n{}", cp.log_tail(20));
     Ok(())
 }
