@@ -121,7 +121,7 @@ pub async fn get(ctx: &Ctx, digest: Digest, log: &mut RequestLog) -> Result<Resp
 async fn authorize_cached(ctx: &Ctx, digest: &Digest, log: &mut RequestLog) -> Result<(), RegistryError> {
     let store = &ctx.state.store;
     if store.is_linked(&ctx.repo.key, &ctx.name, digest) {
-        return gate::authorize_hit(ctx, format!("blobs/{digest}"), log).await;
+        return gate::authorize_hit(ctx, || format!("blobs/{digest}"), log).await;
     }
     confirm_upstream(ctx, digest, log).await
 }
@@ -153,7 +153,7 @@ async fn authorize_waiter(
     if flight.repo_key != ctx.repo.key || flight.name != ctx.name {
         return confirm_upstream(ctx, digest, log).await;
     }
-    gate::authorize_hit(ctx, format!("blobs/{digest}"), log).await
+    gate::authorize_hit(ctx, || format!("blobs/{digest}"), log).await
 }
 
 fn blob_request<'a>(ctx: &'a Ctx, digest: &Digest, method: Method, headers: HeaderMap) -> UpstreamRequest<'a> {

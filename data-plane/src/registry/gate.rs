@@ -33,11 +33,17 @@ pub fn note_authorized(ctx: &Ctx, log: &mut RequestLog) {
 }
 
 /// Before cached content of a passthrough repo goes to a client: a recent decision, or a HEAD of
-/// `path` (`manifests/<digest>`, `blobs/<digest>`) upstream with the client's credentials.
-pub async fn authorize_hit(ctx: &Ctx, path: String, log: &mut RequestLog) -> Result<(), RegistryError> {
+/// `path()` (`manifests/<digest>`, `blobs/<digest>`) upstream with the client's credentials. Other
+/// repos return at once (the path is not even built).
+pub async fn authorize_hit(
+    ctx: &Ctx,
+    path: impl FnOnce() -> String,
+    log: &mut RequestLog,
+) -> Result<(), RegistryError> {
     if !ctx.passthrough() {
         return Ok(());
     }
+    let path = path();
     let key = key(ctx);
     if ctx.state.decisions.allowed(&key) {
         log.authz = "cached";
@@ -93,11 +99,22 @@ pub async fn authorize_hit(ctx: &Ctx, path: String, log: &mut RequestLog) -> Res
     }
 }
 
-/// An upstream's yes to a HEAD sent without following redirects: 200, or a redirect to where the
-/// content is (a registry signs a CDN or object-store URL only for a client it authorized; the
-/// signed URL itself may refuse HEAD, as S3's for GET do).
+/// An upstream's yes to a HEAD sent without following redirects: 200, or a redirect to another
+/// host, where the content is (a registry signs a CDN or object-store URL only for a client it
+/// authorized; the signed URL itself may refuse HEAD, as S3's for GET do). A redirect on the same
+/// host (http to https, a path fixed) may come before any authorization: it is no yes.
 pub fn accepted(r: &UpstreamResponse) -> bool {
-    r.status == StatusCode::OK || (r.status.is_redirection() && r.headers.contains_key(header::LOCATION))
+    if r.status == StatusCode::OK {
+        return true;
+    }
+    let location = r.header_str(header::LOCATION).and_then(|l| reqwest::Url::parse(l).ok());
+    let from = reqwest::Url::parse(&r.url).ok();
+    r.status.is_redirection()
+        && match (from, location) {
+            (Some(from), Some(to)) => from.host_str() != to.host_str(),
+            // Relative: the same host.
+            _ => false,
+        }
 }
 
 /// A passthrough repo's error as the client gets it: a 401 carries the Basic challenge (so that

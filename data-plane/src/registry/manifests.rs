@@ -13,7 +13,7 @@ use super::{
 };
 use crate::error::RegistryError;
 use crate::store::{TagEntry, now_secs};
-use crate::upstream::{Upstream, UpstreamRequest};
+use crate::upstream::{Upstream, UpstreamError, UpstreamRequest};
 
 /// What Wharf asks for when the client names no type: every manifest type in use.
 pub const DEFAULT_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
@@ -41,7 +41,7 @@ pub async fn get(ctx: &Ctx, reference: Reference, log: &mut RequestLog) -> Resul
             drop(lookup);
             if let Some(m) = found {
                 log.cache = "hit";
-                gate::authorize_hit(ctx, format!("manifests/{d}"), log).await?;
+                gate::authorize_hit(ctx, || format!("manifests/{d}"), log).await?;
                 return Ok(respond(ctx, m, IMMUTABLE, None));
             }
             let m = fetch(ctx, &reference, log).await?;
@@ -74,7 +74,7 @@ pub async fn get(ctx: &Ctx, reference: Reference, log: &mut RequestLog) -> Resul
                 let age = now_secs().saturating_sub(entry.fetched_at);
                 if age < ctx.repo.tag_ttl.as_secs() {
                     log.cache = "hit";
-                    gate::authorize_hit(ctx, format!("manifests/{}", m.digest), log).await?;
+                    gate::authorize_hit(ctx, || format!("manifests/{}", m.digest), log).await?;
                     return Ok(respond(ctx, m, &cache_control, None));
                 }
                 match revalidate(ctx, tag, &m.digest, log).await {
@@ -191,6 +191,8 @@ async fn revalidate(ctx: &Ctx, tag: &str, cached: &Digest, log: &mut RequestLog)
     };
     log.upstream_url = Upstream::url_for(&req);
     match ctx.state.upstream.send(&req).await {
+        // The token endpoint refused the credentials: an answer about this client, not an outage.
+        Err(e @ UpstreamError::Token { status: 401 | 403, .. }) => Revalidated::Error(upstream_error(&e)),
         Err(e) => Revalidated::Stale(e.to_string()),
         Ok(r) if r.status == StatusCode::OK => {
             match r.header_str("docker-content-digest").and_then(|d| d.parse::<Digest>().ok()) {
