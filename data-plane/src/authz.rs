@@ -19,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine as _;
 use http::{HeaderMap, StatusCode, header};
-use wharf_core::{Digest, DigestHasher, Presented, RepoKey, Secret};
+use wharf_core::{Access, AuthMode, Digest, DigestHasher, Presented, RepoKey, Secret};
 
 use crate::config::Snapshot;
 use crate::error::RegistryError;
@@ -59,6 +59,11 @@ impl ClientCredentials {
             let raw = base64::engine::general_purpose::STANDARD.decode(rest).map_err(|_| bad("Basic is not base64"))?;
             let raw = String::from_utf8(raw).map_err(|_| bad("Basic credentials are not UTF-8"))?;
             let (username, password) = raw.split_once(':').ok_or_else(|| bad("Basic credentials have no ':'"))?;
+            if username.is_empty() && password.is_empty() {
+                // What containers/image (skopeo, podman) sends to a Basic challenge when it has no
+                // login for this host: anonymous.
+                return Ok(None);
+            }
             Ok(Some(ClientCredentials::Basic { username: username.to_owned(), password: Secret::new(password) }))
         } else if scheme.eq_ignore_ascii_case("bearer") && !rest.is_empty() {
             Ok(Some(ClientCredentials::Bearer(Secret::new(rest))))
@@ -133,11 +138,25 @@ pub fn check_puller(
     }
 }
 
-/// `GET /v2/`: open to anonymous clients (else docker fails anonymous pulls of public repos), but
-/// a Wharf token sent along must be valid, so `docker login` with a bad one fails.
+/// `GET /v2/`. docker, skopeo and podman learn from this ping alone whether to send credentials:
+/// a node serving any `access = "token"` or passthrough repo challenges a client that sent none
+/// (Basic), so that their logins reach it. (docker then needs a `docker login <node>` even for the
+/// node's public repos; skopeo and podman answer the challenge anonymously, which passes.) A node
+/// of public repos only stays open. A Wharf token sent along must be valid, so `docker login` with
+/// a bad one fails.
 pub fn ping(snapshot: &Snapshot, headers: &HeaderMap, now: SystemTime) -> Result<(), RegistryError> {
-    let Ok(Some(creds)) = ClientCredentials::from_headers(headers) else {
-        return Ok(());
+    let creds = match ClientCredentials::from_headers(headers) {
+        Ok(Some(creds)) => creds,
+        Ok(None) if headers.contains_key(header::AUTHORIZATION) => return Ok(()),
+        Ok(None) => {
+            let guarded = snapshot.repos.values().any(|r| r.access == Access::Token || r.auth == AuthMode::Passthrough);
+            return if guarded {
+                Err(unauthorized("this node serves repos that need credentials: log in to it (docker login <node>)"))
+            } else {
+                Ok(())
+            };
+        }
+        Err(_) => return Ok(()),
     };
     let Some(presented) = creds.wharf_token() else {
         return Ok(());

@@ -290,3 +290,54 @@ async fn control_auth_a_revoked_bootstrap_token_stays_revoked_across_restarts() 
     assert!(warned, "no warning about the revoked bootstrap token:\n{}", cp.log_tail(20));
     Ok(())
 }
+
+/// A real client through an `access = "token"` repo: skopeo with `--src-creds <any user>:<puller
+/// token>` copies the image (it sends credentials only because the ping challenged it); without
+/// credentials it is refused; anonymous copies from the node's public repos still work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_auth_skopeo_pulls_a_token_repo_with_a_puller_token() -> anyhow::Result<()> {
+    let registry = Registry::start()?;
+    let image = TestImage::random("v1", &[10_000, 20_000])?;
+    image.push(&registry.host(), "team/app")?;
+    let cp = ControlPlane::embedded()?;
+    let node = Node::spawn("a", &[cp.url()])?;
+    let mut repo = repo_json("priv", &registry.url());
+    repo["access"] = json!("token");
+    let rev = create_repo(&cp.url(), &repo).await?;
+    let token = create_token(&cp, &["--role", "puller", "--repos", "priv/team/*"]).await?;
+    node.wait_applied(rev, PROPAGATION)?;
+    let src = format!("docker://{}/priv/team/app:v1", node.host());
+    let copy = |creds: Option<String>| {
+        let src = src.clone();
+        tokio::task::spawn_blocking(move || {
+            let dir = tempfile::tempdir()?;
+            let mut cmd = std::process::Command::new("skopeo");
+            cmd.args(["--insecure-policy", "copy", "--src-tls-verify=false", "--retry-times", "0"]);
+            if let Some(c) = creds {
+                cmd.arg("--src-creds").arg(c);
+            }
+            let out = cmd.arg(&src).arg(format!("dir:{}", dir.path().display())).output()?;
+            anyhow::Ok((out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned()))
+        })
+    };
+    // Wait until the node has the token (the snapshot with it may trail the repo's).
+    poll(PROPAGATION, "the puller token on the node", || async {
+        let r = manifest_status(&node, "priv", "team/app", "v1", &bearer(&token)).await.ok()?;
+        (r.status == 200).then_some(())
+    })
+    .await?;
+    let (ok, err) = copy(Some(format!("ci:{token}"))).await??;
+    assert!(ok, "skopeo with a puller token was refused:\n{err}\n{}", node.log_tail(10));
+    let (ok, err) = copy(None).await??;
+    assert!(!ok, "skopeo without credentials copied a token repo");
+    assert!(err.contains("401") || err.to_lowercase().contains("unauthorized"), "{err}");
+    // The node's public repos stay open to anonymous skopeo, although the ping challenges it.
+    let rev = create_repo(&cp.url(), &repo_json("open", &registry.url())).await?;
+    node.wait_applied(rev, PROPAGATION)?;
+    let out = wharf_tests::skopeo_copy_to_dir(
+        &format!("docker://{}/open/team/app:v1", node.host()),
+        tempfile::tempdir()?.path(),
+    );
+    assert!(out.is_ok(), "anonymous skopeo on a public repo: {out:?}");
+    Ok(())
+}

@@ -118,7 +118,17 @@ fn puller_tokens_gate_token_repos() {
 fn ping_checks_only_wharf_tokens() {
     let now = SystemTime::now();
     let snap = Snapshot::default().with_pullers([grant(&[], None)]);
+    // Public repos only: open to anyone.
     assert!(ping(&snap, &HeaderMap::new(), now).is_ok());
+    // A repo that needs credentials: a client that sent none is challenged, so that docker, skopeo
+    // and podman send their login; skopeo's empty answer (":") passes, as anonymous.
+    for (auth, access) in [(AuthMode::Static, Access::Token), (AuthMode::Passthrough, Access::Public)] {
+        let guarded = Snapshot::new([repo("private", auth, access)]);
+        let e = ping(&guarded, &HeaderMap::new(), now).unwrap_err();
+        assert_eq!((e.status, e.challenge), (StatusCode::UNAUTHORIZED, true));
+        assert!(ping(&guarded, &headers(&basic("", "")), now).is_ok());
+        assert!(ping(&guarded, &headers(&basic("user", "upstream-password")), now).is_ok());
+    }
     assert!(ping(&snap, &headers(&basic("user", "upstream-password")), now).is_ok());
     assert!(ping(&snap, &headers("Bearer some-upstream-token"), now).is_ok());
     assert!(ping(&snap, &headers(&format!("Bearer {}", token())), now).is_ok());
@@ -210,9 +220,12 @@ async fn token_repos_through_the_router() {
         get("/v2/private/team/app/manifests/v1", Some(format!("Bearer {}", format_token(ID, &"x".repeat(40))))).await;
     assert_eq!(r.status(), 401);
 
-    // A public repo ignores tokens; the ping stays open, but checks a Wharf token sent to it.
+    // A public repo ignores tokens. The ping challenges a client without credentials (this node
+    // serves a token repo), and checks a Wharf token sent to it.
     assert_eq!(get("/v2/open/team/app/manifests/v1", None).await.status(), 502);
-    assert_eq!(get("/v2/", None).await.status(), 200);
+    let r = get("/v2/", None).await;
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.headers()["www-authenticate"], CHALLENGE);
     assert_eq!(get("/v2/", bearer.clone()).await.status(), 200);
     let r = get("/v2/", Some(format!("Bearer {}", format_token("fedcba9876543210", &secret())))).await;
     assert_eq!(r.status(), 401);
