@@ -361,3 +361,39 @@ async fn a_registry_redirect_is_its_yes_and_is_not_followed_for_a_head() -> anyh
     assert_all_refused(&proxy, &image, None, "anonymous").await?;
     Ok(())
 }
+
+/// A real client: skopeo with `--src-creds` through the passthrough repo (its login reaches the
+/// node because the ping challenges it): alice copies the private image, bob is refused, and an
+/// anonymous skopeo still copies public content.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn skopeo_sends_each_users_login_through_the_node() -> anyhow::Result<()> {
+    let fake = FakeUpstream::start_with(AuthMode::Bearer { credentials: None, expires_in: Some(300) }).await?;
+    let private = TestImage::random("v1", &[10_000, 20_000])?;
+    let u = users(&fake, &private);
+    let public = TestImage::random("1.0", &[10_000])?;
+    fake.put_image("library/tool", &public);
+    let proxy = Proxy::spawn(&config(&fake.url()), &[])?;
+    let copy = |name: &str, tag: &str, creds: Option<String>| {
+        let src = format!("docker://{}/pt/{name}:{tag}", proxy.host());
+        tokio::task::spawn_blocking(move || {
+            let dir = tempfile::tempdir()?;
+            let mut cmd = std::process::Command::new("skopeo");
+            cmd.args(["--insecure-policy", "copy", "--src-tls-verify=false", "--retry-times", "0"]);
+            if let Some(c) = creds {
+                cmd.arg("--src-creds").arg(c);
+            }
+            let out = cmd.arg(&src).arg(format!("dir:{}", dir.path().display())).output()?;
+            anyhow::Ok((out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned()))
+        })
+    };
+    let (ok, err) = copy(PRIVATE, "v1", Some(format!("alice:{}", u.alice_pw))).await??;
+    assert!(ok, "alice's skopeo copy failed:\n{err}");
+    let (ok, _) = copy(PRIVATE, "v1", Some(format!("bob:{}", u.bob_pw))).await??;
+    assert!(!ok, "bob copied alice's private image");
+    let (ok, _) = copy(PRIVATE, "v1", None).await??;
+    assert!(!ok, "an anonymous skopeo copied the private image");
+    let (ok, err) = copy("library/tool", "1.0", None).await??;
+    assert!(ok, "anonymous skopeo on public content:\n{err}");
+    assert!(!proxy.all_output().contains(&u.alice_pw), "alice's password is in the node's output");
+    Ok(())
+}
