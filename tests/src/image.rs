@@ -150,6 +150,19 @@ pub fn skopeo_inspect(reference: &str) -> anyhow::Result<serde_json::Value> {
     serde_json::from_str(&out).with_context(|| format!("skopeo inspect output: {out}"))
 }
 
+/// `skopeo copy <src> dir:<a temp dir>`, with `--src-creds <creds>` when given: whether it
+/// succeeded, and what it printed on stderr (for refusals that are the point of a test).
+pub fn skopeo_try_copy(src: &str, creds: Option<&str>) -> anyhow::Result<(bool, String)> {
+    let dir = tempfile::tempdir()?;
+    let mut cmd = Command::new("skopeo");
+    cmd.args(["--insecure-policy", "copy", "--src-tls-verify=false", "--retry-times", "0"]);
+    if let Some(c) = creds {
+        cmd.arg("--src-creds").arg(c);
+    }
+    let (status, _, err) = run_with_timeout(cmd.arg(src).arg(format!("dir:{}", dir.path().display())), SKOPEO_TIMEOUT)?;
+    Ok((status.success(), err))
+}
+
 /// `skopeo copy --src-tls-verify=false <src> dir:<dest>`; returns skopeo's output.
 pub fn skopeo_copy_to_dir(src: &str, dest: &Path) -> anyhow::Result<String> {
     let (status, out, err) = run_with_timeout(

@@ -33,7 +33,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 pub use fake::{AuthMode, FakeUpstream, Fault, RecordedRequest};
-pub use image::{Blob, TestImage, skopeo_copy_to_dir, skopeo_inspect, verify_dir_copy};
+pub use image::{Blob, TestImage, skopeo_copy_to_dir, skopeo_inspect, skopeo_try_copy, verify_dir_copy};
 pub use process::ChildGuard;
 pub use proxy::{Proxy, ProxyOptions};
 pub use registry::{AccessLine, Registry, RegistryOptions};

@@ -309,16 +309,7 @@ async fn control_auth_skopeo_pulls_a_token_repo_with_a_puller_token() -> anyhow:
     let src = format!("docker://{}/priv/team/app:v1", node.host());
     let copy = |creds: Option<String>| {
         let src = src.clone();
-        tokio::task::spawn_blocking(move || {
-            let dir = tempfile::tempdir()?;
-            let mut cmd = std::process::Command::new("skopeo");
-            cmd.args(["--insecure-policy", "copy", "--src-tls-verify=false", "--retry-times", "0"]);
-            if let Some(c) = creds {
-                cmd.arg("--src-creds").arg(c);
-            }
-            let out = cmd.arg(&src).arg(format!("dir:{}", dir.path().display())).output()?;
-            anyhow::Ok((out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned()))
-        })
+        tokio::task::spawn_blocking(move || wharf_tests::skopeo_try_copy(&src, creds.as_deref()))
     };
     // Wait until the node has the token (the snapshot with it may trail the repo's).
     poll(PROPAGATION, "the puller token on the node", || async {

@@ -375,16 +375,7 @@ async fn skopeo_sends_each_users_login_through_the_node() -> anyhow::Result<()> 
     let proxy = Proxy::spawn(&config(&fake.url()), &[])?;
     let copy = |name: &str, tag: &str, creds: Option<String>| {
         let src = format!("docker://{}/pt/{name}:{tag}", proxy.host());
-        tokio::task::spawn_blocking(move || {
-            let dir = tempfile::tempdir()?;
-            let mut cmd = std::process::Command::new("skopeo");
-            cmd.args(["--insecure-policy", "copy", "--src-tls-verify=false", "--retry-times", "0"]);
-            if let Some(c) = creds {
-                cmd.arg("--src-creds").arg(c);
-            }
-            let out = cmd.arg(&src).arg(format!("dir:{}", dir.path().display())).output()?;
-            anyhow::Ok((out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned()))
-        })
+        tokio::task::spawn_blocking(move || wharf_tests::skopeo_try_copy(&src, creds.as_deref()))
     };
     let (ok, err) = copy(PRIVATE, "v1", Some(format!("alice:{}", u.alice_pw))).await??;
     assert!(ok, "alice's skopeo copy failed:\n{err}");
