@@ -9,10 +9,10 @@ CONTROL_LISTEN ?= 0.0.0.0:7000
 
 run:
 	@scripts/ensure-deps.sh run
-	cargo build --release --bin wharf-control --bin wharf-proxy
+	cargo build --release --bin wharf
 	@echo "make run: control plane on $(CONTROL_LISTEN) (embedded store in $(DATA_DIR)), one node on $(LISTEN) (cache in $(CACHE_DIR))"
 	@echo "make run: admin token in $(DATA_DIR)/admin.token (for regctl: export WHARF_TOKEN=\$$(cat $(DATA_DIR)/admin.token))"
-	./target/release/wharf-control --dev --listen $(CONTROL_LISTEN) --data-dir $(DATA_DIR) \
+	./target/release/wharf dev --listen $(CONTROL_LISTEN) --data-dir $(DATA_DIR) \
 		--dev-node-listen $(LISTEN) --dev-cache-dir $(CACHE_DIR)
 
 test:

@@ -7,7 +7,9 @@
 //! - [`hub`], [`distribute`]: one store watch per replica, fanned out to node Watch streams.
 //! - [`nodes`]: the node list, held by leases.
 //! - [`server`]: `run(listener, state, shutdown)`.
+//! - [`app`]: a whole control plane from its flags (`wharf-control`, `wharf dev`).
 
+pub mod app;
 pub mod auth;
 pub mod distribute;
 pub mod error;

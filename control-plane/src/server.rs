@@ -13,8 +13,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 use wharf_proto::v1 as pb;
-use wharf_proxy::server::ServerLimits;
-use wharf_proxy::tls::ServerTls;
+use wharf_runtime::ServerLimits;
+use wharf_runtime::tls::ServerTls;
 
 use crate::auth;
 use crate::distribute::{self, ConfigApi, Connected};
@@ -76,7 +76,7 @@ impl ApiState {
 
     /// Installs the process-wide Prometheus recorder and serves it at `/metrics`.
     pub fn with_metrics(mut self) -> Result<Self, metrics_exporter_prometheus::BuildError> {
-        self.metrics = Some(wharf_proxy::metrics::install()?);
+        self.metrics = Some(wharf_runtime::metrics::install()?);
         Ok(self)
     }
 }
@@ -103,8 +103,8 @@ pub fn router(state: ApiState) -> Router {
 /// `traceparent`; store calls made for it are its children. For a server stream (Watch) the span
 /// covers the call up to the response head, not the stream.
 async fn trace_requests(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
-    let sampled = wharf_proxy::telemetry::head_sampled(req.headers());
-    wharf_proxy::telemetry::unsampled(sampled, traced(req, next)).await
+    let sampled = wharf_runtime::telemetry::head_sampled(req.headers());
+    wharf_runtime::telemetry::unsampled(sampled, traced(req, next)).await
 }
 
 async fn traced(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
@@ -121,7 +121,7 @@ async fn traced(req: axum::extract::Request, next: axum::middleware::Next) -> Re
         http.response.status_code = tracing::field::Empty,
         rpc.grpc.status_code = tracing::field::Empty,
     );
-    wharf_proxy::telemetry::extract(&span, req.headers());
+    wharf_runtime::telemetry::extract(&span, req.headers());
     if grpc {
         span.record("rpc.method", path.trim_start_matches('/'));
     }
@@ -251,5 +251,5 @@ pub async fn run_tls(
         shutdown.await;
         cancel.cancel();
     };
-    wharf_proxy::server::serve(listener, router(state), ServerLimits::default(), acceptor, shutdown).await
+    wharf_runtime::serve(listener, router(state), ServerLimits::default(), acceptor, shutdown).await
 }

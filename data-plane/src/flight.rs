@@ -206,7 +206,7 @@ impl Flights {
         metrics::gauge!("wharf_inflight_fetches").set(map.len() as f64);
         drop(map);
         // Sampled or not like the request that started it (its spans would be roots otherwise).
-        tokio::spawn(crate::telemetry::same_sampling(self.clone().run(ctx, path, file, tx).instrument(span)));
+        tokio::spawn(wharf_runtime::telemetry::same_sampling(self.clone().run(ctx, path, file, tx).instrument(span)));
         Ok(Joined::Flight { flight, coalesced: false })
     }
 

@@ -7,8 +7,6 @@
 //! - [`upstream`]: the registry client (token and Basic auth, redirects, timeouts, retries).
 //! - [`registry`]: the `/v2/` HTTP API, errors as OCI error JSON, one log line per request.
 //! - [`server`]: `run(listener, state, shutdown)`.
-//! - [`telemetry`]: logs and OTLP spans for both binaries, W3C trace context in and out.
-//! - [`tls`]: rustls for both binaries: server certificates reloaded from files, mTLS, client configs.
 
 pub mod authz;
 pub mod bufpool;
@@ -23,8 +21,6 @@ pub mod range;
 pub mod registry;
 pub mod server;
 pub mod store;
-pub mod telemetry;
-pub mod tls;
 pub mod upstream;
 
 pub use server::{AppState, run};

@@ -10,10 +10,11 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use wharf_proxy::evict::SizeSpec;
 use wharf_proxy::node::{ConfigSource, EvictionOptions, NodeOptions, run_node};
-use wharf_proxy::server::ServerLimits;
-use wharf_proxy::telemetry::{ShutdownSignals, TelemetryArgs};
-use wharf_proxy::tls::{ClientTlsFiles, TlsArgs};
 use wharf_proxy::upstream::UpstreamOptions;
+use wharf_runtime::ServerLimits;
+use wharf_runtime::ShutdownSignals;
+use wharf_runtime::telemetry::TelemetryArgs;
+use wharf_runtime::tls::{ClientTlsFiles, TlsArgs};
 
 /// A Wharf data-plane node: a pull-through cache serving the OCI distribution pull API.
 ///
@@ -117,7 +118,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let telemetry = wharf_proxy::telemetry::init(&args.telemetry.options("wharf-proxy"))?;
+    let telemetry = wharf_runtime::telemetry::init(&args.telemetry.options("wharf-proxy"))?;
     let (high, low) = (args.cache_high_watermark, args.cache_low_watermark);
     if !(0.0 < low && low < high && high <= 1.0) {
         anyhow::bail!(
@@ -173,7 +174,7 @@ async fn main() -> anyhow::Result<()> {
         metrics: if args.no_metrics {
             None
         } else {
-            Some(wharf_proxy::metrics::install().context("installing the metrics recorder")?)
+            Some(wharf_runtime::metrics::install().context("installing the metrics recorder")?)
         },
         limits: ServerLimits {
             max_connections: args.max_connections,

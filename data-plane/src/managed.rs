@@ -17,10 +17,10 @@ use tokio_util::sync::CancellationToken;
 use wharf_core::{Credentials, Grant, Repo, RepoKey, RepoKind, RepoPattern, Role, Secret, UpstreamTls};
 use wharf_proto::v1 as pb;
 use wharf_proto::v1::config_service_client::ConfigServiceClient;
+use wharf_runtime::tls::ClientTlsFiles;
 
 use crate::config::{Config, Snapshot};
 use crate::store::Store;
-use crate::tls::ClientTlsFiles;
 use crate::upstream::error_chain;
 
 #[derive(Debug, thiserror::Error)]

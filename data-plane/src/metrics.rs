@@ -1,21 +1,7 @@
-//! Prometheus metrics of a node (names and units after Prometheus conventions). The recorder is
-//! process-wide: `install` once per process; `wharf-control --dev` shares its recorder with its
-//! in-process node.
+//! Prometheus metrics of a node (names and units after Prometheus conventions), recorded into the
+//! process-wide recorder ([`wharf_runtime::metrics::install`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
-
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-
-/// Seconds buckets from 1 ms to 60 s.
-const SECONDS_BUCKETS: &[f64] =
-    &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
-
-/// Installs the process-wide recorder; `_seconds` metrics become histograms.
-pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
-    PrometheusBuilder::new()
-        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)?
-        .install_recorder()
-}
 
 static HITS: AtomicU64 = AtomicU64::new(0);
 static MISSES: AtomicU64 = AtomicU64::new(0);

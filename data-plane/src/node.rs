@@ -1,5 +1,5 @@
 //! A whole node: cache, upstream client, configuration (a file, or followed from control planes),
-//! and the registry server. Used by `wharf-proxy` and by `wharf-control --dev`'s in-process node.
+//! and the registry server. Used by `wharf-proxy` and by `wharf dev`'s in-process node.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -9,14 +9,15 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use wharf_core::Secret;
+use wharf_runtime::tls::{ClientTlsFiles, ServerTls};
+use wharf_runtime::{ServerLimits, serve};
 
 use crate::config::{self, Config, ConfigError, Snapshot};
 use crate::evict::{self, LruWatermarks, SizeSpec};
 use crate::flight::Flights;
 use crate::managed::{self, ManagedOptions};
-use crate::server::{AppState, ServerLimits, router, serve};
+use crate::server::{AppState, router};
 use crate::store::{Limits, Store, StoreError};
-use crate::tls::{ClientTlsFiles, ServerTls};
 use crate::upstream::{Upstream, UpstreamError, UpstreamOptions};
 
 #[derive(Debug, thiserror::Error)]

@@ -138,13 +138,13 @@ impl Ctx {
 /// `traceparent` and ends with the response body.
 pub async fn handle(State(state): State<AppState>, req: Request) -> Response {
     let started = Instant::now();
-    let sampled = crate::telemetry::head_sampled(req.headers());
-    crate::telemetry::unsampled(sampled, handle_request(state, req, started)).await
+    let sampled = wharf_runtime::telemetry::head_sampled(req.headers());
+    wharf_runtime::telemetry::unsampled(sampled, handle_request(state, req, started)).await
 }
 
 async fn handle_request(state: AppState, req: Request, started: Instant) -> Response {
     let span = log::request_span(req.method(), req.uri().path());
-    crate::telemetry::extract(&span, req.headers());
+    wharf_runtime::telemetry::extract(&span, req.headers());
     let mut log = RequestLog::new(req.method(), req.uri().path());
     let result = route(state, req, &mut log).instrument(span.clone()).await;
     let resp = result.unwrap_or_else(|e| {

@@ -290,7 +290,7 @@ impl Upstream {
         let url = format!("{}/v2/", repo.upstream);
         let mut rt = RoundTrip::start(repo.key.as_str(), &Method::GET, &url);
         let mut headers = HeaderMap::new();
-        crate::telemetry::inject(rt.span(), &mut headers);
+        wharf_runtime::telemetry::inject(rt.span(), &mut headers);
         rt.sent(&headers);
         let sent = http.get(&url).headers(headers).send();
         let resp = match tokio::time::timeout(self.opts.first_byte_timeout, sent).instrument(rt.span().clone()).await {
@@ -333,7 +333,7 @@ impl Upstream {
             {
                 headers.insert(header::AUTHORIZATION, a.clone());
             }
-            crate::telemetry::inject(rt.span(), &mut headers);
+            wharf_runtime::telemetry::inject(rt.span(), &mut headers);
             rt.sent(&headers);
             let r = http.request(req.method.clone(), url.clone()).headers(headers);
             let shown = redact(url.as_str());
@@ -414,13 +414,14 @@ fn build_client(opts: &UpstreamOptions, tls: &UpstreamTls) -> Result<reqwest::Cl
         Some(pem) => reqwest::Certificate::from_pem_bundle(pem.as_bytes())?,
         None => Vec::new(),
     };
-    if crate::tls::system_roots_available() {
+    if wharf_runtime::tls::system_roots_available() {
         // reqwest's platform verifier: the system's roots, re-read for each client built.
         if !extra.is_empty() {
             builder = builder.tls_certs_merge(extra);
         }
     } else {
-        let builtin = crate::tls::builtin_roots().iter().filter_map(|der| reqwest::Certificate::from_der(der).ok());
+        let builtin =
+            wharf_runtime::tls::builtin_roots().iter().filter_map(|der| reqwest::Certificate::from_der(der).ok());
         builder = builder.tls_certs_only(builtin.chain(extra));
     }
     builder.build()

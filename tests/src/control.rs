@@ -43,6 +43,11 @@ pub fn control_bin() -> anyhow::Result<PathBuf> {
     bin("wharf-control", "WHARF_CONTROL_BIN")
 }
 
+/// The path of `wharf`, the all-in-one binary (`$WHARF_BIN` overrides).
+pub fn wharf_bin() -> anyhow::Result<PathBuf> {
+    bin("wharf", "WHARF_BIN")
+}
+
 /// A port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
@@ -119,8 +124,10 @@ pub struct ControlOptions {
     pub etcd: Vec<String>,
     /// The embedded store's `--data-dir`; a fresh temp dir when `None`.
     pub data_dir: Option<PathBuf>,
-    /// Extra arguments (`--store-timeout 1s`, `--dev`, ...).
+    /// Extra arguments (`--store-timeout 1s`, ...).
     pub args: Vec<String>,
+    /// Run `wharf dev` (a control plane with an in-process node) instead of `wharf-control`.
+    pub dev: bool,
     /// Extra environment variables (`OTEL_BSP_SCHEDULE_DELAY`, ...).
     pub env: Vec<(String, String)>,
 }
@@ -237,7 +244,7 @@ impl ControlPlane {
         self.child.tail(n)
     }
 
-    /// With `--dev`: the address of the in-process node (its own `"listening"` event).
+    /// With `dev`: the address of the in-process node (its own `"listening"` event).
     pub fn dev_node_addr(&self) -> anyhow::Result<SocketAddr> {
         wait_listening(&self.child, "wharf_proxy", START_TIMEOUT)
             .with_context(|| format!("no \"listening\" event of the dev node\n{}", self.log_tail(30)))
@@ -245,8 +252,11 @@ impl ControlPlane {
 }
 
 fn start_control(opts: &ControlOptions, data_dir: &Path, port: u16) -> anyhow::Result<ChildGuard> {
-    let bin = control_bin()?;
+    let bin = if opts.dev { wharf_bin()? } else { control_bin()? };
     let mut cmd = Command::new(&bin);
+    if opts.dev {
+        cmd.arg("dev");
+    }
     cmd.args(["--listen", &format!("127.0.0.1:{port}"), "--log-format", "json", "--log-level", "debug"]);
     if opts.etcd.is_empty() {
         cmd.arg("--data-dir").arg(data_dir);

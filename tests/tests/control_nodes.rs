@@ -3,7 +3,7 @@
 //! answers NAME_UNKNOWN from then on, the node list shows the node and its applied revision; the node
 //! keeps serving when the control plane goes away, also after its own restart (from its stored
 //! snapshot), and follows later changes once the control plane is back. Also: the embedded store keeps
-//! repos across restarts, and `wharf-control --dev` runs a working node.
+//! repos across restarts, and `wharf dev` runs a working node.
 
 use std::time::{Duration, Instant};
 
@@ -185,6 +185,20 @@ async fn control_embedded_store_keeps_repos_across_restarts() -> anyhow::Result<
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_plane_without_a_node_points_dev_users_to_wharf_dev() -> anyhow::Result<()> {
+    let out = tokio::process::Command::new(wharf_tests::control::control_bin()?)
+        .args(["--dev", "--listen", "127.0.0.1:0"])
+        .env("RUST_BACKTRACE", "0")
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(20), out).await??;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "wharf-control --dev started");
+    assert!(stderr.contains("`wharf dev`"), "{stderr}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_dev_mode_runs_a_node_with_the_seeded_repos() -> anyhow::Result<()> {
     let registry = Registry::start()?;
     let image = TestImage::random("v1", &[10_000])?;
@@ -193,8 +207,8 @@ async fn control_dev_mode_runs_a_node_with_the_seeded_repos() -> anyhow::Result<
     let cache = dir.path().join("cache");
     let cp = ControlPlane::spawn(ControlOptions {
         data_dir: Some(dir.path().join("data")),
+        dev: true,
         args: vec![
-            "--dev".into(),
             "--dev-node-listen".into(),
             "127.0.0.1:0".into(),
             "--dev-cache-dir".into(),

@@ -64,7 +64,7 @@ pub async fn get(ctx: &Ctx, digest: Digest, log: &mut RequestLog) -> Result<Resp
         };
         log.cache = if coalesced { "coalesced" } else { "miss" };
         if coalesced {
-            crate::telemetry::link(&tracing::Span::current(), &flight.span);
+            wharf_runtime::telemetry::link(&tracing::Span::current(), &flight.span);
             authorize_waiter(ctx, &flight, &digest, log).await?;
         }
         let total = match flight.head().await {
@@ -253,7 +253,7 @@ where
         cache,
         bytes = tracing::field::Empty,
     );
-    crate::telemetry::traced_body(body, span)
+    wharf_runtime::telemetry::traced_body(body, span)
 }
 
 /// HEAD of a blob not cached: asked upstream, nothing fetched.

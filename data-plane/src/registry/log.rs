@@ -104,7 +104,7 @@ impl RequestLog {
                 span.record("otel.status_code", "ERROR");
             }
         }
-        let trace_id = crate::telemetry::trace_id(span);
+        let trace_id = wharf_runtime::telemetry::trace_id(span);
         tracing::info!(
             method = %self.method,
             path = %self.path,

@@ -281,7 +281,7 @@ async fn fetch_token(
     if let Some((username, password)) = credentials {
         headers.insert(http::header::AUTHORIZATION, basic(username, password));
     }
-    crate::telemetry::inject(rt.span(), &mut headers);
+    wharf_runtime::telemetry::inject(rt.span(), &mut headers);
     rt.sent(&headers);
     let req = http.get(url).headers(headers);
     let resp = match tokio::time::timeout(opts.first_byte_timeout, req.send()).instrument(rt.span().clone()).await {

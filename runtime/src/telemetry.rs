@@ -70,28 +70,6 @@ impl TelemetryArgs {
     }
 }
 
-/// SIGTERM and SIGINT, listened to from creation on: a second signal sent right after the first
-/// is not lost between two listeners.
-pub struct ShutdownSignals {
-    term: tokio::signal::unix::Signal,
-    int: tokio::signal::unix::Signal,
-}
-
-impl ShutdownSignals {
-    pub fn new() -> std::io::Result<Self> {
-        use tokio::signal::unix::{SignalKind, signal};
-        Ok(Self { term: signal(SignalKind::terminate())?, int: signal(SignalKind::interrupt())? })
-    }
-
-    /// The next SIGTERM or SIGINT (including one that came since the last call).
-    pub async fn recv(&mut self) -> &'static str {
-        tokio::select! {
-            _ = self.term.recv() => "SIGTERM",
-            _ = self.int.recv() => "SIGINT",
-        }
-    }
-}
-
 /// What [`init`] sets up.
 #[derive(Debug, Clone)]
 pub struct TelemetryOptions {
@@ -213,7 +191,7 @@ fn sampler_from_env() -> Option<Sampler> {
 }
 
 /// Spans of these crates are exported (libraries' own spans, the OTLP client's included, are not).
-const EXPORTED_TARGETS: &[&str] = &["wharf_proxy", "wharf_control"];
+const EXPORTED_TARGETS: &[&str] = &["wharf_proxy", "wharf_control", "wharf_runtime"];
 
 /// Installs the global subscriber (and the W3C propagator). Must run inside a tokio runtime when
 /// exporting (the gRPC channel lives on it).
