@@ -13,8 +13,8 @@ use wharf_runtime::telemetry::TelemetryArgs;
 use wharf_runtime::tls::TlsArgs;
 
 use crate::error::ApiError;
-use crate::server::{ApiState, run_tls};
-
+use crate::server::run_tls;
+use crate::state::ApiState;
 use crate::store::{ConfigStore, EmbeddedOptions, EmbeddedStore, EtcdOptions, EtcdStore, TracedStore};
 use crate::tokens::{Ensured, new_token_text};
 

@@ -4,14 +4,10 @@
 //! that replica, kept alive by one task: a thousand nodes cost one keep-alive, not a thousand, and
 //! when a replica dies its nodes' entries go with its lease (they re-register on another replica).
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Arc;
 
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use wharf_core::token::Role;
 use wharf_proto::v1 as pb;
@@ -19,80 +15,10 @@ use wharf_proto::v1 as pb;
 use crate::error::ApiError;
 use crate::grpc::{repo_to_proto, timestamp};
 use crate::hub::Published;
-use crate::nodes::Nodes;
 use crate::nodes::{NodeInfo, now_ms, validate_id};
-use crate::server::ApiState;
-use crate::store::{ConfigStore, Lease, StoreError};
+use crate::state::ApiState;
+use crate::store::StoreError;
 use crate::tokens::TokenRecord;
-
-/// How long a node's entry outlives its last keep-alive.
-pub const NODE_LEASE_TTL: Duration = Duration::from_secs(10);
-
-/// The nodes whose Watch stream is on this replica, and the replica's lease their entries hang on.
-#[derive(Default)]
-pub struct Connected {
-    /// Node id -> (the connection that registered it, what the node list says).
-    nodes: Mutex<HashMap<String, (u64, NodeInfo)>>,
-    lease: tokio::sync::Mutex<Option<Lease>>,
-    next_connection: AtomicU64,
-}
-
-impl Connected {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (u64, NodeInfo)>> {
-        self.nodes.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    pub fn count(&self) -> usize {
-        self.lock().len()
-    }
-
-    /// The replica's lease, granted on first use.
-    async fn lease(&self, store: &dyn ConfigStore) -> Result<Lease, StoreError> {
-        let mut held = self.lease.lock().await;
-        if let Some(l) = *held {
-            return Ok(l);
-        }
-        let l = store.grant_lease(NODE_LEASE_TTL).await?;
-        *held = Some(l);
-        Ok(l)
-    }
-}
-
-/// Keeps the replica's lease alive; when it was lost (the store was unreachable past its TTL), takes
-/// a new one and puts every connected node's entry again. At shutdown, revokes it: every node of
-/// this replica leaves the list at once.
-pub async fn keep_alive(
-    store: Arc<dyn ConfigStore>,
-    connected: Arc<Connected>,
-    nodes: Nodes,
-    cancel: CancellationToken,
-) {
-    let mut tick = tokio::time::interval(NODE_LEASE_TTL / 3);
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => break,
-            _ = tick.tick() => {}
-        }
-        let Some(lease) = *connected.lease.lock().await else { continue };
-        if let Err(e) = store.keep_alive(lease.id).await {
-            tracing::warn!(error = %e, "the replica's node lease was lost; registering its nodes again");
-            *connected.lease.lock().await = None;
-            let infos: Vec<NodeInfo> = connected.lock().values().map(|(_, i)| i.clone()).collect();
-            if let Ok(lease) = connected.lease(&*store).await {
-                for info in infos {
-                    if let Err(e) = nodes.put(&info, lease.id).await {
-                        tracing::warn!(node_id = %info.id, error = %e, "could not register the node again");
-                    }
-                }
-            }
-        }
-    }
-    if let Some(lease) = connected.lease.lock().await.take()
-        && let Err(e) = store.revoke_lease(lease.id).await
-    {
-        tracing::debug!(error = %e, "could not revoke the replica's node lease; it expires by itself");
-    }
-}
 
 /// A puller token as nodes get it: the hash of its secret, never the secret.
 fn puller(t: &TokenRecord) -> pb::PullerToken {
@@ -134,8 +60,7 @@ impl pb::config_service_server::ConfigService for ConfigApi {
             ..Default::default()
         };
         register(&state, &info).await.map_err(|e| ApiError::from_store(e, &info.id, None))?;
-        let connection = state.connected.next_connection.fetch_add(1, Ordering::Relaxed);
-        state.connected.lock().insert(info.id.clone(), (connection, info.clone()));
+        let connection = state.connected.connect(&info);
         tracing::info!(node_id = %info.id, address = %info.address, revision = req.revision, "node connected");
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(stream_to_node(state, info.id, req.revision, connection, tx));
@@ -210,14 +135,7 @@ async fn stream_to_node(
         }
     }
     // A node that reconnected meanwhile has a newer entry from another connection: keep that one.
-    let ours = {
-        let mut connected = state.connected.lock();
-        let ours = connected.get(&node_id).is_some_and(|(c, _)| *c == connection);
-        if ours {
-            connected.remove(&node_id);
-        }
-        ours
-    };
+    let ours = state.connected.disconnect(&node_id, connection);
     if ours && let Err(e) = state.store.delete(&format!("{}{node_id}", crate::nodes::PREFIX), None).await {
         tracing::debug!(%node_id, error = %e, "could not remove the node's entry; it goes with the replica's lease");
     }

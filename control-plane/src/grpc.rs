@@ -9,7 +9,7 @@ use wharf_proto::v1 as pb;
 use crate::error::ApiError;
 use crate::nodes::NodeInfo;
 use crate::repos::{RepoRecord, RepoSpec};
-use crate::server::ApiState;
+use crate::state::ApiState;
 use crate::tokens::{TokenRecord, TokenSpec};
 
 pub fn timestamp(t: SystemTime) -> prost_types::Timestamp {

@@ -6,7 +6,8 @@
 //! - [`grpc`], [`rest`]: the two edges; [`error`]: how failures leave through each.
 //! - [`hub`], [`distribute`]: one store watch per replica, fanned out to node Watch streams.
 //! - [`nodes`]: the node list, held by leases.
-//! - [`server`]: `run(listener, state, shutdown)`.
+//! - [`state`]: `ApiState`, what every call needs.
+//! - [`server`]: the router (gRPC, REST, health, metrics, token checks), `run(listener, state, shutdown)`.
 //! - [`app`]: a whole control plane from its flags (`wharf-control`, `wharf dev`).
 
 pub mod app;
@@ -19,5 +20,6 @@ pub mod nodes;
 pub mod repos;
 pub mod rest;
 pub mod server;
+pub mod state;
 pub mod store;
 pub mod tokens;

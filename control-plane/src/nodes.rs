@@ -1,13 +1,16 @@
 //! The data-plane nodes: each connected node has an entry under `nodes/<id>`, held by a lease, so
 //! a node that vanishes drops out of the list once its lease expires.
 
-use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
 
 use crate::error::ApiError;
-use crate::store::{ConfigStore, LeaseId, StoreError};
+use crate::store::{ConfigStore, Lease, LeaseId, StoreError};
 
 pub const PREFIX: &str = "nodes/";
 
@@ -61,5 +64,92 @@ impl Nodes {
     pub async fn put(&self, info: &NodeInfo, lease: LeaseId) -> Result<(), StoreError> {
         let value = serde_json::to_vec(info).map_err(|e| StoreError::Internal(e.to_string()))?;
         self.store.put_with_lease(&format!("{PREFIX}{}", info.id), value, lease).await.map(|_| ())
+    }
+}
+
+/// How long a node's entry outlives its last keep-alive.
+pub const NODE_LEASE_TTL: Duration = Duration::from_secs(10);
+
+/// The nodes whose Watch stream is on this replica, and the replica's lease their entries hang on.
+#[derive(Default)]
+pub struct Connected {
+    /// Node id -> (the connection that registered it, what the node list says).
+    nodes: Mutex<HashMap<String, (u64, NodeInfo)>>,
+    lease: tokio::sync::Mutex<Option<Lease>>,
+    next_connection: AtomicU64,
+}
+
+impl Connected {
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (u64, NodeInfo)>> {
+        self.nodes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn count(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Records a node's new Watch stream; returns the connection's number.
+    pub fn connect(&self, info: &NodeInfo) -> u64 {
+        let connection = self.next_connection.fetch_add(1, Ordering::Relaxed);
+        self.lock().insert(info.id.clone(), (connection, info.clone()));
+        connection
+    }
+
+    /// Forgets the node's stream `connection`, unless the node reconnected since (its newer entry
+    /// stays); whether it was that stream's.
+    pub fn disconnect(&self, node_id: &str, connection: u64) -> bool {
+        let mut connected = self.lock();
+        let ours = connected.get(node_id).is_some_and(|(c, _)| *c == connection);
+        if ours {
+            connected.remove(node_id);
+        }
+        ours
+    }
+
+    /// The replica's lease, granted on first use.
+    pub async fn lease(&self, store: &dyn ConfigStore) -> Result<Lease, StoreError> {
+        let mut held = self.lease.lock().await;
+        if let Some(l) = *held {
+            return Ok(l);
+        }
+        let l = store.grant_lease(NODE_LEASE_TTL).await?;
+        *held = Some(l);
+        Ok(l)
+    }
+}
+
+/// Keeps the replica's lease alive; when it was lost (the store was unreachable past its TTL), takes
+/// a new one and puts every connected node's entry again. At shutdown, revokes it: every node of
+/// this replica leaves the list at once.
+pub async fn keep_alive(
+    store: Arc<dyn ConfigStore>,
+    connected: Arc<Connected>,
+    nodes: Nodes,
+    cancel: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(NODE_LEASE_TTL / 3);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let Some(lease) = *connected.lease.lock().await else { continue };
+        if let Err(e) = store.keep_alive(lease.id).await {
+            tracing::warn!(error = %e, "the replica's node lease was lost; registering its nodes again");
+            *connected.lease.lock().await = None;
+            let infos: Vec<NodeInfo> = connected.lock().values().map(|(_, i)| i.clone()).collect();
+            if let Ok(lease) = connected.lease(&*store).await {
+                for info in infos {
+                    if let Err(e) = nodes.put(&info, lease.id).await {
+                        tracing::warn!(node_id = %info.id, error = %e, "could not register the node again");
+                    }
+                }
+            }
+        }
+    }
+    if let Some(lease) = connected.lease.lock().await.take()
+        && let Err(e) = store.revoke_lease(lease.id).await
+    {
+        tracing::debug!(error = %e, "could not revoke the replica's node lease; it expires by itself");
     }
 }

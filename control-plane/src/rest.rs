@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use crate::error::ApiError;
 use crate::nodes::NodeInfo;
 use crate::repos::{RepoRecord, RepoSpec, spec_of};
-use crate::server::ApiState;
+use crate::state::ApiState;
 use crate::tokens::{TokenRecord, TokenSpec};
 
 /// Largest request body accepted.

@@ -4,6 +4,10 @@ use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, StatusCode, header};
 use serde_json::{Value, json};
 
+/// The challenge a node answers 401 with: docker, containerd and podman then send `Authorization:
+/// Basic` (their login for this node) on every later request.
+pub const CHALLENGE: &str = "Basic realm=\"wharf\"";
+
 /// One OCI error (`{"errors":[{"code","message","detail"}]}`) and the status it is sent with.
 #[derive(Debug, Clone)]
 pub struct RegistryError {
@@ -31,6 +35,11 @@ impl RegistryError {
     pub fn with_challenge(mut self) -> Self {
         self.challenge = true;
         self
+    }
+
+    /// A 401 that asks the client for credentials.
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", message).with_challenge()
     }
 
     pub fn name_invalid(message: impl Into<String>) -> Self {
@@ -81,7 +90,7 @@ impl IntoResponse for RegistryError {
             h.insert(header::RETRY_AFTER, v);
         }
         if self.challenge {
-            h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(crate::authz::CHALLENGE));
+            h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(CHALLENGE));
         }
         resp
     }

@@ -11,10 +11,10 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-use wharf_core::{Digest, RepoKey};
+use wharf_core::RepoKey;
 
 use crate::config::{Config, Snapshot};
-use crate::store::{Store, now_ms};
+use crate::store::{Candidate, Store, now_ms};
 
 /// `--cache-max-size`: bytes (`500MB`, `10GiB`, `1073741824`) or a share of the disk (`80%`).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -77,25 +77,6 @@ impl Reason {
             Reason::Size => "size",
         }
     }
-}
-
-/// Blob or manifest.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum EntryKind {
-    Blob,
-    Manifest,
-}
-
-/// One cached entry, as the policy sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Candidate {
-    pub kind: EntryKind,
-    pub digest: Digest,
-    pub size: u64,
-    /// Milliseconds since the epoch.
-    pub last_access: u64,
-    /// The TTL of the repos that hold it, when they override the node's (the longest of them).
-    pub ttl: Option<Duration>,
 }
 
 /// Chooses what to evict.
@@ -191,7 +172,10 @@ pub fn evict_once(store: &Store, policy: &dyn EvictionPolicy, config: &Snapshot)
 
 #[cfg(test)]
 mod tests {
+    use wharf_core::Digest;
+
     use super::*;
+    use crate::store::EntryKind;
 
     fn c(n: u8, size: u64, last_access: u64) -> Candidate {
         Candidate { kind: EntryKind::Blob, digest: Digest::of(&[n]), size, last_access, ttl: None }

@@ -22,8 +22,8 @@ use tokio::sync::watch;
 use tracing::Instrument as _;
 use wharf_core::{Digest, DigestHasher, Repo, RepoKey};
 
-use crate::authz::ClientCredentials;
 use crate::bufpool;
+use crate::credentials::ClientCredentials;
 use crate::store::Store;
 use crate::upstream::{Upstream, UpstreamError, UpstreamRequest};
 

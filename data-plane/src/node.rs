@@ -16,7 +16,8 @@ use crate::config::{self, Config, ConfigError, Snapshot};
 use crate::evict::{self, LruWatermarks, SizeSpec};
 use crate::flight::Flights;
 use crate::managed::{self, ManagedOptions};
-use crate::server::{AppState, router};
+use crate::server::router;
+use crate::state::AppState;
 use crate::store::{Limits, Store, StoreError};
 use crate::upstream::{Upstream, UpstreamError, UpstreamOptions};
 

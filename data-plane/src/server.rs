@@ -2,43 +2,16 @@
 //! accept loop ([`wharf_runtime::serve`]).
 
 use std::future::Future;
-use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
-use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use wharf_runtime::{ServerLimits, serve};
 
-use crate::authz::Decisions;
-use crate::config::Config;
-use crate::flight::Flights;
 use crate::registry;
-use crate::store::Store;
-use crate::upstream::Upstream;
-
-/// Everything a request needs, shared by all of them.
-#[derive(Clone)]
-pub struct AppState {
-    pub config: Arc<Config>,
-    pub store: Arc<Store>,
-    pub upstream: Arc<Upstream>,
-    pub flights: Arc<Flights>,
-    /// Passthrough repos: the upstream's recent acceptances of clients' credentials.
-    pub decisions: Arc<Decisions>,
-    /// Renders `/metrics`; `None` when no recorder is installed (then `/metrics` is 404).
-    pub metrics: Option<PrometheusHandle>,
-}
-
-impl AppState {
-    pub fn new(config: Arc<Config>, store: Arc<Store>, upstream: Arc<Upstream>) -> Self {
-        let decisions =
-            Arc::new(Decisions::new(upstream.options().passthrough_auth_ttl, Decisions::DEFAULT_MAX_ENTRIES));
-        Self { config, store, upstream, flights: Arc::default(), decisions, metrics: None }
-    }
-}
+use crate::state::AppState;
 
 /// The registry API's routes.
 pub fn router(state: AppState) -> Router {

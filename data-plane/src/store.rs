@@ -25,8 +25,6 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use wharf_core::{Digest, RepoKey};
 
-use crate::evict::{Candidate, EntryKind};
-
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("cache I/O on {path}: {source}")]
@@ -45,6 +43,25 @@ pub struct Entry {
     pub size: u64,
     /// Milliseconds since the epoch; refreshed in memory on every hit, never written per hit.
     pub last_access: AtomicU64,
+}
+
+/// Blob or manifest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EntryKind {
+    Blob,
+    Manifest,
+}
+
+/// One cached entry, as the policy sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    pub kind: EntryKind,
+    pub digest: Digest,
+    pub size: u64,
+    /// Milliseconds since the epoch.
+    pub last_access: u64,
+    /// The TTL of the repos that hold it, when they override the node's (the longest of them).
+    pub ttl: Option<Duration>,
 }
 
 /// What the tag cache knows about one tag.
@@ -96,7 +113,7 @@ impl Memo {
         }
         self.manifest_bytes += bytes.len();
         let referenced: Arc<[Digest]> = serde_json::from_slice::<serde_json::Value>(&bytes)
-            .map(|j| crate::registry::referenced(&j))
+            .map(|j| crate::oci::referenced(&j))
             .unwrap_or_default()
             .into();
         let m = MemoManifest { media_type: media_type.to_owned(), bytes, referenced: referenced.clone() };

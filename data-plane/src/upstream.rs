@@ -7,6 +7,8 @@
 //! retried, so a client never receives bytes twice.
 
 mod auth;
+mod error;
+mod options;
 pub mod trace;
 
 use std::time::Duration;
@@ -18,59 +20,12 @@ use serde_json::{Value, json};
 use tracing::Instrument as _;
 use wharf_core::{Repo, UpstreamTls};
 
+pub use self::error::{UpstreamError, error_chain, redact};
+pub use self::options::UpstreamOptions;
+
 use self::auth::{Challenge, Presenting, TokenCache};
 use self::trace::RoundTrip;
-use crate::authz::ClientCredentials;
-
-/// Timeouts and retry policy towards upstreams.
-#[derive(Debug, Clone)]
-pub struct UpstreamOptions {
-    pub connect_timeout: Duration,
-    /// From sending a request to receiving the response head.
-    pub first_byte_timeout: Duration,
-    /// Longest silence between two body chunks.
-    pub idle_timeout: Duration,
-    /// Extra attempts after a connection error, a timeout, a 5xx or a 429.
-    pub retries: u32,
-    pub retry_backoff: Duration,
-    /// A 429 whose `Retry-After` asks for longer than this is returned to the client, not waited on.
-    pub max_retry_after: Duration,
-    /// Passthrough repos: how long the upstream's acceptance of a client's credentials for a
-    /// repository is trusted before cached content is served to that client again.
-    pub passthrough_auth_ttl: Duration,
-}
-
-impl Default for UpstreamOptions {
-    fn default() -> Self {
-        Self {
-            connect_timeout: Duration::from_secs(10),
-            first_byte_timeout: Duration::from_secs(30),
-            idle_timeout: Duration::from_secs(30),
-            retries: 2,
-            retry_backoff: Duration::from_millis(200),
-            max_retry_after: Duration::from_secs(10),
-            passthrough_auth_ttl: crate::authz::Decisions::DEFAULT_TTL,
-        }
-    }
-}
-
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum UpstreamError {
-    #[error("upstream {url} is unreachable: {message}")]
-    Unreachable { url: String, message: String },
-    #[error("upstream {url} timed out ({phase})")]
-    Timeout { url: String, phase: &'static str },
-    #[error("upstream token endpoint {url} answered {status}: {message}")]
-    Token { url: String, status: u16, message: String },
-    #[error("upstream {url}: {message}")]
-    Protocol { url: String, message: String },
-}
-
-impl UpstreamError {
-    fn retryable(&self) -> bool {
-        matches!(self, UpstreamError::Unreachable { .. } | UpstreamError::Timeout { .. })
-    }
-}
+use crate::credentials::ClientCredentials;
 
 /// One request to an upstream registry, below `/v2/<name>/`.
 pub struct UpstreamRequest<'a> {
@@ -443,32 +398,4 @@ fn send_error(url: String, message: String) -> UpstreamError {
 
 fn same_origin(a: &reqwest::Url, b: &reqwest::Url) -> bool {
     a.scheme() == b.scheme() && a.host_str() == b.host_str() && a.port_or_known_default() == b.port_or_known_default()
-}
-
-/// A URL fit for logs and error messages: no query (signed URLs), no user info.
-pub fn redact(url: &str) -> String {
-    match reqwest::Url::parse(url) {
-        Ok(mut u) => {
-            let _ = u.set_username("");
-            let _ = u.set_password(None);
-            if u.query().is_some() {
-                u.set_query(Some("<redacted>"));
-            }
-            u.to_string()
-        }
-        Err(_) => "<invalid url>".into(),
-    }
-}
-
-/// An error and its sources on one line (reqwest's and tonic's own messages say only "error
-/// sending request" or "transport error").
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
-    }
-    s
 }

@@ -10,7 +10,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use wharf_control::app::{self, ControlArgs};
 use wharf_control::repos::RepoSpec;
-use wharf_control::server::ApiState;
+use wharf_control::state::ApiState;
 use wharf_control::tokens::Ensured;
 use wharf_core::Secret;
 use wharf_core::token::Role;

@@ -21,6 +21,7 @@ pub mod etcd;
 pub mod fake;
 pub mod http;
 pub mod image;
+pub mod layers;
 pub mod otlp;
 pub mod pki;
 pub mod process;

@@ -12,9 +12,10 @@ use http::{HeaderValue, StatusCode};
 use tracing::Instrument as _;
 use wharf_core::{AuthMode, Digest, Repo, Secret};
 
+use super::error::{UpstreamError, error_chain, redact};
+use super::options::UpstreamOptions;
 use super::trace::RoundTrip;
-use super::{UpstreamError, UpstreamOptions, error_chain, redact};
-use crate::authz::ClientCredentials;
+use crate::credentials::ClientCredentials;
 
 /// What an upstream demands, from its `WWW-Authenticate` header.
 #[derive(Debug, Clone, PartialEq, Eq)]

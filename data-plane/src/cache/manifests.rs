@@ -8,17 +8,15 @@ use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use serde_json::Value;
 use wharf_core::{Digest, Reference};
 
-use super::{
-    Ctx, RequestLog, content_headers, gate, not_modified, not_modified_response, upstream_error, upstream_status,
-};
+use crate::authz::passthrough as gate;
 use crate::error::RegistryError;
+use crate::oci::{DEFAULT_ACCEPT, MAX_MANIFEST, referenced};
+use crate::request_log::RequestLog;
+use crate::respond::{content_headers, not_modified, not_modified_response, upstream_error, upstream_status};
+use crate::state::Ctx;
 use crate::store::{TagEntry, now_secs};
 use crate::upstream::{Upstream, UpstreamError, UpstreamRequest};
 
-/// What Wharf asks for when the client names no type: every manifest type in use.
-pub const DEFAULT_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
-/// distribution's limit; a larger "manifest" is refused rather than held in memory.
-pub const MAX_MANIFEST: usize = 4 * 1024 * 1024;
 const IMMUTABLE: &str = "public, max-age=31536000, immutable";
 
 /// A manifest ready to serve.
@@ -290,18 +288,6 @@ async fn fetch(ctx: &Ctx, reference: &Reference, log: &mut RequestLog) -> Result
     Ok(Manifest { digest, media_type, bytes })
 }
 
-/// The digests a manifest or index references: config, layers, child manifests, subject, blobs.
-pub fn referenced(j: &Value) -> Vec<Digest> {
-    let one = |v: &Value| v.get("digest").and_then(Value::as_str).and_then(|d| d.parse::<Digest>().ok());
-    let mut out: Vec<Digest> = ["config", "subject"].iter().filter_map(|k| j.get(*k)).filter_map(one).collect();
-    for list in ["layers", "manifests", "blobs"] {
-        if let Some(items) = j.get(list).and_then(Value::as_array) {
-            out.extend(items.iter().filter_map(one));
-        }
-    }
-    out
-}
-
 fn respond(ctx: &Ctx, m: Manifest, cache_control: &str, stale: Option<&str>) -> Response {
     let etag = format!("\"{}\"", m.digest);
     if not_modified(&ctx.headers, &etag) {
@@ -334,18 +320,5 @@ mod tests {
         assert!(!accepts(&h, "application/vnd.oci.image.index.v1+json"));
         h.append(header::ACCEPT, HeaderValue::from_static("application/*"));
         assert!(accepts(&h, "application/vnd.oci.image.index.v1+json"));
-    }
-
-    #[test]
-    fn references_of_an_image_and_an_index() {
-        let d = |n: u8| Digest::of(&[n]);
-        let image = serde_json::json!({
-            "config": {"digest": d(1).to_string()},
-            "layers": [{"digest": d(2).to_string()}, {"digest": "sha256:bad"}],
-            "subject": {"digest": d(3).to_string()},
-        });
-        assert_eq!(referenced(&image), vec![d(1), d(3), d(2)]);
-        let index = serde_json::json!({"manifests": [{"digest": d(4).to_string()}]});
-        assert_eq!(referenced(&index), vec![d(4)]);
     }
 }

@@ -8,10 +8,12 @@
 
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 
-use super::manifests::DEFAULT_ACCEPT;
-use super::{Ctx, RequestLog, upstream_error, upstream_status};
-use crate::authz::DecisionKey;
+use crate::decisions::DecisionKey;
 use crate::error::RegistryError;
+use crate::oci::DEFAULT_ACCEPT;
+use crate::request_log::RequestLog;
+use crate::respond::{upstream_error, upstream_status};
+use crate::state::Ctx;
 use crate::upstream::{Upstream, UpstreamError, UpstreamRequest, UpstreamResponse};
 
 /// This client, this repo, this repository.

@@ -8,13 +8,15 @@ use futures_util::{Stream, StreamExt};
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use wharf_core::Digest;
 
-use super::{
-    Ctx, RequestLog, content_headers, fetch_error, gate, not_modified, not_modified_response, upstream_error,
-    upstream_status,
-};
+use crate::authz::passthrough as gate;
 use crate::error::RegistryError;
 use crate::flight::{FetchContext, FetchFailure, Flight, Joined, Progress, read_file};
 use crate::range::{self, Resolved};
+use crate::request_log::RequestLog;
+use crate::respond::{
+    content_headers, fetch_error, not_modified, not_modified_response, upstream_error, upstream_status,
+};
+use crate::state::Ctx;
 use crate::upstream::{Upstream, UpstreamRequest};
 
 const IMMUTABLE: &str = "public, max-age=31536000, immutable";

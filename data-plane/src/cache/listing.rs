@@ -5,8 +5,10 @@ use axum::body::Body;
 use axum::response::Response;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 
-use super::{Ctx, RequestLog, upstream_error, upstream_status};
 use crate::error::RegistryError;
+use crate::request_log::RequestLog;
+use crate::respond::{upstream_error, upstream_status};
+use crate::state::Ctx;
 use crate::upstream::{Upstream, UpstreamRequest};
 
 pub async fn get(ctx: &Ctx, path: String, log: &mut RequestLog) -> Result<Response, RegistryError> {

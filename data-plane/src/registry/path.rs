@@ -1,0 +1,72 @@
+//! `/v2/<repoKey>/<name>/...` paths, parsed from the raw request path: percent-encoded bytes are
+//! refused outright (no name, reference or digest contains one legitimately), and every part is
+//! checked against the spec's grammar before it touches the disk or the upstream.
+
+use http::StatusCode;
+use wharf_core::{Digest, NameError, Reference, RepoKey, validate_name};
+
+use crate::cache::Target;
+use crate::error::RegistryError;
+
+/// A parsed registry path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegistryPath {
+    pub repo_key: RepoKey,
+    /// The name as the client wrote it.
+    pub name: String,
+    pub target: Target,
+}
+
+/// Parses the part of a path after `/v2/`.
+pub fn parse_path(rest: &str) -> Result<RegistryPath, RegistryError> {
+    if rest.contains('%') {
+        return Err(RegistryError::name_invalid(
+            "percent-encoded characters are not allowed in repository names, references or digests",
+        ));
+    }
+    let segs: Vec<&str> = rest.split('/').collect();
+    let n = segs.len();
+    if n < 4 {
+        return Err(not_found_path());
+    }
+    let (what, last) = (segs[n - 2], segs[n - 1]);
+    let target = match what {
+        "manifests" => Target::Manifest(Reference::parse(last).map_err(reference_error)?),
+        "blobs" => Target::Blob(parse_digest(last)?),
+        "referrers" => Target::Referrers(parse_digest(last)?),
+        "tags" if last == "list" => Target::Tags,
+        _ => return Err(not_found_path()),
+    };
+    let repo_key: RepoKey =
+        segs[0].parse().map_err(|e: wharf_core::RepoError| RegistryError::name_invalid(e.to_string()))?;
+    let name = segs[1..n - 2].join("/");
+    validate_name(&name).map_err(|e| RegistryError::name_invalid(e.to_string()))?;
+    Ok(RegistryPath { repo_key, name, target })
+}
+
+fn parse_digest(s: &str) -> Result<Digest, RegistryError> {
+    s.parse()
+        .map_err(|e: wharf_core::DigestError| RegistryError::digest_invalid(format!("{e} (got {:?})", truncate(s, 80))))
+}
+
+fn reference_error(e: NameError) -> RegistryError {
+    match e {
+        NameError::Digest { .. } => RegistryError::digest_invalid(e.to_string()),
+        NameError::Tag(_) => RegistryError::new(StatusCode::BAD_REQUEST, "TAG_INVALID", e.to_string()),
+        _ => RegistryError::name_invalid(e.to_string()),
+    }
+}
+
+pub fn not_found_path() -> RegistryError {
+    RegistryError::not_found(
+        "NOT_FOUND",
+        "unknown registry path: expected /v2/<repoKey>/<name>/(manifests/<reference>|blobs/<digest>|tags/list|referrers/<digest>)",
+    )
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    s.chars().take(n).collect()
+}
+
+#[cfg(test)]
+mod tests;
