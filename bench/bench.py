@@ -685,7 +685,7 @@ def start_wharf(ctx: Context, upstream_port: int) -> tuple[subprocess.Popen, int
     port = free_port()
     cfg = render("wharf.toml", d / "wharf.toml", UPSTREAM_PORT=upstream_port)
     log_path = d / "wharf.log"
-    binary = REPO_ROOT / "target" / "release" / "wharf-proxy"
+    binary = ctx.args.wharf_bin or REPO_ROOT / "target" / "release" / "wharf-proxy"
     p = ctx.procs.start("wharf-proxy", [
         str(binary), "--config", str(cfg), "--cache-dir", str(d / "cache"),
         "--listen", f"127.0.0.1:{port}", "--log-format", "json", "--log-level", "warn",
@@ -1089,6 +1089,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "limits upstream -> system to N MB/s (10^6 bytes/s), shared by all of "
                          "that system's upstream connections; 0 = direct, unthrottled (0)")
     ap.add_argument("--no-build", action="store_true", help="do not run cargo build")
+    ap.add_argument("--wharf-bin", type=Path, default=None, metavar="PATH",
+                    help="run this wharf-proxy binary instead of target/release's (implies --no-build)")
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (logs, caches)")
     ap.add_argument("--out", type=Path, default=BENCH_DIR / "out",
                     help="where the JSON result goes (bench/out)")
@@ -1121,7 +1123,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, on_signal)
 
     results: dict = {}
-    if "wharf" in args.systems and not args.no_build:
+    if "wharf" in args.systems and not args.no_build and args.wharf_bin is None:
         try:
             build_wharf()
         except BenchError as e:
