@@ -14,6 +14,10 @@ have etcd || need+=(etcd-server)           # the control plane's store in tests 
 if [ "$want" != run ]; then
   have skopeo || need+=(skopeo)
 fi
+if [ "$want" = test ]; then
+  # Real docker and containerd clients (tests/src/docker.rs): docker.io brings dockerd, containerd and ctr.
+  have dockerd || need+=(docker.io)
+fi
 if [ "$want" = bench ]; then
   have nginx || need+=(nginx-light)
   have wrk || need+=(wrk)
@@ -28,7 +32,7 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
   echo "ensure-deps: installed ${need[*]}"
 else
-  echo "ensure-deps: all tools present (protoc, etcd, docker-registry, skopeo as needed)"
+  echo "ensure-deps: all tools present (protoc, etcd, docker-registry, skopeo, dockerd as needed)"
 fi
 
 if ! cargo nextest --version >/dev/null 2>&1 && [ "$want" = test ]; then

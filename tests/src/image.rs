@@ -58,9 +58,29 @@ pub struct TestImage {
 }
 
 impl TestImage {
-    /// An image with one random layer per entry of `layer_sizes`, tagged `tag`.
+    /// An image with one random layer per entry of `layer_sizes`, tagged `tag`. The layers are random
+    /// bytes, not tar archives: enough for clients that only copy (skopeo, regctl), not for those
+    /// that unpack (docker, containerd): see [`TestImage::random_rootfs`].
     pub fn random(tag: &str, layer_sizes: &[usize]) -> anyhow::Result<Self> {
-        let layers: Vec<Blob> = layer_sizes.iter().map(|&n| Blob::random(n)).collect();
+        Self::from_layers(tag, layer_sizes.iter().map(|&n| Blob::random(n)).collect())
+    }
+
+    /// An image that docker and containerd can unpack: one layer per entry of `file_sizes`, each an
+    /// uncompressed tar archive holding one file of that many random bytes (so a layer is the file
+    /// size plus tar headers and padding), tagged `tag`.
+    pub fn random_rootfs(tag: &str, file_sizes: &[usize]) -> anyhow::Result<Self> {
+        let layers = file_sizes
+            .iter()
+            .map(|&n| {
+                let name = format!("wharf/{}", crate::random_name("f"));
+                tar_archive(&[(name.as_str(), random_bytes(n).as_slice())]).map(Blob::new)
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Self::from_layers(tag, layers)
+    }
+
+    /// An image of `layers` (uncompressed: each layer's digest is its diff id), tagged `tag`.
+    pub fn from_layers(tag: &str, layers: Vec<Blob>) -> anyhow::Result<Self> {
         let diff_ids: Vec<&str> = layers.iter().map(|l| l.digest.as_str()).collect();
         let config = serde_json::json!({
             "architecture": "amd64",
@@ -140,6 +160,34 @@ impl TestImage {
     }
 }
 
+/// An uncompressed ustar archive of regular files (`path`, bytes), mode 0644, owned by root, mtime 0.
+pub fn tar_archive(files: &[(&str, &[u8])]) -> anyhow::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    for (path, data) in files {
+        ensure!(path.len() < 100, "tar path {path} is too long for a plain ustar header");
+        let mut h = [0u8; 512];
+        let mut put = |at: usize, v: &[u8]| h[at..at + v.len()].copy_from_slice(v);
+        put(0, path.as_bytes());
+        put(100, b"0000644\0");
+        put(108, b"0000000\0");
+        put(116, b"0000000\0");
+        put(124, format!("{:011o}\0", data.len()).as_bytes());
+        put(136, b"00000000000\0");
+        put(148, b"        ");
+        put(156, b"0");
+        put(257, b"ustar\0");
+        put(263, b"00");
+        let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+        h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+        out.extend_from_slice(&h);
+        out.extend_from_slice(data);
+        out.resize(out.len().next_multiple_of(512), 0);
+    }
+    // Two zero blocks end the archive.
+    out.resize(out.len() + 1024, 0);
+    Ok(out)
+}
+
 /// `skopeo inspect --tls-verify=false <reference>` as JSON.
 pub fn skopeo_inspect(reference: &str) -> anyhow::Result<serde_json::Value> {
     let (status, out, err) = run_with_timeout(
@@ -196,4 +244,24 @@ pub fn verify_dir_copy(dir: &Path, image: &TestImage) -> anyhow::Result<()> {
         ensure!(data.len() == blob.size(), "{} has the wrong size", path.display());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tar_archive_has_a_valid_ustar_header_and_padding() -> anyhow::Result<()> {
+        let tar = tar_archive(&[("wharf/a", b"hello".as_slice())])?;
+        assert_eq!(tar.len(), 512 + 512 + 1024);
+        assert_eq!(&tar[257..263], b"ustar\0");
+        assert_eq!(&tar[124..136], b"00000000005\0");
+        let mut header = tar[..512].to_vec();
+        header[148..156].copy_from_slice(b"        ");
+        let sum: u32 = header.iter().map(|&b| u32::from(b)).sum();
+        assert_eq!(&tar[148..156], format!("{sum:06o}\0 ").as_bytes());
+        assert_eq!(&tar[512..517], b"hello");
+        assert!(tar[517..].iter().all(|&b| b == 0));
+        Ok(())
+    }
 }

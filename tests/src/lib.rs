@@ -12,11 +12,13 @@
 //! - [`etcd::EtcdCluster`]: a real etcd (one member or several) for the control plane's store.
 //! - [`regctl::Regctl`]: the `regctl` binary, its exit code and output captured; golden files.
 //! - [`otlp::Collector`]: an in-process OTLP trace collector recording every exported span.
+//! - [`docker::Dockerd`]: a private real dockerd (with its containerd and `ctr`) as a mirror's client.
 //!
 //! Every process is killed and reaped when its guard drops, also when a test fails.
 
 pub mod checks;
 pub mod control;
+pub mod docker;
 pub mod etcd;
 pub mod fake;
 pub mod http;
