@@ -252,12 +252,18 @@ pub struct RepoAddArgs {
     /// Tests only: the nodes accept any upstream certificate.
     #[arg(long)]
     pub insecure_skip_tls_verify: bool,
+    /// Registry hosts whose images the repo serves to clients using a node as a mirror
+    /// (containerd's ?ns=, dockerd's registry-mirrors), comma-separated. Default: the kind's hosts
+    /// (dockerhub: docker.io, ...) and the upstream's own.
+    #[arg(long, value_delimiter = ',', value_name = "HOST")]
+    pub mirror_of: Vec<String>,
 }
 
 #[derive(Args, Debug)]
 #[command(group = clap::ArgGroup::new("change").multiple(true).required(true).args([
     "kind", "upstream", "tag_ttl", "username", "password_stdin", "password_env", "password_file", "clear_credentials",
-    "cache_ttl", "auth", "access", "ca_bundle_file", "clear_ca_bundle", "insecure_skip_tls_verify",
+    "cache_ttl", "auth", "access", "ca_bundle_file", "clear_ca_bundle", "insecure_skip_tls_verify", "mirror_of",
+    "default_mirror_of",
 ]))]
 pub struct RepoUpdateArgs {
     /// The repoKey.
@@ -298,6 +304,12 @@ pub struct RepoUpdateArgs {
     /// Tests only: accept any upstream certificate (true) or verify again (false).
     #[arg(long, value_name = "BOOL")]
     pub insecure_skip_tls_verify: Option<bool>,
+    /// New registry hosts the repo mirrors, comma-separated (replacing the list).
+    #[arg(long, value_delimiter = ',', value_name = "HOST", conflicts_with = "default_mirror_of")]
+    pub mirror_of: Option<Vec<String>>,
+    /// Mirror the kind's and the upstream's hosts again (an empty mirror_of).
+    #[arg(long)]
+    pub default_mirror_of: bool,
     /// Write only if the repo is still at this revision (default: the revision just read).
     #[arg(long, value_name = "N")]
     pub revision: Option<i64>,

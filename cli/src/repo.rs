@@ -31,6 +31,8 @@ pub struct RepoView {
     pub ca_bundle: Option<String>,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub insecure_skip_tls_verify: bool,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub mirror_of: Vec<String>,
 }
 
 impl From<&pb::Repo> for RepoView {
@@ -50,6 +52,7 @@ impl From<&pb::Repo> for RepoView {
             access: if r.access.is_empty() { "public".into() } else { r.access.clone() },
             ca_bundle: (!r.ca_bundle.is_empty()).then(|| r.ca_bundle.clone()),
             insecure_skip_tls_verify: r.insecure_skip_tls_verify,
+            mirror_of: r.mirror_of.clone(),
         }
     }
 }
@@ -117,6 +120,7 @@ async fn add(global: &Global, cp: &ControlPlane, a: RepoAddArgs, password: Optio
         access: a.access.unwrap_or_default(),
         ca_bundle: a.ca_bundle_file.as_deref().map(read_ca_bundle).transpose()?.unwrap_or_default(),
         insecure_skip_tls_verify: a.insecure_skip_tls_verify,
+        mirror_of: a.mirror_of,
         ..Default::default()
     };
     let r = cp.call(&key, cp.repos().create_repo(pb::CreateRepoRequest { repo: Some(repo) })).await?;
@@ -162,6 +166,12 @@ async fn update(
     }
     if let Some(x) = a.insecure_skip_tls_verify {
         repo.insecure_skip_tls_verify = x;
+    }
+    if let Some(hosts) = a.mirror_of {
+        repo.mirror_of = hosts;
+    }
+    if a.default_mirror_of {
+        repo.mirror_of.clear();
     }
     if a.clear_credentials {
         repo.username.clear();

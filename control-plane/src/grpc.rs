@@ -50,6 +50,7 @@ pub fn repo_to_proto(r: &RepoRecord, with_secret: bool) -> pb::Repo {
         access: r.repo.access.to_string(),
         ca_bundle: r.repo.tls.ca_bundle.clone().unwrap_or_default(),
         insecure_skip_tls_verify: r.repo.tls.insecure_skip_verify,
+        mirror_of: r.repo.mirror_of.clone(),
     }
 }
 
@@ -71,6 +72,7 @@ fn spec_from_proto(r: pb::Repo) -> Result<RepoSpec, ApiError> {
         access: none_if_empty(r.access),
         ca_bundle: none_if_empty(r.ca_bundle),
         insecure_skip_tls_verify: r.insecure_skip_tls_verify,
+        mirror_of: r.mirror_of,
     })
 }
 

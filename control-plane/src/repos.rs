@@ -31,6 +31,8 @@ pub struct RepoSpec {
     pub access: Option<String>,
     pub ca_bundle: Option<String>,
     pub insecure_skip_tls_verify: bool,
+    /// The registry hosts the repo mirrors (empty: the kind's and the upstream's).
+    pub mirror_of: Vec<String>,
 }
 
 /// A stored repo with its bookkeeping.
@@ -67,6 +69,8 @@ struct Stored {
     ca_bundle: Option<String>,
     #[serde(default, skip_serializing_if = "is_default")]
     insecure_skip_tls_verify: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    mirror_of: Vec<String>,
 }
 
 fn is_default<T: Default + PartialEq>(t: &T) -> bool {
@@ -101,6 +105,7 @@ pub fn decode(kv: &KeyValue) -> Option<RepoRecord> {
                     insecure_skip_verify: s.insecure_skip_tls_verify,
                 })
             })
+            .and_then(|r| r.with_mirror_of(s.mirror_of))
             .map_err(|e| e.to_string())?;
         Ok(RepoRecord {
             repo,
@@ -132,6 +137,7 @@ fn encode(repo: &Repo, created_at: SystemTime, updated_at: SystemTime) -> Vec<u8
         access: repo.access,
         ca_bundle: repo.tls.ca_bundle.clone(),
         insecure_skip_tls_verify: repo.tls.insecure_skip_verify,
+        mirror_of: repo.mirror_of.clone(),
     };
     serde_json::to_vec(&s).unwrap_or_default()
 }
@@ -174,6 +180,7 @@ pub fn validate(spec: &RepoSpec, stored: Option<&Credentials>) -> Result<Repo, A
         .and_then(|r| r.with_cache_ttl(spec.cache_ttl))
         .and_then(|r| r.with_access(auth, access))
         .and_then(|r| r.with_upstream_tls(tls))
+        .and_then(|r| r.with_mirror_of(spec.mirror_of.clone()))
         .map_err(|e| {
             let field = match &e {
                 RepoError::Key(_) => "key",
@@ -185,6 +192,7 @@ pub fn validate(spec: &RepoSpec, stored: Option<&Credentials>) -> Result<Repo, A
                 RepoError::Access(_) => "access",
                 RepoError::Policy { field, .. } => field,
                 RepoError::CaBundle { .. } => "ca_bundle",
+                RepoError::MirrorOf { .. } => "mirror_of",
             };
             ApiError::invalid(field, e.to_string())
         })
@@ -287,6 +295,7 @@ pub fn spec_of(r: &RepoRecord) -> RepoSpec {
         access: Some(r.repo.access.to_string()),
         ca_bundle: r.repo.tls.ca_bundle.clone(),
         insecure_skip_tls_verify: r.repo.tls.insecure_skip_verify,
+        mirror_of: r.repo.mirror_of.clone(),
     }
 }
 

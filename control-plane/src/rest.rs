@@ -59,6 +59,8 @@ pub struct RepoView {
     pub ca_bundle: Option<String>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub insecure_skip_tls_verify: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mirror_of: Vec<String>,
 }
 
 fn rfc3339(t: SystemTime) -> String {
@@ -82,6 +84,7 @@ impl From<&RepoRecord> for RepoView {
             access: r.repo.access.to_string(),
             ca_bundle: r.repo.tls.ca_bundle.clone(),
             insecure_skip_tls_verify: r.repo.tls.insecure_skip_verify,
+            mirror_of: r.repo.mirror_of.clone(),
         }
     }
 }
@@ -117,6 +120,9 @@ pub struct RepoInput {
     pub ca_bundle: Option<String>,
     #[serde(default)]
     pub insecure_skip_tls_verify: Option<bool>,
+    /// Registry hosts the repo mirrors (`["docker.io"]`); empty or absent: the kind's and the upstream's.
+    #[serde(default)]
+    pub mirror_of: Option<Vec<String>>,
 }
 
 fn parse_duration(field: &str, value: Option<&str>) -> Result<Option<Duration>, ApiError> {
@@ -142,6 +148,7 @@ impl RepoInput {
             access: self.access,
             ca_bundle: self.ca_bundle,
             insecure_skip_tls_verify: self.insecure_skip_tls_verify.unwrap_or(false),
+            mirror_of: self.mirror_of.unwrap_or_default(),
         })
     }
 }
@@ -328,6 +335,7 @@ async fn patch_repo(State(s): State<ApiState>, Path(key): Path<String>, headers:
         "access": spec.access,
         "ca_bundle": spec.ca_bundle,
         "insecure_skip_tls_verify": spec.insecure_skip_tls_verify,
+        "mirror_of": spec.mirror_of,
     });
     merge_patch(&mut doc, &patch);
     let input: RepoInput = parse_json(doc.to_string().as_bytes())?;

@@ -10,5 +10,7 @@ pub mod token;
 
 pub use digest::{Digest, DigestError, DigestHasher};
 pub use reference::{NameError, Reference, normalize_name, validate_name};
-pub use repo::{Access, AuthMode, Credentials, Repo, RepoError, RepoKey, RepoKind, Secret, UpstreamTls};
+pub use repo::{
+    Access, AuthMode, Credentials, Repo, RepoError, RepoKey, RepoKind, Secret, UpstreamTls, registry_host_error,
+};
 pub use token::{Grant, Presented, RepoPattern, Role, TokenError};

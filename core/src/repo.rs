@@ -33,6 +33,8 @@ pub enum RepoError {
     Policy { key: String, field: &'static str, why: &'static str },
     #[error("repo {key}: the CA bundle is not usable: {why}")]
     CaBundle { key: String, why: &'static str },
+    #[error("repo {key}: mirror_of {host:?} is not a registry host: {why}")]
+    MirrorOf { key: String, host: String, why: &'static str },
 }
 
 impl RepoKey {
@@ -95,6 +97,18 @@ impl RepoKind {
             RepoKind::Quay => Some("https://quay.io"),
             RepoKind::Gcr => Some("https://gcr.io"),
             RepoKind::Ecr | RepoKind::Acr | RepoKind::Generic => None,
+        }
+    }
+
+    /// The registry hosts a repo of this kind mirrors unless it says otherwise: what containerd
+    /// sends as `?ns=` and image references start with.
+    pub fn mirror_hosts(self) -> &'static [&'static str] {
+        match self {
+            RepoKind::Dockerhub => &["docker.io", "index.docker.io", "registry-1.docker.io"],
+            RepoKind::Ghcr => &["ghcr.io"],
+            RepoKind::Quay => &["quay.io"],
+            RepoKind::Gcr => &["gcr.io", "us.gcr.io", "eu.gcr.io", "asia.gcr.io"],
+            RepoKind::Ecr | RepoKind::Acr | RepoKind::Generic => &[],
         }
     }
 
@@ -229,6 +243,37 @@ pub struct Repo {
     pub auth: AuthMode,
     pub access: Access,
     pub tls: UpstreamTls,
+    /// The registry hosts (`docker.io`, `registry.corp.example:5000`) whose images this repo serves
+    /// to clients that use the node as a mirror; empty: the kind's hosts and the upstream's own.
+    pub mirror_of: Vec<String>,
+}
+
+/// Whether `s` is a registry host as image references and containerd's `?ns=` name it:
+/// lowercase DNS labels (or an IPv4 address), an optional `:port`. The reason when it is not.
+pub fn registry_host_error(s: &str) -> Option<&'static str> {
+    let (host, port) = match s.rsplit_once(':') {
+        Some((h, p)) => (h, Some(p)),
+        None => (s, None),
+    };
+    if s.is_empty() || s.len() > 253 {
+        return Some("it must be 1 to 253 characters");
+    }
+    if let Some(p) = port
+        && !(p.parse::<u16>().is_ok_and(|p| p > 0) && p.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return Some("its port must be a number from 1 to 65535");
+    }
+    let label = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if !host.split('.').all(label) {
+        return Some("it must be lowercase DNS labels (a-z, 0-9, '-') separated by dots, with an optional :port");
+    }
+    None
 }
 
 impl Repo {
@@ -283,6 +328,35 @@ impl Repo {
         Ok(self)
     }
 
+    /// Sets the registry hosts this repo mirrors (empty: the kind's and the upstream's).
+    pub fn with_mirror_of(mut self, hosts: Vec<String>) -> Result<Self, RepoError> {
+        if hosts.len() > 32 {
+            return Err(RepoError::MirrorOf {
+                key: self.key.to_string(),
+                host: format!("{} hosts", hosts.len()),
+                why: "at most 32 hosts",
+            });
+        }
+        for h in &hosts {
+            if let Some(why) = registry_host_error(h) {
+                return Err(RepoError::MirrorOf { key: self.key.to_string(), host: h.chars().take(80).collect(), why });
+            }
+        }
+        self.mirror_of = hosts;
+        Ok(self)
+    }
+
+    /// Whether this repo mirrors the registry `host`: `Some(true)` when its `mirror_of` names it,
+    /// `Some(false)` when only its defaults do (the kind's hosts, the upstream's host), `None` when
+    /// it does not.
+    pub fn mirrors(&self, host: &str) -> Option<bool> {
+        if !self.mirror_of.is_empty() {
+            return self.mirror_of.iter().any(|h| h == host).then_some(true);
+        }
+        let upstream_host = self.upstream.split_once("://").map_or(self.upstream.as_str(), |(_, h)| h);
+        (self.kind.mirror_hosts().contains(&host) || upstream_host == host).then_some(false)
+    }
+
     /// Builds a repo, filling the kind's default upstream and checking every field.
     pub fn new(
         key: RepoKey,
@@ -318,6 +392,7 @@ impl Repo {
             auth: AuthMode::default(),
             access: Access::default(),
             tls: UpstreamTls::default(),
+            mirror_of: Vec::new(),
         })
     }
 }
@@ -370,6 +445,29 @@ mod tests {
         let tls = |pem: &str| UpstreamTls { ca_bundle: Some(pem.into()), insecure_skip_verify: false };
         assert!(r.clone().with_upstream_tls(tls("not pem")).is_err());
         assert!(r.with_upstream_tls(tls("-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n")).is_ok());
+    }
+
+    #[test]
+    fn mirrors_by_kind_upstream_or_list() {
+        let key: RepoKey = "hub".parse().unwrap();
+        let hub = Repo::new(key.clone(), RepoKind::Dockerhub, None, Repo::DEFAULT_TAG_TTL, None).unwrap();
+        assert_eq!(hub.mirrors("docker.io"), Some(false));
+        assert_eq!(hub.mirrors("registry-1.docker.io"), Some(false));
+        assert_eq!(hub.mirrors("ghcr.io"), None);
+        let corp = Repo::new(key.clone(), RepoKind::Generic, Some("http://reg.corp:5000"), Repo::DEFAULT_TAG_TTL, None)
+            .unwrap();
+        assert_eq!(corp.mirrors("reg.corp:5000"), Some(false));
+        assert_eq!(corp.mirrors("reg.corp"), None);
+        let listed = hub.clone().with_mirror_of(vec!["mirror.example".into()]).unwrap();
+        assert_eq!(listed.mirrors("mirror.example"), Some(true));
+        assert_eq!(listed.mirrors("docker.io"), None, "a list replaces the defaults");
+        for bad in ["", "Docker.io", "a/b", "../x", "x:0", "x:99999", "x:", "-a.b", "a..b", "a b", "x:5x"] {
+            assert!(hub.clone().with_mirror_of(vec![bad.into()]).is_err(), "{bad:?}");
+        }
+        for ok in ["docker.io", "localhost:5000", "127.0.0.1:5000", "a-b.c"] {
+            assert!(registry_host_error(ok).is_none(), "{ok}");
+        }
+        assert!(hub.with_mirror_of(vec!["a.b".into(); 33]).is_err());
     }
 
     #[test]

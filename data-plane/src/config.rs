@@ -26,6 +26,9 @@ pub enum ConfigError {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileConfig {
+    /// The repo that requests without a repoKey, `?ns=` or a repo's host name go to.
+    #[serde(default)]
+    default_mirror: Option<String>,
     #[serde(default, rename = "repo")]
     repos: Vec<RepoToml>,
 }
@@ -59,6 +62,9 @@ struct RepoToml {
     ca_bundle_file: Option<PathBuf>,
     #[serde(default)]
     insecure_skip_tls_verify: bool,
+    /// Registry hosts this repo mirrors (default: the kind's and the upstream's).
+    #[serde(default)]
+    mirror_of: Vec<String>,
 }
 
 /// An immutable set of repos, by key, and the puller tokens that open `access = "token"` repos.
@@ -67,11 +73,37 @@ pub struct Snapshot {
     pub repos: HashMap<RepoKey, Arc<Repo>>,
     /// Puller tokens by id (hashes only).
     pub pullers: HashMap<String, Grant>,
+    /// A standalone file's `default_mirror` (a node's `--default-mirror` wins over it).
+    pub default_mirror: Option<RepoKey>,
 }
 
 impl Snapshot {
     pub fn new(repos: impl IntoIterator<Item = Repo>) -> Self {
-        Self { repos: repos.into_iter().map(|r| (r.key.clone(), Arc::new(r))).collect(), pullers: HashMap::new() }
+        Self {
+            repos: repos.into_iter().map(|r| (r.key.clone(), Arc::new(r))).collect(),
+            pullers: HashMap::new(),
+            default_mirror: None,
+        }
+    }
+
+    /// The repo that mirrors the registry `host`: one whose `mirror_of` names it, else one whose
+    /// defaults do (its kind's hosts, its upstream's host); among several, the first repoKey.
+    pub fn mirror_for(&self, host: &str) -> Option<&Arc<Repo>> {
+        self.repos
+            .values()
+            .filter_map(|r| r.mirrors(host).map(|explicit| (!explicit, &r.key, r)))
+            .min_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)))
+            .map(|(_, _, r)| r)
+    }
+
+    /// Where requests that name no repo go: `flag` (the node's `--default-mirror`), else the
+    /// file's `default_mirror`, else the repo that mirrors Docker Hub (what dockerd's
+    /// `registry-mirrors` sends). `Err` names a configured default that is not a repo here.
+    pub fn default_mirror<'a>(&'a self, flag: Option<&'a RepoKey>) -> Result<Option<&'a Arc<Repo>>, &'a RepoKey> {
+        match flag.or(self.default_mirror.as_ref()) {
+            Some(key) => self.repos.get(key).map(Some).ok_or(key),
+            None => Ok(self.mirror_for("docker.io")),
+        }
     }
 
     pub fn with_pullers(mut self, pullers: impl IntoIterator<Item = Grant>) -> Self {
@@ -117,7 +149,19 @@ fn parse(text: &str, path: &Path) -> Result<Snapshot, ConfigError> {
         }
         repos.push(repo);
     }
-    Ok(Snapshot::new(repos))
+    let mut snapshot = Snapshot::new(repos);
+    if let Some(key) = file.default_mirror {
+        let key: RepoKey = key.parse().map_err(|source| ConfigError::Repo { path: path.into(), source })?;
+        if !snapshot.repos.contains_key(&key) {
+            return Err(ConfigError::Field {
+                path: path.into(),
+                key: key.to_string(),
+                message: "default_mirror names no [[repo]] of this file".into(),
+            });
+        }
+        snapshot.default_mirror = Some(key);
+    }
+    Ok(snapshot)
 }
 
 fn repo_from_toml(r: RepoToml, path: &Path) -> Result<Repo, ConfigError> {
@@ -180,6 +224,7 @@ fn repo_from_toml(r: RepoToml, path: &Path) -> Result<Repo, ConfigError> {
         .and_then(|repo| repo.with_cache_ttl(cache_ttl))
         .and_then(|repo| repo.with_access(auth, access))
         .and_then(|repo| repo.with_upstream_tls(tls))
+        .and_then(|repo| repo.with_mirror_of(r.mirror_of))
         .map_err(repo_err)
 }
 
@@ -194,6 +239,25 @@ mod tests {
 
     fn p(text: &str) -> Result<Snapshot, ConfigError> {
         parse(text, Path::new("wharf.toml"))
+    }
+
+    #[test]
+    fn mirrors_and_the_default_mirror() {
+        let two = "[[repo]]\nkey = \"hub\"\nkind = \"dockerhub\"\n\n[[repo]]\nkey = \"corp\"\nupstream = \"https://r.corp\"\nmirror_of = [\"docker.io\"]\n";
+        let s = p(two).unwrap();
+        // An explicit mirror_of wins over a kind's default; the upstream's own host is mirrored too.
+        assert_eq!(s.mirror_for("docker.io").unwrap().key.as_str(), "corp");
+        assert_eq!(s.mirror_for("index.docker.io").unwrap().key.as_str(), "hub");
+        assert!(s.mirror_for("r.corp").is_none(), "an explicit list replaces the upstream's host");
+        assert_eq!(s.default_mirror(None).unwrap().unwrap().key.as_str(), "corp");
+        let hub: RepoKey = "hub".parse().unwrap();
+        assert_eq!(s.default_mirror(Some(&hub)).unwrap().unwrap().key.as_str(), "hub");
+        let nope: RepoKey = "nope".parse().unwrap();
+        assert!(s.default_mirror(Some(&nope)).is_err());
+        let s = p(&format!("default_mirror = \"hub\"\n{two}")).unwrap();
+        assert_eq!(s.default_mirror(None).unwrap().unwrap().key.as_str(), "hub");
+        assert!(p(&format!("default_mirror = \"nope\"\n{two}")).is_err(), "a default naming no repo");
+        assert!(p("[[repo]]\nkey = \"a\"\nupstream = \"https://x\"\nmirror_of = [\"../x\"]\n").is_err());
     }
 
     #[test]

@@ -27,6 +27,15 @@ struct Args {
     /// Address to serve the registry API on.
     #[arg(long, default_value = "0.0.0.0:5000", env = "WHARF_LISTEN")]
     listen: SocketAddr,
+    /// Also serve a mirror-only port: there no path is read as <repoKey>/<name>, every request goes
+    /// to the repo chosen by ?ns=, the Host header or the default mirror (for dockerd's
+    /// registry-mirrors and containerd's hosts.toml, with no name taken for a repoKey).
+    #[arg(long, env = "WHARF_MIRROR_LISTEN")]
+    mirror_listen: Option<SocketAddr>,
+    /// The repo requests without a repoKey, ?ns= or repo host name go to (dockerd's
+    /// registry-mirrors). Default: the config file's default_mirror, else the repo mirroring docker.io.
+    #[arg(long, env = "WHARF_DEFAULT_MIRROR")]
+    default_mirror: Option<wharf_core::RepoKey>,
     /// Cache directory (blobs, manifests, tags, staging, config.snapshot).
     #[arg(long, default_value = "./wharf-cache", env = "WHARF_CACHE_DIR")]
     cache_dir: PathBuf,
@@ -136,6 +145,10 @@ async fn main() -> anyhow::Result<()> {
         control_plane_tls.tonic_config().context("--control-plane-ca / --control-plane-cert / --control-plane-key")?;
     }
     let listener = TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
+    let mirror_listener = match args.mirror_listen {
+        Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?),
+        None => None,
+    };
     let local = listener.local_addr()?;
     let source = match args.config {
         Some(path) => ConfigSource::File(path),
@@ -160,6 +173,8 @@ async fn main() -> anyhow::Result<()> {
     };
     let opts = NodeOptions {
         cache_dir: args.cache_dir,
+        mirror_listener,
+        default_mirror: args.default_mirror,
         source,
         upstream: UpstreamOptions {
             connect_timeout: args.connect_timeout,

@@ -102,6 +102,8 @@ struct StoredRepo {
     ca_bundle: String,
     #[serde(default)]
     insecure_skip_tls_verify: bool,
+    #[serde(default)]
+    mirror_of: Vec<String>,
 }
 
 fn word<T: std::str::FromStr<Err = wharf_core::RepoError> + Default>(s: &str) -> Result<T, String> {
@@ -138,6 +140,7 @@ fn repo_from(r: &StoredRepo) -> Result<Repo, String> {
                 insecure_skip_verify: r.insecure_skip_tls_verify,
             })
         })
+        .and_then(|repo| repo.with_mirror_of(r.mirror_of.clone()))
         .map_err(|e| e.to_string())
 }
 
@@ -197,6 +200,7 @@ fn from_update(u: pb::ConfigUpdate) -> StoredSnapshot {
             access: r.access,
             ca_bundle: r.ca_bundle,
             insecure_skip_tls_verify: r.insecure_skip_tls_verify,
+            mirror_of: r.mirror_of,
         })
         .collect();
     StoredSnapshot { revision: u.revision, repos, pullers }
@@ -393,6 +397,7 @@ mod tests {
             access: String::new(),
             ca_bundle: String::new(),
             insecure_skip_tls_verify: false,
+            mirror_of: Vec::new(),
         }
     }
 

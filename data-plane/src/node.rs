@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use wharf_core::Secret;
+use wharf_core::{RepoKey, Secret};
 use wharf_runtime::tls::{ClientTlsFiles, ServerTls};
 use wharf_runtime::{ServerLimits, serve};
 
@@ -17,7 +17,7 @@ use crate::evict::{self, LruWatermarks, SizeSpec};
 use crate::flight::Flights;
 use crate::managed::{self, ManagedOptions};
 use crate::server::router;
-use crate::state::AppState;
+use crate::state::{AppState, MirrorRouting};
 use crate::store::{Limits, Store, StoreError};
 use crate::upstream::{Upstream, UpstreamError, UpstreamOptions};
 
@@ -42,9 +42,13 @@ pub enum ConfigSource {
     ControlPlanes { endpoints: Vec<String>, node_id: String, address: String, token: Option<Secret> },
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct NodeOptions {
     pub cache_dir: PathBuf,
+    /// A mirror-only port (`--mirror-listen`): no path there is read as `<repoKey>/<name>`.
+    pub mirror_listener: Option<TcpListener>,
+    /// `--default-mirror`: where requests that name no repo go.
+    pub default_mirror: Option<RepoKey>,
     pub source: ConfigSource,
     pub upstream: UpstreamOptions,
     /// How long in-flight responses may take after `cancel`.
@@ -81,7 +85,11 @@ impl Default for EvictionOptions {
 }
 
 /// Runs a node on `listener` until `cancel`, then lets in-flight responses finish within the grace.
-pub async fn run_node(listener: TcpListener, opts: NodeOptions, cancel: CancellationToken) -> Result<(), NodeError> {
+pub async fn run_node(
+    listener: TcpListener,
+    mut opts: NodeOptions,
+    cancel: CancellationToken,
+) -> Result<(), NodeError> {
     let config = Arc::new(Config::default());
     if let ConfigSource::File(path) = &opts.source {
         let snapshot: Snapshot = config::load_file(path)?;
@@ -131,24 +139,37 @@ pub async fn run_node(listener: TcpListener, opts: NodeOptions, cancel: Cancella
     let mut state = AppState::new(config, store.clone(), upstream);
     state.flights = Arc::new(Flights::new(opts.max_upstream_fetches));
     state.metrics = opts.metrics.clone();
+    state.mirror = MirrorRouting { default: opts.default_mirror.clone(), only: false };
     let acceptor = opts.tls.as_ref().map(|tls| {
         tls.watch(cancel.clone());
         tls.acceptor()
     });
     tracing::info!(addr = %listener.local_addr()?, cache_dir = %opts.cache_dir.display(), tls = acceptor.is_some(), "listening");
+    let mut servers = Vec::new();
+    if let Some(mirror) = opts.mirror_listener.take() {
+        tracing::info!(addr = %mirror.local_addr()?, tls = acceptor.is_some(), "listening as a mirror only");
+        let mut mirror_state = state.clone();
+        mirror_state.mirror.only = true;
+        let stop = cancel.clone();
+        let (limits, acceptor) = (opts.limits.clone(), acceptor.clone());
+        servers.push(tokio::spawn(serve(mirror, router(mirror_state), limits, acceptor, async move {
+            stop.cancelled().await
+        })));
+    }
     let stop = cancel.clone();
-    let server =
-        tokio::spawn(serve(
-            listener,
-            router(state),
-            opts.limits.clone(),
-            acceptor,
-            async move { stop.cancelled().await },
-        ));
+    servers.push(tokio::spawn(serve(listener, router(state), opts.limits.clone(), acceptor, async move {
+        stop.cancelled().await
+    })));
+    let server = async {
+        for s in servers {
+            s.await.map_err(|e| NodeError::Io(std::io::Error::other(e)))??;
+        }
+        Ok::<_, NodeError>(())
+    };
     cancel.cancelled().await;
     match tokio::time::timeout(opts.shutdown_grace, server).await {
         Ok(r) => {
-            r.map_err(|e| NodeError::Io(std::io::Error::other(e)))??;
+            r?;
             tracing::info!("in-flight responses finished");
         }
         Err(_) => tracing::warn!("shutdown grace period over; dropping the remaining responses"),

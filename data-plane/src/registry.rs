@@ -10,16 +10,17 @@ use std::time::Instant;
 
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
-use http::{HeaderValue, Method, StatusCode, header};
+use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use tracing::Instrument as _;
-use wharf_core::{Access, AuthMode, normalize_name};
+use wharf_core::{Access, AuthMode, Repo, RepoKey, normalize_name, registry_host_error};
 
 use crate::authz::{self, passthrough as gate};
 use crate::cache;
+use crate::config::Snapshot;
 use crate::credentials::ClientCredentials;
 use crate::error::RegistryError;
 use crate::request_log::{self, RequestLog};
-use crate::state::{AppState, Ctx};
+use crate::state::{AppState, Ctx, MirrorRouting};
 
 pub use path::{RegistryPath, parse_path};
 
@@ -65,21 +66,14 @@ async fn route(state: AppState, req: Request, log: &mut RequestLog) -> Result<Re
         return Err(path::not_found_path());
     };
     let parsed = parse_path(rest)?;
-    log.repo_key = parsed.repo_key.to_string();
-    log.name = parsed.name.clone();
     log.kind = parsed.target.kind();
     let snapshot = state.config.snapshot();
-    let Some(repo) = snapshot.repos.get(&parsed.repo_key).cloned() else {
-        return Err(RegistryError::not_found(
-            "NAME_UNKNOWN",
-            format!(
-                "no repo {:?} is configured on this node; add a [[repo]] with key = {:?} to the node's config file (or create it through the control plane)",
-                parsed.repo_key.as_str(),
-                parsed.repo_key.as_str()
-            ),
-        ));
-    };
-    let name = normalize_name(&parsed.name, repo.kind.implicit_library());
+    let routed = resolve(&snapshot, &state.mirror, &parsed, req.uri().query(), req.headers())?;
+    let (repo, client_name) = (routed.repo, routed.name);
+    log.route = routed.route;
+    log.repo_key = repo.key.to_string();
+    log.name = client_name.clone();
+    let name = normalize_name(&client_name, repo.kind.implicit_library());
     // Public repos with static credentials (the common case) pass on this one branch.
     let client = match (repo.access, repo.auth) {
         (Access::Public, AuthMode::Static) => None,
@@ -97,7 +91,8 @@ async fn route(state: AppState, req: Request, log: &mut RequestLog) -> Result<Re
     drop(snapshot);
     let ctx = Ctx {
         name,
-        client_name: parsed.name,
+        client_name,
+        path_prefix: if routed.route == "key" { format!("{}/", repo.key) } else { String::new() },
         repo,
         headers: req.headers().clone(),
         query: req.uri().query().map(str::to_owned),
@@ -110,6 +105,92 @@ async fn route(state: AppState, req: Request, log: &mut RequestLog) -> Result<Re
         return result.map_err(|e| gate::client_error(&ctx, e, log));
     }
     result
+}
+
+/// The repo a request goes to, how it was chosen, and the name the client wrote for it.
+struct Routed {
+    repo: Arc<Repo>,
+    name: String,
+    route: &'static str,
+}
+
+/// Chooses the repo: the path's first segment when it is one of this node's repoKeys (except on a
+/// mirror-only port), else as a mirror: by `?ns=` (containerd), by the `Host` header's first label
+/// when it is a repoKey (`dockerhub.wharf.example`), else the default mirror (dockerd's
+/// `registry-mirrors`, Docker Hub names).
+fn resolve(
+    snapshot: &Snapshot,
+    mirror: &MirrorRouting,
+    path: &RegistryPath,
+    query: Option<&str>,
+    headers: &HeaderMap,
+) -> Result<Routed, RegistryError> {
+    let keyed = path.keyed();
+    if !mirror.only
+        && let Some((key, name)) = &keyed
+        && let Some(repo) = snapshot.repos.get(key)
+    {
+        return Ok(Routed { repo: repo.clone(), name: (*name).to_owned(), route: "key" });
+    }
+    let mirrored = |repo: &Arc<Repo>, route| Ok(Routed { repo: repo.clone(), name: path.name.clone(), route });
+    if let Some(ns) = query.and_then(ns_param) {
+        if let Some(why) = registry_host_error(&ns) {
+            return Err(RegistryError::name_invalid(format!("ns={:?} is not a registry host: {why}", truncate(&ns))));
+        }
+        return match snapshot.mirror_for(&ns) {
+            Some(repo) => mirrored(repo, "ns"),
+            None => Err(RegistryError::not_found(
+                "NAME_UNKNOWN",
+                format!("no repo on this node mirrors {ns} (a repo's mirror_of, or its kind's or upstream's host)"),
+            )),
+        };
+    }
+    if let Some(repo) = host_repo(snapshot, headers) {
+        return mirrored(repo, "host");
+    }
+    match snapshot.default_mirror(mirror.default.as_ref()) {
+        Ok(Some(repo)) => mirrored(repo, "default"),
+        Ok(None) => {
+            let first = match keyed {
+                Some((key, _)) => format!(
+                    "no repo {:?} is configured on this node; add a [[repo]] with key = {:?} to the node's config file (or create it through the control plane)",
+                    key.as_str(),
+                    key.as_str()
+                ),
+                None => format!("{:?} names no repo of this node", truncate(&path.name)),
+            };
+            Err(RegistryError::not_found(
+                "NAME_UNKNOWN",
+                format!(
+                    "{first}; and there is no default mirror for names without a repoKey (a repo mirroring docker.io, or --default-mirror)"
+                ),
+            ))
+        }
+        Err(key) => Err(RegistryError::not_found(
+            "NAME_UNKNOWN",
+            format!("the node's default mirror {key} is not a repo here (--default-mirror or default_mirror)"),
+        )),
+    }
+}
+
+/// containerd's `ns` query parameter (the registry host an image reference names).
+fn ns_param(query: &str) -> Option<String> {
+    query.split('&').find_map(|kv| kv.strip_prefix("ns=")).map(str::to_owned)
+}
+
+/// The repo named by the `Host` header's first label (`<repoKey>.<domain>[:port]`).
+fn host_repo<'a>(snapshot: &'a Snapshot, headers: &HeaderMap) -> Option<&'a Arc<Repo>> {
+    let host = headers.get(header::HOST)?.to_str().ok()?;
+    let host = host.rsplit_once(':').map_or(host, |(h, _)| h);
+    let (first, rest) = host.split_once('.')?;
+    if rest.is_empty() || host.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        return None;
+    }
+    snapshot.repos.get(&first.parse::<RepoKey>().ok()?)
+}
+
+fn truncate(s: &str) -> String {
+    s.chars().take(80).collect()
 }
 
 fn version() -> Response {

@@ -18,6 +18,9 @@ pub struct RequestLog {
     pub path: String,
     pub repo_key: String,
     pub name: String,
+    /// How the repo was chosen: `key` (the path's first segment), or as a mirror: `ns` (containerd's
+    /// `?ns=`), `host` (the `Host` header), `default` (the node's default mirror).
+    pub route: &'static str,
     pub kind: &'static str,
     pub reference: String,
     /// Set when the upstream was contacted (no credentials, no query).
@@ -63,6 +66,7 @@ impl RequestLog {
             path: path.chars().take(512).collect(),
             repo_key: String::new(),
             name: String::new(),
+            route: "",
             kind: "",
             reference: String::new(),
             upstream_url: String::new(),
@@ -110,6 +114,7 @@ impl RequestLog {
             path = %self.path,
             repo_key = %self.repo_key,
             name = %self.name,
+            route = self.route,
             kind = self.kind,
             reference = %self.reference,
             upstream_url = %self.upstream_url,

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use http::HeaderMap;
 use metrics_exporter_prometheus::PrometheusHandle;
-use wharf_core::{AuthMode, Repo};
+use wharf_core::{AuthMode, Repo, RepoKey};
 
 use crate::config::Config;
 use crate::credentials::ClientCredentials;
@@ -25,13 +25,35 @@ pub struct AppState {
     pub decisions: Arc<Decisions>,
     /// Renders `/metrics`; `None` when no recorder is installed (then `/metrics` is 404).
     pub metrics: Option<PrometheusHandle>,
+    /// How requests that name no repo of this node are routed.
+    pub mirror: MirrorRouting,
+}
+
+/// The node as a registry mirror: how a request whose path does not start with one of its
+/// repoKeys finds its repo (containerd's `?ns=`, the `Host` header, else the default mirror).
+#[derive(Clone, Debug, Default)]
+pub struct MirrorRouting {
+    /// `--default-mirror`: the repo for requests that name no repo, no `?ns=` and no repo's host
+    /// (else the config file's `default_mirror`, else the repo that mirrors docker.io).
+    pub default: Option<RepoKey>,
+    /// A mirror-only port (`--mirror-listen`): no path is read as `<repoKey>/<name>`, so a Docker
+    /// Hub user named like a repoKey is never mistaken for one.
+    pub only: bool,
 }
 
 impl AppState {
     pub fn new(config: Arc<Config>, store: Arc<Store>, upstream: Arc<Upstream>) -> Self {
         let decisions =
             Arc::new(Decisions::new(upstream.options().passthrough_auth_ttl, Decisions::DEFAULT_MAX_ENTRIES));
-        Self { config, store, upstream, flights: Arc::default(), decisions, metrics: None }
+        Self {
+            config,
+            store,
+            upstream,
+            flights: Arc::default(),
+            decisions,
+            metrics: None,
+            mirror: MirrorRouting::default(),
+        }
     }
 }
 
@@ -43,6 +65,8 @@ pub struct Ctx {
     pub name: String,
     /// The name as the client wrote it.
     pub client_name: String,
+    /// What precedes the name in the client's paths: `<repoKey>/`, or nothing through a mirror.
+    pub path_prefix: String,
     pub headers: HeaderMap,
     pub query: Option<String>,
     pub head: bool,

@@ -135,6 +135,8 @@ async fn start_node(
     let node_addr = listener.local_addr()?;
     let opts = NodeOptions {
         cache_dir: args.dev_cache_dir.clone(),
+        mirror_listener: None,
+        default_mirror: None,
         source: ConfigSource::ControlPlanes {
             endpoints: vec![format!("http://127.0.0.1:{}", control.local.port())],
             node_id: format!("dev-{}", node_addr.port()),

@@ -149,6 +149,21 @@ impl Proxy {
         self.child.try_wait().is_none() && self.child.id().is_some()
     }
 
+    /// With `--mirror-listen 127.0.0.1:0`: the mirror-only port (its `"listening as a mirror only"`
+    /// event of the current run).
+    pub fn mirror_addr(&self) -> anyhow::Result<SocketAddr> {
+        let mut addr = None;
+        self.child.stdout.wait_for(0, START_TIMEOUT, |l| {
+            let Ok(v) = serde_json::from_str::<Value>(l) else { return false };
+            if message(&v) != Some("listening as a mirror only") {
+                return false;
+            }
+            addr = fields(&v).get("addr").and_then(Value::as_str).and_then(|a| a.parse().ok());
+            addr.is_some()
+        });
+        addr.with_context(|| format!("no mirror-only port in the log\n{}", self.child.tail(30)))
+    }
+
     /// The raw stdout lines so far.
     pub fn stdout(&self) -> &LogBuf {
         &self.child.stdout

@@ -56,12 +56,13 @@ pub async fn get(ctx: &Ctx, path: String, log: &mut RequestLog) -> Result<Respon
 }
 
 /// `</v2/library/alpine/tags/list?n=2&last=b>; rel="next"` (or absolute, on the upstream's host)
-/// becomes `</v2/<repoKey>/<client name>/tags/list?n=2&last=b>; rel="next"`.
+/// becomes `</v2/<repoKey>/<client name>/tags/list?n=2&last=b>; rel="next"` (without the repoKey
+/// through a mirror).
 fn rewrite_link(link: &str, ctx: &Ctx) -> Option<String> {
     let open = link.find('<')?;
     let close = link[open..].find('>')? + open;
     let target = &link[open + 1..close];
     let path = target.strip_prefix(&ctx.repo.upstream).unwrap_or(target);
     let rest = path.strip_prefix(&format!("/v2/{}/", ctx.name))?;
-    Some(format!("{}</v2/{}/{}/{}>{}", &link[..open], ctx.repo.key, ctx.client_name, rest, &link[close + 1..]))
+    Some(format!("{}</v2/{}{}/{}>{}", &link[..open], ctx.path_prefix, ctx.client_name, rest, &link[close + 1..]))
 }

@@ -1,4 +1,5 @@
-//! `/v2/<repoKey>/<name>/...` paths, parsed from the raw request path: percent-encoded bytes are
+//! `/v2/<name>/...` paths (`<name>` is `<repoKey>/<upstream name>`, or an upstream name alone when
+//! the node is used as a mirror), parsed from the raw request path: percent-encoded bytes are
 //! refused outright (no name, reference or digest contains one legitimately), and every part is
 //! checked against the spec's grammar before it touches the disk or the upstream.
 
@@ -11,10 +12,18 @@ use crate::error::RegistryError;
 /// A parsed registry path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RegistryPath {
-    pub repo_key: RepoKey,
-    /// The name as the client wrote it.
+    /// Everything between `/v2/` and the target, as the client wrote it.
     pub name: String,
     pub target: Target,
+}
+
+impl RegistryPath {
+    /// The first segment as a repoKey and the rest as the repository's name, when the path has
+    /// both and the first segment has a repoKey's form.
+    pub fn keyed(&self) -> Option<(RepoKey, &str)> {
+        let (first, rest) = self.name.split_once('/')?;
+        Some((first.parse().ok()?, rest))
+    }
 }
 
 /// Parses the part of a path after `/v2/`.
@@ -26,7 +35,7 @@ pub fn parse_path(rest: &str) -> Result<RegistryPath, RegistryError> {
     }
     let segs: Vec<&str> = rest.split('/').collect();
     let n = segs.len();
-    if n < 4 {
+    if n < 3 {
         return Err(not_found_path());
     }
     let (what, last) = (segs[n - 2], segs[n - 1]);
@@ -37,11 +46,9 @@ pub fn parse_path(rest: &str) -> Result<RegistryPath, RegistryError> {
         "tags" if last == "list" => Target::Tags,
         _ => return Err(not_found_path()),
     };
-    let repo_key: RepoKey =
-        segs[0].parse().map_err(|e: wharf_core::RepoError| RegistryError::name_invalid(e.to_string()))?;
-    let name = segs[1..n - 2].join("/");
+    let name = segs[..n - 2].join("/");
     validate_name(&name).map_err(|e| RegistryError::name_invalid(e.to_string()))?;
-    Ok(RegistryPath { repo_key, name, target })
+    Ok(RegistryPath { name, target })
 }
 
 fn parse_digest(s: &str) -> Result<Digest, RegistryError> {
@@ -60,7 +67,7 @@ fn reference_error(e: NameError) -> RegistryError {
 pub fn not_found_path() -> RegistryError {
     RegistryError::not_found(
         "NOT_FOUND",
-        "unknown registry path: expected /v2/<repoKey>/<name>/(manifests/<reference>|blobs/<digest>|tags/list|referrers/<digest>)",
+        "unknown registry path: expected /v2/<repoKey>/<name>/(manifests/<reference>|blobs/<digest>|tags/list|referrers/<digest>), or /v2/<name>/... through a mirror",
     )
 }
 

@@ -8,13 +8,18 @@ fn p(s: &str) -> Result<RegistryPath, RegistryError> {
 fn parses_paths() {
     let d = Digest::of(b"x");
     let r = p(&format!("hub/library/alpine/blobs/{d}")).unwrap();
-    assert_eq!((r.repo_key.as_str(), r.name.as_str(), r.target), ("hub", "library/alpine", Target::Blob(d.clone())));
+    let (key, name) = r.keyed().unwrap();
+    assert_eq!((key.as_str(), name, r.target.clone()), ("hub", "library/alpine", Target::Blob(d.clone())));
     let r = p("hub/alpine/manifests/3.20").unwrap();
     assert_eq!(r.target, Target::Manifest(Reference::Tag("3.20".into())));
-    assert_eq!(p("lab/a/b/c/tags/list").unwrap().name, "a/b/c");
+    assert_eq!(p("lab/a/b/c/tags/list").unwrap().keyed().unwrap().1, "a/b/c");
+    // Mirror paths: a single-segment name, or one whose first segment is no repoKey.
+    let alpine = p("alpine/manifests/latest").unwrap();
+    assert_eq!((alpine.name.as_str(), alpine.keyed()), ("alpine", None));
+    assert_eq!(p("a__b/c/manifests/v1").unwrap().keyed(), None);
     assert_eq!(p(&format!("lab/x/referrers/{d}")).unwrap().target, Target::Referrers(d));
     // A repository may be named "manifests" or "blobs".
-    assert_eq!(p("lab/blobs/manifests/v1").unwrap().name, "blobs");
+    assert_eq!(p("lab/blobs/manifests/v1").unwrap().keyed().unwrap().1, "blobs");
 }
 
 #[test]
@@ -33,7 +38,7 @@ fn rejects_bad_paths() {
         ("lab/a/blobs/notadigest", "DIGEST_INVALID"),
         ("lab/a/manifests/sha256:zz", "DIGEST_INVALID"),
         ("lab/a/other/x", "NOT_FOUND"),
-        ("lab/manifests/v1", "NOT_FOUND"),
+        ("manifests/v1", "NOT_FOUND"),
     ];
     for (path, code) in cases {
         assert_eq!(p(path).map(|_| ()).unwrap_err().code, code, "{path}");
