@@ -136,3 +136,44 @@ async fn mirror_default_is_configurable_and_its_absence_is_a_clear_404() -> anyh
     assert!(r.text().contains("no repo \\\"nope\\\" is configured"), "{}", r.text());
     Ok(())
 }
+
+/// `mirror_of` through the control plane: REST and regctl set it (bad hosts refused, naming the
+/// field), the node stream carries it, and a managed node routes `?ns=` by it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirror_of_through_the_control_plane_routes_a_managed_node() -> anyhow::Result<()> {
+    use wharf_tests::control::{ControlPlane, Node, expect_problem, poll, rest_json};
+    let lab = lab()?;
+    let cp = ControlPlane::embedded()?;
+    let node = Node::spawn("mirror-node", &[cp.url()])?;
+    let body =
+        serde_json::json!({"key": "gh", "kind": "ghcr", "upstream": lab.gh.url(), "mirror_of": ["mirror.corp:5000"]});
+    let r = rest_json("POST", &cp.api("/api/repos"), &[], &body).await?;
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(r.json()?["mirror_of"], serde_json::json!(["mirror.corp:5000"]));
+    for bad in [serde_json::json!(["../x"]), serde_json::json!(["Docker.io"]), serde_json::json!("docker.io")] {
+        let body = serde_json::json!({"key": "bad", "upstream": lab.gh.url(), "mirror_of": bad});
+        let r = rest_json("POST", &cp.api("/api/repos"), &[], &body).await?;
+        let field = if bad.is_array() { Some("mirror_of") } else { None };
+        expect_problem(&r, 400, field)?;
+    }
+    let url = node.v2("team/app/manifests/v1?ns=mirror.corp:5000");
+    poll(std::time::Duration::from_secs(10), "the node to route ns=mirror.corp:5000", || async {
+        let (status, digest, _) = manifest(&url, &[]).await.ok()?;
+        (status == 200 && digest == lab.app.digest()).then_some(())
+    })
+    .await?;
+    // An explicit list replaces the defaults: ghcr.io is not mirrored by this repo.
+    let (status, _, code) = manifest(&node.v2("team/app/manifests/v1?ns=ghcr.io"), &[]).await?;
+    assert_eq!((status, code.as_str()), (404, "NAME_UNKNOWN"));
+
+    // regctl: set and clear the list.
+    let rc = wharf_tests::regctl::Regctl::new(&cp.url()).with_env("WHARF_TOKEN", wharf_tests::control::admin_token());
+    rc.run(&["repo", "update", "gh", "--mirror-of", "ghcr.io,mirror.corp:5000"]).await?.expect_code(0, "update")?;
+    let got = rc.run(&["repo", "get", "gh", "-o", "json"]).await?.json()?;
+    assert_eq!(got["mirror_of"], serde_json::json!(["ghcr.io", "mirror.corp:5000"]), "{got}");
+    rc.run(&["repo", "update", "gh", "--mirror-of", "bad host"]).await?.expect_error("mirror_of", "a bad host")?;
+    rc.run(&["repo", "update", "gh", "--default-mirror-of"]).await?.expect_code(0, "back to the defaults")?;
+    let got = rc.run(&["repo", "get", "gh", "-o", "json"]).await?.json()?;
+    assert!(got.get("mirror_of").is_none(), "{got}");
+    Ok(())
+}
