@@ -64,6 +64,17 @@ pub enum FetchFailure {
     NoSpace,
 }
 
+impl FetchFailure {
+    /// A store error, as clients may see it (no path on the node's disk: the log has the whole error).
+    fn store(e: crate::store::StoreError) -> Self {
+        if e.is_no_space() {
+            return FetchFailure::NoSpace;
+        }
+        tracing::error!(error = %e, "blob fetch: cache write failed");
+        FetchFailure::Io(e.client_message())
+    }
+}
+
 /// A fetch in progress, shared by all its clients.
 pub struct Flight {
     /// The repo and name whose client started the fetch (and to which it links the blob).
@@ -178,7 +189,7 @@ impl Flights {
         if ctx.store.blob_size(&ctx.digest).is_some() {
             return Ok(Joined::Cached);
         }
-        let (path, file) = ctx.store.staging_file(&ctx.digest).map_err(|e| FetchFailure::Io(e.to_string()))?;
+        let (path, file) = ctx.store.staging_file(&ctx.digest).map_err(FetchFailure::store)?;
         let file = Arc::new(file);
         let (tx, rx) = watch::channel(Progress::Connecting);
         let dest = ctx.store.blob_path(&ctx.digest);
@@ -229,7 +240,7 @@ impl Flights {
                 let committed = tokio::task::spawn_blocking(move || store.commit_blob(&p, &f, &d, size))
                     .await
                     .map_err(|e| FetchFailure::Io(e.to_string()))
-                    .and_then(|r| r.map_err(|e| FetchFailure::Io(e.to_string())));
+                    .and_then(|r| r.map_err(FetchFailure::store));
                 committed.map(|()| size)
             }
             Err(e) => Err(e),

@@ -46,6 +46,7 @@ async fn handle_request(state: AppState, req: Request, started: Instant) -> Resp
 }
 
 async fn route(state: AppState, req: Request, log: &mut RequestLog) -> Result<Response, RegistryError> {
+    check_host(&req)?;
     let head = match *req.method() {
         Method::GET => false,
         Method::HEAD => true,
@@ -105,6 +106,25 @@ async fn route(state: AppState, req: Request, log: &mut RequestLog) -> Result<Re
         return result.map_err(|e| gate::client_error(&ctx, e, log));
     }
     result
+}
+
+/// HTTP/1.1 requests carry exactly one `Host` (RFC 9112, 3.2): a missing or repeated one is a 400.
+fn check_host(req: &Request) -> Result<(), RegistryError> {
+    if req.version() != http::Version::HTTP_11 {
+        return Ok(());
+    }
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (Some(_), None) => Ok(()),
+        (None, _) => {
+            Err(RegistryError::new(StatusCode::BAD_REQUEST, "UNKNOWN", "an HTTP/1.1 request needs a Host header"))
+        }
+        (Some(_), Some(_)) => Err(RegistryError::new(
+            StatusCode::BAD_REQUEST,
+            "UNKNOWN",
+            "an HTTP/1.1 request carries one Host header, not several",
+        )),
+    }
 }
 
 /// The repo a request goes to, how it was chosen, and the name the client wrote for it.
@@ -203,7 +223,7 @@ fn version() -> Response {
 /// Any other path: an OCI-style 404.
 pub async fn fallback(req: Request) -> Response {
     let mut log = RequestLog::new(req.method(), req.uri().path());
-    let e = path::not_found_path();
+    let e = check_host(&req).err().unwrap_or_else(path::not_found_path);
     log.error = Some(e.message.clone());
     log.wrap(e.into_response(), Instant::now())
 }

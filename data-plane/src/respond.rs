@@ -50,6 +50,16 @@ pub fn upstream_status(status: StatusCode, detail: Value, what: &str, retry_afte
             "TOOMANYREQUESTS",
             format!("upstream rate limit reached ({url} answered 429); retry later"),
         ),
+        // What the upstream does not support there (HEAD of tags/list on distribution): the client
+        // may ask otherwise.
+        405 | 501 => (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "UNSUPPORTED",
+            format!("upstream does not support this request ({url} answered {status})"),
+        ),
+        // Any other refusal of the request itself is the client's to act on: passed on as it is,
+        // the upstream's message in `detail`.
+        s @ 400..=499 => (status, "UNKNOWN", format!("upstream answered {s} for {url}")),
         s => (StatusCode::BAD_GATEWAY, "UNKNOWN", format!("upstream answered {s} for {url}")),
     };
     let mut e = RegistryError::new(status_out, code, message).with_detail(detail);

@@ -16,7 +16,7 @@
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -31,6 +31,27 @@ pub enum StoreError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("cache entry {path} is corrupt: {why}")]
     Corrupt { path: PathBuf, why: String },
+}
+
+impl StoreError {
+    /// What a client may be told: the kind of failure, never a path on the node's disk (the log
+    /// has the whole error).
+    pub fn client_message(&self) -> String {
+        match self {
+            StoreError::Io { source, .. } if no_space(source) => "the node's cache has no room left".into(),
+            StoreError::Io { source, .. } => format!("the node's cache failed: {}", source.kind()),
+            StoreError::Corrupt { .. } => "the node's cache holds a corrupt entry".into(),
+        }
+    }
+
+    /// Whether the disk (or the user's quota) is full.
+    pub fn is_no_space(&self) -> bool {
+        matches!(self, StoreError::Io { source, .. } if no_space(source))
+    }
+}
+
+fn no_space(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::StorageFull || e.kind() == std::io::ErrorKind::QuotaExceeded
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -145,6 +166,8 @@ pub struct Store {
     limits: Limits,
     /// Woken when the cache grows past the high watermark.
     evict: Arc<Notify>,
+    /// Set while cache writes fail (a full disk): the episode is logged once, at its start and end.
+    degraded: AtomicBool,
 }
 
 /// How large the cache may grow.
@@ -204,7 +227,24 @@ impl Store {
             memo: Mutex::default(),
             limits: Limits::default(),
             evict: Arc::default(),
+            degraded: AtomicBool::new(false),
         })
+    }
+
+    /// Something could not be cached (`kind`: blob, manifest, tag) and is served uncached: counted,
+    /// and logged at warning once per episode (until a write succeeds again).
+    pub fn degraded(&self, kind: &'static str, reason: &dyn std::fmt::Display) {
+        metrics::counter!("wharf_cache_write_failures_total", "kind" => kind).increment(1);
+        if !self.degraded.swap(true, Ordering::Relaxed) {
+            tracing::warn!(kind, %reason, "cache writes fail: serving from upstream uncached until they succeed again");
+        }
+    }
+
+    /// A cache write succeeded: ends a degraded episode (logged).
+    pub fn writes_ok(&self) {
+        if self.degraded.load(Ordering::Relaxed) && self.degraded.swap(false, Ordering::Relaxed) {
+            tracing::info!("cache writes succeed again");
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -432,14 +472,15 @@ impl Store {
     }
 
     pub fn put_tag(&self, repo: &RepoKey, name: &str, tag: &str, entry: &TagEntry) -> Result<(), StoreError> {
+        // In memory first: when the file cannot be written (a full disk), the node still knows the
+        // tag until it restarts.
+        self.memo().put_tag((repo.clone(), name.to_owned(), tag.to_owned()), entry.clone());
         let dir = self.repo_dir(repo, name).join("_tags");
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
         let bytes =
             serde_json::to_vec(entry).map_err(|e| StoreError::Corrupt { path: dir.clone(), why: e.to_string() })?;
         // Not fsynced: a tag entry lost in a crash is fetched again; a torn one fails to parse, same.
-        write_atomic(&self.root.join("staging"), &dir.join(tag), &bytes, false)?;
-        self.memo().put_tag((repo.clone(), name.to_owned(), tag.to_owned()), entry.clone());
-        Ok(())
+        write_atomic(&self.root.join("staging"), &dir.join(tag), &bytes, false)
     }
 
     pub fn remove_tag(&self, repo: &RepoKey, name: &str, tag: &str) {

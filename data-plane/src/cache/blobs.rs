@@ -54,7 +54,13 @@ pub async fn get(ctx: &Ctx, digest: Digest, log: &mut RequestLog) -> Result<Resp
             parent: tracing::Span::current(),
             client: ctx.client.clone(),
         };
-        let (flight, coalesced) = match ctx.state.flights.join_or_start(fetch).map_err(|e| fetch_error(&e))? {
+        let joined = match ctx.state.flights.join_or_start(fetch) {
+            Ok(j) => j,
+            // Not even a staging file fits: a plain proxy for this blob.
+            Err(FetchFailure::NoSpace) => return uncached(ctx, &digest, log).await,
+            Err(e) => return Err(fetch_error(&e)),
+        };
+        let (flight, coalesced) = match joined {
             Joined::Cached => {
                 let size =
                     store.blob_size(&digest).ok_or_else(|| RegistryError::internal("blob vanished from the cache"))?;
@@ -140,7 +146,10 @@ async fn confirm_upstream(ctx: &Ctx, digest: &Digest, log: &mut RequestLog) -> R
         return Err(upstream_status(status, resp.error_detail().await, "blob", None));
     }
     gate::note_authorized(ctx, log);
-    ctx.state.store.link(&ctx.repo.key, &ctx.name, [digest]).map_err(|e| RegistryError::internal(e.to_string()))
+    ctx.state.store.link(&ctx.repo.key, &ctx.name, [digest]).map_err(|e| {
+        tracing::error!(repo_key = %ctx.repo.key, %digest, error = %e, "recording the blob's link");
+        RegistryError::internal(e.client_message())
+    })
 }
 
 /// A client joining a fetch someone else started: a fetch for another repo or name is confirmed
@@ -318,7 +327,7 @@ async fn uncached(ctx: &Ctx, digest: &Digest, log: &mut RequestLog) -> Result<Re
         return Err(upstream_status(status, resp.error_detail().await, "blob", None));
     }
     log.cache = "bypass";
-    tracing::warn!(repo_key = %ctx.repo.key, %digest, "no room in the cache: serving from upstream uncached");
+    ctx.state.store.degraded("blob", &format_args!("no room in the cache for blob {digest} (repo {})", ctx.repo.key));
     let status = resp.status;
     let mut r = Response::new(Body::empty());
     for k in [header::CONTENT_LENGTH, header::CONTENT_RANGE] {

@@ -43,7 +43,6 @@ pub async fn get(ctx: &Ctx, reference: Reference, log: &mut RequestLog) -> Resul
                 return Ok(respond(ctx, m, IMMUTABLE, None));
             }
             let m = fetch(ctx, &reference, log).await?;
-            log.cache = "miss";
             Ok(respond(ctx, m, IMMUTABLE, None))
         }
         Reference::Tag(tag) => {
@@ -79,9 +78,11 @@ pub async fn get(ctx: &Ctx, reference: Reference, log: &mut RequestLog) -> Resul
                     Revalidated::Same => {
                         gate::note_authorized(ctx, log);
                         let e = TagEntry { fetched_at: now_secs(), ..entry };
-                        store
-                            .put_tag(&ctx.repo.key, &ctx.name, tag, &e)
-                            .map_err(|e| RegistryError::internal(e.to_string()))?;
+                        // A tag file that cannot be written (a full disk) keeps the answer in memory.
+                        match store.put_tag(&ctx.repo.key, &ctx.name, tag, &e) {
+                            Ok(()) => store.writes_ok(),
+                            Err(e) => store.degraded("tag", &e),
+                        }
                         log.cache = "revalidated";
                         return Ok(respond(ctx, m, &cache_control, None));
                     }
@@ -104,7 +105,6 @@ pub async fn get(ctx: &Ctx, reference: Reference, log: &mut RequestLog) -> Resul
                 }
             }
             let m = fetch(ctx, &reference, log).await?;
-            log.cache = "miss";
             Ok(respond(ctx, m, &cache_control, None))
         }
     }
@@ -212,7 +212,8 @@ async fn revalidate(ctx: &Ctx, tag: &str, cached: &Digest, log: &mut RequestLog)
     }
 }
 
-/// GETs a manifest upstream, checks its bytes, caches it and links what it references.
+/// GETs a manifest upstream, checks its bytes, caches it and links what it references (`miss`), or
+/// serves it uncached when it cannot be written (`bypass`).
 async fn fetch(ctx: &Ctx, reference: &Reference, log: &mut RequestLog) -> Result<Manifest, RegistryError> {
     let req = UpstreamRequest {
         repo: &ctx.repo,
@@ -272,8 +273,9 @@ async fn fetch(ctx: &Ctx, reference: &Reference, log: &mut RequestLog) -> Result
     };
     let (store, repo, name) = (ctx.state.store.clone(), ctx.repo.key.clone(), ctx.name.clone());
     let (d, mt, b) = (digest.clone(), media_type.clone(), bytes.clone());
-    // fsync and renames: off the async workers.
-    tokio::task::spawn_blocking(move || {
+    // fsync and renames: off the async workers. A manifest that cannot be cached (a full disk) is
+    // served all the same: its bytes were checked.
+    let written = tokio::task::spawn_blocking(move || {
         store.put_manifest(&d, &mt, &b)?;
         store.link(&repo, &name, &linked)?;
         if let Some(tag) = tag {
@@ -283,8 +285,17 @@ async fn fetch(ctx: &Ctx, reference: &Reference, log: &mut RequestLog) -> Result
         Ok::<_, crate::store::StoreError>(())
     })
     .await
-    .map_err(|e| RegistryError::internal(e.to_string()))?
-    .map_err(|e| RegistryError::internal(e.to_string()))?;
+    .map_err(|e| RegistryError::internal(format!("caching the manifest: {e}")))?;
+    log.cache = match written {
+        Ok(()) => {
+            ctx.state.store.writes_ok();
+            "miss"
+        }
+        Err(e) => {
+            ctx.state.store.degraded("manifest", &e);
+            "bypass"
+        }
+    };
     Ok(Manifest { digest, media_type, bytes })
 }
 
