@@ -296,9 +296,10 @@ async fn fetch_into(
         return Err(FetchFailure::Status { status, retry_after, detail: resp.error_detail().await });
     }
     let total = resp.content_length();
-    if !ctx.store.has_room(total.unwrap_or(0)) {
+    // Held until the bytes are written: concurrent fetches cannot all count the same free space.
+    let Some(_room) = ctx.store.reserve(total.unwrap_or(0)) else {
         return Err(FetchFailure::NoSpace);
-    }
+    };
     tx.send_replace(Progress::Streaming { written: 0, total });
     let mut hasher = DigestHasher::new();
     let mut written = 0u64;

@@ -168,6 +168,20 @@ pub struct Store {
     evict: Arc<Notify>,
     /// Set while cache writes fail (a full disk): the episode is logged once, at its start and end.
     degraded: AtomicBool,
+    /// Bytes that fetches in flight reserved and have not written yet ([`Store::reserve`]).
+    reserved: AtomicU64,
+}
+
+/// Room reserved in the cache for one fetch; given back on drop.
+pub struct Reservation {
+    store: Arc<Store>,
+    bytes: u64,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.store.reserved.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
 }
 
 /// How large the cache may grow.
@@ -228,6 +242,7 @@ impl Store {
             limits: Limits::default(),
             evict: Arc::default(),
             degraded: AtomicBool::new(false),
+            reserved: AtomicU64::new(0),
         })
     }
 
@@ -274,16 +289,22 @@ impl Store {
         }
     }
 
-    /// Whether `bytes` more fit: under the size cap, and the disk has them free.
-    pub fn has_room(&self, bytes: u64) -> bool {
-        if let Some(max) = self.limits.max_size
-            && self.usage().1 + bytes > max
-        {
-            return false;
-        }
-        match rustix::fs::statvfs(&self.root) {
-            Ok(st) => st.f_bavail.saturating_mul(st.f_frsize) > bytes,
-            Err(_) => true,
+    /// Reserves room for `bytes` more (a blob about to be fetched): under the size cap and free on
+    /// the disk, counting what fetches in flight reserved before. `None`: it does not fit. The
+    /// room is given back when the reservation drops (the fetch wrote its bytes, or failed).
+    pub fn reserve(self: &Arc<Self>, bytes: u64) -> Option<Reservation> {
+        let free = rustix::fs::statvfs(&self.root).map_or(u64::MAX, |st| st.f_bavail.saturating_mul(st.f_frsize));
+        let used = self.usage().1;
+        let mut reserved = self.reserved.load(Ordering::Relaxed);
+        loop {
+            let capped = self.limits.max_size.is_some_and(|max| used + reserved + bytes > max);
+            if capped || free.saturating_sub(reserved) <= bytes {
+                return None;
+            }
+            match self.reserved.compare_exchange_weak(reserved, reserved + bytes, Ordering::AcqRel, Ordering::Relaxed) {
+                Ok(_) => return Some(Reservation { store: self.clone(), bytes }),
+                Err(now) => reserved = now,
+            }
         }
     }
 

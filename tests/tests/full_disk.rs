@@ -187,3 +187,29 @@ async fn http11_requests_need_exactly_one_host() -> anyhow::Result<()> {
     assert_eq!(raw_status(addr, "GET /v2/ HTTP/1.0\r\n\r\n")?, 200);
     Ok(())
 }
+
+/// Eight cold pulls at once into 4 MB of free space: the fetches reserve what they need, so the
+/// ones that do not fit are served uncached from the start and none is cut short.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_cold_pulls_into_little_room_are_all_whole() -> anyhow::Result<()> {
+    let fake = FakeUpstream::start().await?;
+    let blobs: Vec<_> = (0..8).map(|_| fake.add_random_blob(1024 * 1024)).collect();
+    let disk = Tmpfs::mount(32 * 1024 * 1024)?;
+    let proxy = Proxy::spawn_with(ProxyOptions {
+        cache_dir: Some(disk.path().join("cache")),
+        ..ProxyOptions::new(&repo_config("lab", &fake.url(), "generic", "5m"), &[])
+    })?;
+    disk.fill(4 * 1024 * 1024)?;
+    let urls: Vec<String> = blobs.iter().map(|b| proxy.v2(&format!("lab/org/img/blobs/{}", b.digest))).collect();
+    let pulls = urls.iter().map(|u| get(u, &[]));
+    for (blob, r) in blobs.iter().zip(futures_util::future::join_all(pulls).await) {
+        let r = r?;
+        assert_eq!((r.status, wharf_tests::sha256_digest(&r.body)), (200, blob.digest.clone()));
+    }
+    let lines = proxy.request_logs();
+    assert!(lines.iter().all(|l| l["complete"] == true), "a response cut short: {lines:#?}");
+    let cached = blobs.iter().filter(|b| proxy.cached_blob(&b.digest).is_some()).count();
+    assert!((1..8).contains(&cached), "{cached} of 8 cached into 4 MB");
+    assert!(lines.iter().any(|l| l["cache"] == "bypass"), "{lines:#?}");
+    Ok(())
+}
