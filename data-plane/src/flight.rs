@@ -95,6 +95,11 @@ impl Flight {
         result.unwrap_or_else(|_| Progress::Failed(FetchFailure::Io("fetch task ended".into())))
     }
 
+    /// Whether the fetch ran out of room in the cache (its readers may go on from upstream).
+    pub fn out_of_room(&self) -> bool {
+        matches!(&*self.progress.borrow(), Progress::Failed(FetchFailure::NoSpace))
+    }
+
     /// Bytes written so far.
     pub fn written(&self) -> u64 {
         match &*self.progress.borrow() {

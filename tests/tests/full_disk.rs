@@ -213,3 +213,47 @@ async fn concurrent_cold_pulls_into_little_room_are_all_whole() -> anyhow::Resul
     assert!(lines.iter().any(|l| l["cache"] == "bypass"), "{lines:#?}");
     Ok(())
 }
+
+/// The disk fills (by something else) in the middle of a fetch: its clients' responses go on from
+/// upstream where each client is, whole, and nothing is cached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_filling_mid_fetch_cuts_no_response() -> anyhow::Result<()> {
+    const SIZE: usize = 4 * 1024 * 1024;
+    let fake = FakeUpstream::start().await?;
+    let blob = fake.add_random_blob(SIZE);
+    fake.add_fault(FaultRule {
+        pattern: blob.digest.clone(),
+        methods: Some(vec![axum::http::Method::GET]),
+        fault: Fault::Pause { after: SIZE / 4 },
+        times: Some(1),
+    });
+    let disk = Tmpfs::mount(32 * 1024 * 1024)?;
+    let proxy = Proxy::spawn_with(ProxyOptions {
+        cache_dir: Some(disk.path().join("cache")),
+        ..ProxyOptions::new(&repo_config("lab", &fake.url(), "generic", "5m"), &[])
+    })?;
+    let url = proxy.v2(&format!("lab/org/img/blobs/{}", blob.digest));
+    let clients: Vec<_> = (0..3)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { get(&url, &[]).await })
+        })
+        .collect();
+    // The fetch wrote its first quarter and waits: now the disk fills.
+    let staging = disk.path().join("cache/staging");
+    wharf_tests::wait_until_async(Duration::from_secs(10), "the fetch's first quarter on disk", || {
+        let size: u64 =
+            wharf_tests::files_under(&staging).iter().filter_map(|f| f.metadata().ok()).map(|m| m.len()).sum();
+        (size >= (SIZE / 4) as u64).then_some(())
+    })
+    .await?;
+    disk.fill(0)?;
+    fake.release();
+    for c in clients {
+        let r = c.await??;
+        assert_eq!((r.status, wharf_tests::sha256_digest(&r.body)), (200, blob.digest.clone()));
+    }
+    assert!(proxy.request_logs().iter().all(|l| l["complete"] == true), "{:#?}", proxy.request_logs());
+    assert!(proxy.cached_blob(&blob.digest).is_none());
+    Ok(())
+}

@@ -1,6 +1,8 @@
 //! Blobs: hits stream the verified file; misses join the one fetch of their digest; `Range`,
 //! `If-None-Match` and HEAD as CDNs and lazy-pulling clients expect.
 
+use std::sync::Arc;
+
 use axum::body::Body;
 use axum::response::Response;
 use bytes::Bytes;
@@ -107,10 +109,12 @@ pub async fn get(ctx: &Ctx, digest: Digest, log: &mut RequestLog) -> Result<Resp
                 return Ok(r);
             }
             let body = flight.body(start, Some(end)).await.map_err(|e| fetch_error(&e))?;
+            let body = on_upstream_if_no_room(ctx, &digest, flight.clone(), body, start, Some(end));
             partial(Body::from_stream(stream_span(ctx, &digest, log.cache, body)), start, end, total)
         }
         None => {
             let body = flight.body(0, None).await.map_err(|e| fetch_error(&e))?;
+            let body = on_upstream_if_no_room(ctx, &digest, flight.clone(), body, 0, None);
             let mut r = Response::new(Body::from_stream(stream_span(ctx, &digest, log.cache, body)));
             if let Some(t) = total {
                 r.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(t));
@@ -120,6 +124,107 @@ pub async fn get(ctx: &Ctx, digest: Digest, log: &mut RequestLog) -> Result<Resp
     };
     blob_headers(r.headers_mut(), &digest);
     Ok(r)
+}
+
+/// A fetch's body for one client that, when the cache runs out of room in the middle of the fetch
+/// (the disk filled by something else), goes on from upstream where the client is (`Range`), so
+/// the response is not cut; the client checks the digest, as for any registry.
+fn on_upstream_if_no_room(
+    ctx: &Ctx,
+    digest: &Digest,
+    flight: Arc<Flight>,
+    cached: impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static,
+    start: u64,
+    end: Option<u64>,
+) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
+    enum Source<S> {
+        Cache(S),
+        Upstream(futures_util::stream::BoxStream<'static, Result<Bytes, std::io::Error>>),
+        Done,
+    }
+    /// What going on from upstream takes, moved along with the stream's state (never cloned per chunk).
+    struct Rest {
+        upstream: Arc<Upstream>,
+        store: Arc<crate::store::Store>,
+        repo: Arc<wharf_core::Repo>,
+        name: String,
+        client: Option<Arc<crate::credentials::ClientCredentials>>,
+        digest: Digest,
+        flight: Arc<Flight>,
+        end: Option<u64>,
+    }
+    /// The rest of the blob from `pos`, asked upstream with a `Range`.
+    async fn from_upstream(
+        rest: &Rest,
+        pos: u64,
+    ) -> Result<futures_util::stream::BoxStream<'static, Result<Bytes, std::io::Error>>, std::io::Error> {
+        let digest = &rest.digest;
+        rest.store.degraded("blob", &format_args!("no room left in the middle of blob {digest}"));
+        let range = match rest.end {
+            Some(end) => format!("bytes={pos}-{}", end - 1),
+            None => format!("bytes={pos}-"),
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert(header::RANGE, HeaderValue::from_str(&range).map_err(std::io::Error::other)?);
+        let req = UpstreamRequest {
+            repo: &rest.repo,
+            name: &rest.name,
+            method: Method::GET,
+            path: format!("blobs/{digest}"),
+            query: None,
+            headers,
+            retry: true,
+            follow_redirects: true,
+            client: rest.client.as_deref(),
+        };
+        match rest.upstream.send(&req).await {
+            Ok(r) if r.status == StatusCode::PARTIAL_CONTENT => {
+                Ok(r.into_stream().map(|c| c.map_err(std::io::Error::other)).boxed())
+            }
+            Ok(r) => Err(std::io::Error::other(format!("upstream answered {} to {range}", r.status))),
+            Err(e) => Err(std::io::Error::other(e)),
+        }
+    }
+    let rest = Rest {
+        upstream: ctx.state.upstream.clone(),
+        store: ctx.state.store.clone(),
+        repo: ctx.repo.clone(),
+        name: ctx.name.clone(),
+        client: ctx.client.clone(),
+        digest: digest.clone(),
+        flight,
+        end,
+    };
+    let state = (Source::Cache(Box::pin(cached)), start, rest);
+    futures_util::stream::unfold(state, |(mut source, pos, rest)| async move {
+        loop {
+            match source {
+                Source::Done => return None,
+                Source::Cache(mut s) => match s.next().await {
+                    Some(Ok(b)) => {
+                        let pos = pos + b.len() as u64;
+                        return Some((Ok(b), (Source::Cache(s), pos, rest)));
+                    }
+                    None => return None,
+                    Some(Err(e)) if !rest.flight.out_of_room() => return Some((Err(e), (Source::Done, pos, rest))),
+                    Some(Err(_)) => match from_upstream(&rest, pos).await {
+                        Ok(s) => source = Source::Upstream(s),
+                        Err(e) => return Some((Err(e), (Source::Done, pos, rest))),
+                    },
+                },
+                Source::Upstream(mut s) => {
+                    return match s.next().await {
+                        Some(Ok(b)) => {
+                            let pos = pos + b.len() as u64;
+                            Some((Ok(b), (Source::Upstream(s), pos, rest)))
+                        }
+                        Some(Err(e)) => Some((Err(e), (Source::Done, pos, rest))),
+                        None => None,
+                    };
+                }
+            }
+        }
+    })
 }
 
 /// A repo may serve a cached blob only when that repo and name were seen to hold it: a digest
