@@ -27,6 +27,9 @@ pub struct NodeView {
     pub hit_ratio: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// The node's cache cannot be written (a full disk).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub cache_degraded: bool,
     #[serde(skip)]
     last_seen_secs: i64,
 }
@@ -47,6 +50,7 @@ impl From<&pb::Node> for NodeView {
             cache_misses: n.cache_misses,
             hit_ratio: (total > 0).then(|| n.cache_hits as f64 / total as f64),
             last_error: (!n.last_error.is_empty()).then(|| n.last_error.clone()),
+            cache_degraded: n.cache_degraded,
             last_seen_secs: n.last_seen.as_ref().map_or(0, |t| t.seconds),
         }
     }
@@ -101,7 +105,11 @@ fn table(nodes: &[NodeView], now: SystemTime) -> String {
             n.id.clone(),
             n.address.clone(),
             n.applied_revision.to_string(),
-            output::bytes(n.cache_bytes),
+            if n.cache_degraded {
+                format!("{} (disk full)", output::bytes(n.cache_bytes))
+            } else {
+                output::bytes(n.cache_bytes)
+            },
             n.cache_entries.to_string(),
             n.hit_ratio.map_or_else(|| "-".into(), |r| format!("{:.1}%", r * 100.0)),
             ago(now, n.last_seen_secs),
@@ -117,6 +125,13 @@ fn table(nodes: &[NodeView], now: SystemTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_table_says_when_a_disk_is_full() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let n = pb::Node { id: "n1".into(), cache_bytes: 2048, cache_degraded: true, ..Default::default() };
+        assert!(table(&[NodeView::from(&n)], now).contains("2.0 KiB (disk full)"));
+    }
 
     #[test]
     fn the_table_shows_ratio_and_age() {

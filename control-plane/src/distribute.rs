@@ -84,6 +84,7 @@ impl pb::config_service_server::ConfigService for ConfigApi {
             info.cache_hits = r.cache_hits;
             info.cache_misses = r.cache_misses;
             info.last_error = Some(r.last_error).filter(|e| !e.is_empty());
+            info.cache_degraded = r.cache_degraded;
             info.last_seen_ms = now_ms();
             info.clone()
         };

@@ -132,6 +132,7 @@ pub fn node_to_proto(n: &NodeInfo) -> pb::Node {
         cache_hits: n.cache_hits,
         cache_misses: n.cache_misses,
         last_error: n.last_error.clone().unwrap_or_default(),
+        cache_degraded: n.cache_degraded,
     }
 }
 

@@ -30,6 +30,9 @@ pub struct NodeInfo {
     pub cache_misses: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// The node's cache cannot be written (a full disk).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cache_degraded: bool,
 }
 
 pub fn now_ms() -> u64 {

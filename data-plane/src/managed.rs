@@ -374,6 +374,7 @@ async fn send_report(
         cache_hits: crate::metrics::hits_and_misses().0,
         cache_misses: crate::metrics::hits_and_misses().1,
         last_error: last_error.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+        cache_degraded: store.is_degraded(),
     };
     if let Err(s) = client.report(opts.request(report)).await {
         tracing::debug!(error = %s.message(), "report refused");

@@ -255,6 +255,11 @@ impl Store {
         }
     }
 
+    /// Whether cache writes fail now (a full disk), as the node's report says.
+    pub fn is_degraded(&self) -> bool {
+        self.degraded.load(Ordering::Relaxed)
+    }
+
     /// A cache write succeeded: ends a degraded episode (logged).
     pub fn writes_ok(&self) {
         if self.degraded.load(Ordering::Relaxed) && self.degraded.swap(false, Ordering::Relaxed) {

@@ -257,3 +257,30 @@ async fn a_disk_filling_mid_fetch_cuts_no_response() -> anyhow::Result<()> {
     assert!(proxy.cached_blob(&blob.digest).is_none());
     Ok(())
 }
+
+/// The node list says which node's disk is full (from the node's report).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_list_shows_a_full_disk() -> anyhow::Result<()> {
+    use wharf_tests::control::{ControlPlane, Node, create_repo, list_nodes, poll, repo_json};
+    let registry = Registry::start()?;
+    let image = TestImage::random("v1", &[1000])?;
+    image.push(&registry.host(), "team/app")?;
+    let disk = Tmpfs::mount(8 * 1024 * 1024)?;
+    let cp = ControlPlane::embedded()?;
+    let node = Node::spawn_with("full", &[cp.url()], Some(&disk.path().join("cache")), &[])?;
+    create_repo(&cp.url(), &repo_json("lab", &registry.url())).await?;
+    disk.fill(0)?;
+    let url = node.v2("lab/team/app/manifests/v1");
+    poll(Duration::from_secs(10), "the node to serve the repo", || async {
+        let r = get(&url, &[("accept", OCI_MANIFEST)]).await.ok()?;
+        (r.status == 200).then_some(())
+    })
+    .await?;
+    // Reports go every 10 s.
+    poll(Duration::from_secs(25), "the node list to show the full disk", || async {
+        let nodes = list_nodes(&cp.url()).await.ok()?;
+        nodes.iter().any(|n| n["id"] == "full" && n["cache_degraded"] == true).then_some(())
+    })
+    .await?;
+    Ok(())
+}
