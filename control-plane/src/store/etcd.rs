@@ -153,6 +153,9 @@ impl EtcdStore {
         let deadline = tokio::time::Instant::now() + self.timeout;
         let mut backoff = Duration::from_millis(10);
         let mut attempts = 1u32;
+        // What a member said, when one answered at all: with quorum lost, the members still up
+        // answer (no leader), while the down ones give connect errors; the answer says more.
+        let mut answered: Option<String> = None;
         let attempt_timeout =
             if repeatable { (self.timeout / 3).max(Duration::from_millis(200)) } else { self.timeout };
         let err = loop {
@@ -175,6 +178,11 @@ impl EtcdStore {
             {
                 return Err(StoreError::LeaseNotFound { lease });
             }
+            if let etcd_client::Error::GRpcStatus(s) = &e
+                && s.message().starts_with("etcdserver:")
+            {
+                answered = Some(s.message().to_owned());
+            }
             let retry = is_not_sent(&e) || (repeatable && map_err("", &e).is_unavailable());
             if !retry || tokio::time::Instant::now() + backoff >= deadline {
                 break map_err(&ctx(), &e);
@@ -184,11 +192,15 @@ impl EtcdStore {
             backoff = (backoff * 2).min(Duration::from_millis(250));
             attempts += 1;
         };
-        Err(match err {
-            StoreError::Unavailable(msg) => {
+        Err(match (err, answered) {
+            (StoreError::Unavailable(msg), Some(said)) if no_quorum(&said) => StoreError::Unavailable(format!(
+                "etcd has no leader (quorum lost: too few members reachable): a member answered {said:?}; last error: {msg} (etcd at {}, {attempts} attempts)",
+                self.endpoints
+            )),
+            (StoreError::Unavailable(msg), _) => {
                 StoreError::Unavailable(format!("{msg} (etcd at {}, {attempts} attempts)", self.endpoints))
             }
-            e => e,
+            (e, _) => e,
         })
     }
 
@@ -402,6 +414,12 @@ fn is_not_sent(e: &etcd_client::Error) -> bool {
         etcd_client::Error::TransportError(_) => true,
         _ => false,
     }
+}
+
+/// Whether a member's answer means the cluster has no leader (quorum lost, or an election that
+/// does not end).
+fn no_quorum(said: &str) -> bool {
+    ["no leader", "request timed out", "leader changed", "timed out, possibly due to"].iter().any(|m| said.contains(m))
 }
 
 /// Whether `e` is etcd's "requested lease not found".
