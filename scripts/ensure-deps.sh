@@ -17,6 +17,8 @@ fi
 if [ "$want" = test ]; then
   # Real docker and containerd clients (tests/src/docker.rs): docker.io brings dockerd, containerd and ctr.
   have dockerd || need+=(docker.io)
+  # The schema fuzzer (schemathesis) goes into a venv of its own: python3's venv module may be missing.
+  python3 -c "import venv, ensurepip" >/dev/null 2>&1 || need+=(python3-venv)
 fi
 if [ "$want" = bench ]; then
   have nginx || need+=(nginx-light)
@@ -33,6 +35,15 @@ if [ ${#need[@]} -gt 0 ]; then
   echo "ensure-deps: installed ${need[*]}"
 else
   echo "ensure-deps: all tools present (protoc, etcd, docker-registry, skopeo, dockerd as needed)"
+fi
+
+# schemathesis, the OpenAPI fuzzer of tests/tests/control_schema.rs, in target/tools-venv (no system
+# Python package is touched).
+venv="$(dirname "$0")/../target/tools-venv"
+if [ "$want" = test ] && [ ! -x "$venv/bin/schemathesis" ]; then
+  echo "ensure-deps: installing schemathesis into target/tools-venv (python3 -m venv, pip)"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check schemathesis
 fi
 
 if ! cargo nextest --version >/dev/null 2>&1 && [ "$want" = test ]; then

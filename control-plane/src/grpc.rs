@@ -76,8 +76,12 @@ fn spec_from_proto(r: pb::Repo) -> Result<RepoSpec, ApiError> {
     })
 }
 
-fn expected(rev: i64) -> Option<i64> {
-    (rev != 0).then_some(rev)
+/// `expected_revision`: 0 means unconditionally; revisions start at 1.
+fn expected(rev: i64) -> Result<Option<i64>, ApiError> {
+    if rev < 0 {
+        return Err(ApiError::invalid("expected_revision", "a revision is positive (0: unconditionally)"));
+    }
+    Ok((rev != 0).then_some(rev))
 }
 
 pub struct RepoApi(pub ApiState);
@@ -105,7 +109,7 @@ impl pb::repo_service_server::RepoService for RepoApi {
         let req = req.into_inner();
         let repo = req.repo.ok_or_else(|| ApiError::invalid("repo", "repo is required"))?;
         let r =
-            self.0.repos.update(spec_from_proto(repo)?, expected(req.expected_revision), req.clear_password).await?;
+            self.0.repos.update(spec_from_proto(repo)?, expected(req.expected_revision)?, req.clear_password).await?;
         Ok(Response::new(repo_to_proto(&r, false)))
     }
 
@@ -114,7 +118,7 @@ impl pb::repo_service_server::RepoService for RepoApi {
         req: Request<pb::DeleteRepoRequest>,
     ) -> Result<Response<pb::DeleteRepoResponse>, Status> {
         let req = req.into_inner();
-        let revision = self.0.repos.delete(&req.key, expected(req.expected_revision)).await?;
+        let revision = self.0.repos.delete(&req.key, expected(req.expected_revision)?).await?;
         Ok(Response::new(pb::DeleteRepoResponse { revision }))
     }
 }

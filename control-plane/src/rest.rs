@@ -227,7 +227,8 @@ fn if_match(headers: &HeaderMap) -> Result<Option<i64>, Problem> {
     if s == "*" {
         return Ok(None);
     }
-    s.trim_start_matches("W/").trim_matches('"').parse::<i64>().map(Some).map_err(|_| {
+    // Revisions start at 1: "0" (or a negative one) was never issued.
+    s.trim_start_matches("W/").trim_matches('"').parse::<i64>().ok().filter(|r| *r > 0).map(Some).ok_or_else(|| {
         Problem::invalid("If-Match", format!("If-Match {s:?} is not an ETag this API issued (like \"12\")"))
     })
 }
