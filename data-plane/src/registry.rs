@@ -155,7 +155,10 @@ fn resolve(
     let mirrored = |repo: &Arc<Repo>, route| Ok(Routed { repo: repo.clone(), name: path.name.clone(), route });
     if let Some(ns) = query.and_then(ns_param) {
         if let Some(why) = registry_host_error(&ns) {
-            return Err(RegistryError::name_invalid(format!("ns={:?} is not a registry host: {why}", truncate(&ns))));
+            return Err(RegistryError::name_invalid(format!(
+                "ns={:?} is not a registry host: {why}",
+                path::truncate(&ns, 80)
+            )));
         }
         return match snapshot.mirror_for(&ns) {
             Some(repo) => mirrored(repo, "ns"),
@@ -177,7 +180,7 @@ fn resolve(
                     key.as_str(),
                     key.as_str()
                 ),
-                None => format!("{:?} names no repo of this node", truncate(&path.name)),
+                None => format!("{:?} names no repo of this node", path::truncate(&path.name, 80)),
             };
             Err(RegistryError::not_found(
                 "NAME_UNKNOWN",
@@ -207,10 +210,6 @@ fn host_repo<'a>(snapshot: &'a Snapshot, headers: &HeaderMap) -> Option<&'a Arc<
         return None;
     }
     snapshot.repos.get(&first.parse::<RepoKey>().ok()?)
-}
-
-fn truncate(s: &str) -> String {
-    s.chars().take(80).collect()
 }
 
 fn version() -> Response {

@@ -71,7 +71,8 @@ pub fn not_found_path() -> RegistryError {
     )
 }
 
-fn truncate(s: &str, n: usize) -> String {
+/// The first `n` characters of `s`, for messages quoting what a client sent.
+pub fn truncate(s: &str, n: usize) -> String {
     s.chars().take(n).collect()
 }
 
