@@ -388,3 +388,30 @@ async fn skopeo_sends_each_users_login_through_the_node() -> anyhow::Result<()> 
     assert!(!proxy.all_output().contains(&u.alice_pw), "alice's password is in the node's output");
     Ok(())
 }
+
+/// An upstream that answers HEAD with 405 where the gate asks: the gate asks with a GET instead,
+/// so alice's cached hits are served and bob is still refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_gate_head_refused_with_405_is_asked_again_as_a_get() -> anyhow::Result<()> {
+    let fake = FakeUpstream::start_with(AuthMode::Bearer { credentials: None, expires_in: Some(300) }).await?;
+    let image = TestImage::random("v1", &[20_000])?;
+    let u = users(&fake, &image);
+    fake.add_fault(FaultRule {
+        pattern: format!("/v2/{PRIVATE}/"),
+        methods: Some(vec![axum::http::Method::HEAD]),
+        fault: Fault::Status { status: 405, retry_after: None },
+        times: None,
+    });
+    // Every hit asks the upstream (no decision is kept).
+    let proxy = Proxy::spawn(&config(&fake.url()), &["--passthrough-auth-ttl", "0s", "--retries", "0"])?;
+    pull(&proxy, PRIVATE, &image, Some(&u.alice)).await?;
+    let gets_before = fake.count("GET", &format!("/v2/{PRIVATE}/manifests/{}", image.digest()));
+    pull(&proxy, PRIVATE, &image, Some(&u.alice)).await?;
+    assert!(
+        fake.count("GET", &format!("/v2/{PRIVATE}/manifests/{}", image.digest())) > gets_before,
+        "the gate did not ask again with a GET: {}",
+        fake.describe_requests()
+    );
+    assert_all_refused(&proxy, &image, Some(&u.bob), "bob").await?;
+    Ok(())
+}

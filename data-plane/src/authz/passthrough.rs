@@ -35,8 +35,9 @@ pub fn note_authorized(ctx: &Ctx, log: &mut RequestLog) {
 }
 
 /// Before cached content of a passthrough repo goes to a client: a recent decision, or a HEAD of
-/// `path()` (`manifests/<digest>`, `blobs/<digest>`) upstream with the client's credentials. Other
-/// repos return at once (the path is not even built).
+/// `path()` (`manifests/<digest>`, `blobs/<digest>`) upstream with the client's credentials (a GET
+/// when the upstream answers HEAD with 405 or 501). Other repos return at once (the path is not
+/// even built).
 pub async fn authorize_hit(
     ctx: &Ctx,
     path: impl FnOnce() -> String,
@@ -70,7 +71,15 @@ pub async fn authorize_hit(
     if log.upstream_url.is_empty() {
         log.upstream_url = Upstream::url_for(&req);
     }
-    match ctx.state.upstream.send(&req).await {
+    let mut answer = ctx.state.upstream.send(&req).await;
+    // An upstream that does not support HEAD there: the same question as a GET, its body unread.
+    if let Ok(r) = &answer
+        && matches!(r.status.as_u16(), 405 | 501)
+    {
+        let get = UpstreamRequest { method: Method::GET, ..req };
+        answer = ctx.state.upstream.send(&get).await;
+    }
+    match answer {
         Ok(r) if accepted(&r) => {
             ctx.state.decisions.allow(key);
             log.authz = "upstream";
