@@ -260,8 +260,9 @@ impl Store {
         self.degraded.load(Ordering::Relaxed)
     }
 
-    /// A cache write succeeded: ends a degraded episode (logged).
-    pub fn writes_ok(&self) {
+    /// A blob or manifest was written: ends a degraded episode (logged). Tag files, a few bytes,
+    /// may still fit on a disk too full for content: they end nothing.
+    fn writes_ok(&self) {
         if self.degraded.load(Ordering::Relaxed) && self.degraded.swap(false, Ordering::Relaxed) {
             tracing::info!("cache writes succeed again");
         }
@@ -286,7 +287,10 @@ impl Store {
         self.evict.clone()
     }
 
+    /// Content was added (a blob or a manifest written): ends a degraded episode, and wakes
+    /// eviction past the high watermark.
     fn grew(&self) {
+        self.writes_ok();
         if let Some(max) = self.limits.max_size
             && self.usage().1 as f64 > self.limits.high * max as f64
         {

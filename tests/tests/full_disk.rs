@@ -194,12 +194,13 @@ async fn http11_requests_need_exactly_one_host() -> anyhow::Result<()> {
 async fn concurrent_cold_pulls_into_little_room_are_all_whole() -> anyhow::Result<()> {
     let fake = FakeUpstream::start().await?;
     let blobs: Vec<_> = (0..8).map(|_| fake.add_random_blob(1024 * 1024)).collect();
+    let later = fake.add_random_blob(1024 * 1024);
     let disk = Tmpfs::mount(32 * 1024 * 1024)?;
     let proxy = Proxy::spawn_with(ProxyOptions {
         cache_dir: Some(disk.path().join("cache")),
         ..ProxyOptions::new(&repo_config("lab", &fake.url(), "generic", "5m"), &[])
     })?;
-    disk.fill(4 * 1024 * 1024)?;
+    let filler = disk.fill(4 * 1024 * 1024)?;
     let urls: Vec<String> = blobs.iter().map(|b| proxy.v2(&format!("lab/org/img/blobs/{}", b.digest))).collect();
     let pulls = urls.iter().map(|u| get(u, &[]));
     for (blob, r) in blobs.iter().zip(futures_util::future::join_all(pulls).await) {
@@ -211,6 +212,14 @@ async fn concurrent_cold_pulls_into_little_room_are_all_whole() -> anyhow::Resul
     let cached = blobs.iter().filter(|b| proxy.cached_blob(&b.digest).is_some()).count();
     assert!((1..8).contains(&cached), "{cached} of 8 cached into 4 MB");
     assert!(lines.iter().any(|l| l["cache"] == "bypass"), "{lines:#?}");
+    // Room again: the next blob cached ends the episode (no manifest needed for that).
+    std::fs::remove_file(filler)?;
+    let r = get(&proxy.v2(&format!("lab/org/img/blobs/{}", later.digest)), &[]).await?;
+    assert_eq!((r.status, wharf_tests::sha256_digest(&r.body)), (200, later.digest.clone()));
+    wharf_tests::wait_until_async(Duration::from_secs(5), "the end of the episode in the log", || {
+        proxy.logs().iter().any(|v| v.to_string().contains("cache writes succeed again")).then_some(())
+    })
+    .await?;
     Ok(())
 }
 

@@ -79,9 +79,8 @@ pub async fn get(ctx: &Ctx, reference: Reference, log: &mut RequestLog) -> Resul
                         gate::note_authorized(ctx, log);
                         let e = TagEntry { fetched_at: now_secs(), ..entry };
                         // A tag file that cannot be written (a full disk) keeps the answer in memory.
-                        match store.put_tag(&ctx.repo.key, &ctx.name, tag, &e) {
-                            Ok(()) => store.writes_ok(),
-                            Err(e) => store.degraded("tag", &e),
+                        if let Err(e) = store.put_tag(&ctx.repo.key, &ctx.name, tag, &e) {
+                            store.degraded("tag", &e);
                         }
                         log.cache = "revalidated";
                         return Ok(respond(ctx, m, &cache_control, None));
@@ -287,10 +286,7 @@ async fn fetch(ctx: &Ctx, reference: &Reference, log: &mut RequestLog) -> Result
     .await
     .map_err(|e| RegistryError::internal(format!("caching the manifest: {e}")))?;
     log.cache = match written {
-        Ok(()) => {
-            ctx.state.store.writes_ok();
-            "miss"
-        }
+        Ok(()) => "miss",
         Err(e) => {
             ctx.state.store.degraded("manifest", &e);
             "bypass"
