@@ -166,17 +166,7 @@ fn on_upstream_if_no_room(
         };
         let mut headers = HeaderMap::new();
         headers.insert(header::RANGE, HeaderValue::from_str(&range).map_err(std::io::Error::other)?);
-        let req = UpstreamRequest {
-            repo: &rest.repo,
-            name: &rest.name,
-            method: Method::GET,
-            path: format!("blobs/{digest}"),
-            query: None,
-            headers,
-            retry: true,
-            follow_redirects: true,
-            client: rest.client.as_deref(),
-        };
+        let req = upstream_blob_request(&rest.repo, &rest.name, rest.client.as_deref(), digest, Method::GET, headers);
         match rest.upstream.send(&req).await {
             Ok(r) if r.status == StatusCode::PARTIAL_CONTENT => {
                 Ok(r.into_stream().map(|c| c.map_err(std::io::Error::other)).boxed())
@@ -273,16 +263,28 @@ async fn authorize_waiter(
 }
 
 fn blob_request<'a>(ctx: &'a Ctx, digest: &Digest, method: Method, headers: HeaderMap) -> UpstreamRequest<'a> {
+    upstream_blob_request(&ctx.repo, &ctx.name, ctx.client.as_deref(), digest, method, headers)
+}
+
+/// `blobs/<digest>` of `repo` and `name`, presenting `client`'s credentials (passthrough repos).
+fn upstream_blob_request<'a>(
+    repo: &'a wharf_core::Repo,
+    name: &'a str,
+    client: Option<&'a crate::credentials::ClientCredentials>,
+    digest: &Digest,
+    method: Method,
+    headers: HeaderMap,
+) -> UpstreamRequest<'a> {
     UpstreamRequest {
-        repo: &ctx.repo,
-        name: &ctx.name,
+        repo,
+        name,
         method,
         path: format!("blobs/{digest}"),
         query: None,
         headers,
         retry: true,
         follow_redirects: true,
-        client: ctx.client.as_deref(),
+        client,
     }
 }
 
