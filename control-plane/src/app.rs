@@ -13,6 +13,7 @@ use wharf_runtime::telemetry::TelemetryArgs;
 use wharf_runtime::tls::TlsArgs;
 
 use crate::error::ApiError;
+use crate::keys;
 use crate::server::run_tls;
 use crate::state::ApiState;
 use crate::store::{ConfigStore, EmbeddedOptions, EmbeddedStore, EtcdOptions, EtcdStore, TracedStore};
@@ -54,6 +55,10 @@ pub struct ControlArgs {
     /// How this replica appears in the node list (default: the listen address).
     #[arg(long)]
     pub advertise: Option<String>,
+    /// How often the nodes' token keys rotate (a new key each period; the one before stays for
+    /// another period).
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration, env = "WHARF_TOKEN_KEY_ROTATION")]
+    pub token_key_rotation: Duration,
     /// A file holding the first admin token: read if it exists, else created (mode 0600) with a new
     /// token. The token is added to the store if missing. Further tokens: `regctl token create`.
     #[arg(long, env = "WHARF_BOOTSTRAP_TOKEN_FILE")]
@@ -111,6 +116,12 @@ pub struct Control {
 /// Opens the store the flags name, puts the bootstrap token in place (`bootstrap` when the flags
 /// name no file) and starts serving. Call inside the runtime, with logging set up.
 pub async fn start(args: &ControlArgs, bootstrap: Option<PathBuf>) -> Result<Control, StartError> {
+    if args.token_key_rotation < Duration::from_secs(600) {
+        return Err(StartError::Refused(format!(
+            "--token-key-rotation {} is shorter than 10 minutes: tokens issued under a key must outlive it",
+            humantime::format_duration(args.token_key_rotation)
+        )));
+    }
     let tls = args.tls.server_tls(args.client_ca.as_deref()).map_err(doing("--tls-cert / --tls-key / --client-ca"))?;
     let tls_on = tls.is_some();
     let store = open_store(args).await?;
@@ -127,6 +138,7 @@ pub async fn start(args: &ControlArgs, bootstrap: Option<PathBuf>) -> Result<Con
     if let Some(path) = &bootstrap {
         ensure_bootstrap(&state, path, args.store_timeout).await?;
     }
+    tokio::spawn(keys::run(state.store.clone(), args.token_key_rotation, cancel.clone()));
     tracing::info!(addr = %local, tls = tls_on, client_ca = args.client_ca.is_some(), "listening");
     let stop = cancel.clone();
     let server = tokio::spawn(run_tls(listener, state.clone(), tls, async move { stop.cancelled().await }));

@@ -36,6 +36,15 @@ pub fn update(p: &Published) -> pb::ConfigUpdate {
         snapshot: Some(pb::Snapshot {
             repos: p.repos.iter().map(|r| repo_to_proto(r, true)).collect(),
             pullers: p.tokens.values().filter(|t| t.grant.role == Role::Puller).map(puller).collect(),
+            token_keys: p
+                .keys
+                .iter()
+                .map(|k| pb::TokenKey {
+                    id: k.id.clone(),
+                    secret: k.secret.to_vec(),
+                    created_at: Some(timestamp(k.created_at)),
+                })
+                .collect(),
         }),
     }
 }

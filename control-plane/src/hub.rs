@@ -10,6 +10,9 @@ use futures_util::StreamExt;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use wharf_core::SigningKey;
+
+use crate::keys;
 use crate::repos::{self, RepoRecord};
 use crate::store::{ConfigStore, EventKind, Revision};
 use crate::tokens::{self, TokenRecord};
@@ -21,6 +24,8 @@ pub struct Published {
     pub repos: Vec<RepoRecord>,
     /// By token id.
     pub tokens: BTreeMap<String, TokenRecord>,
+    /// The nodes' token keys.
+    pub keys: Vec<SigningKey>,
 }
 
 /// What the hub holds, by store key.
@@ -28,12 +33,18 @@ pub struct Published {
 struct Current {
     repos: BTreeMap<String, RepoRecord>,
     tokens: BTreeMap<String, TokenRecord>,
+    keys: BTreeMap<String, SigningKey>,
 }
 
 impl Current {
     fn apply(&mut self, kind: EventKind, kv: &crate::store::KeyValue) {
         let key = kv.key.clone();
-        if kv.key.starts_with(tokens::PREFIX) {
+        if kv.key.starts_with(keys::PREFIX) {
+            match (kind, keys::decode(kv)) {
+                (EventKind::Put, Some(k)) => self.keys.insert(key, k),
+                _ => self.keys.remove(&key),
+            };
+        } else if kv.key.starts_with(tokens::PREFIX) {
             match (kind, tokens::decode(kv)) {
                 (EventKind::Put, Some(t)) => self.tokens.insert(key, t),
                 _ => self.tokens.remove(&key),
@@ -97,7 +108,7 @@ async fn follow_once(store: &dyn ConfigStore, tx: &watch::Sender<Option<Arc<Publ
     let mut current = Current::default();
     let mut watches = Vec::new();
     let mut revision = 0;
-    for prefix in [repos::PREFIX, tokens::PREFIX] {
+    for prefix in [repos::PREFIX, tokens::PREFIX, keys::PREFIX] {
         let (kvs, rev) = match store.list(prefix).await {
             Ok(x) => x,
             Err(e) => return e.to_string(),
@@ -134,6 +145,7 @@ fn publish(tx: &watch::Sender<Option<Arc<Published>>>, revision: Revision, curre
         revision,
         repos: current.repos.values().cloned().collect(),
         tokens: current.tokens.values().map(|t| (t.grant.id.clone(), t.clone())).collect(),
+        keys: current.keys.values().cloned().collect(),
     };
     tracing::debug!(revision, repos = p.repos.len(), tokens = p.tokens.len(), "configuration published");
     tx.send_replace(Some(Arc::new(p)));

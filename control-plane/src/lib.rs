@@ -16,6 +16,7 @@ pub mod distribute;
 pub mod error;
 pub mod grpc;
 pub mod hub;
+pub mod keys;
 pub mod nodes;
 pub mod repos;
 pub mod rest;

@@ -13,4 +13,4 @@ pub use reference::{NameError, Reference, normalize_name, validate_name};
 pub use repo::{
     Access, AuthMode, Credentials, Repo, RepoError, RepoKey, RepoKind, Secret, UpstreamTls, registry_host_error,
 };
-pub use token::{Grant, Presented, RepoPattern, Role, TokenError};
+pub use token::{Grant, Presented, RepoPattern, Role, SigningKey, TokenError};

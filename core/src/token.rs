@@ -208,6 +208,23 @@ impl Grant {
     }
 }
 
+/// A key the nodes of a cluster seal their registry tokens with (`/v2/token`). The control plane
+/// makes them and streams them in the snapshot, so every node accepts every other node's tokens;
+/// a standalone node makes its own. Never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SigningKey {
+    /// Public: named in each token it sealed (16 hexadecimal digits).
+    pub id: String,
+    pub secret: [u8; 32],
+    pub created_at: SystemTime,
+}
+
+impl fmt::Debug for SigningKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SigningKey({})", self.id)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;

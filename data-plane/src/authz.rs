@@ -1,11 +1,16 @@
 //! Who may pull, decided at the edge before any cache lookup:
 //!
-//! - `access = "token"` repos: a pull needs a `puller` token from the node's current snapshot whose
-//!   repo patterns match `<repoKey>/<name>` (the upstream's name: Docker Hub's `library/` applied),
-//!   sent as `Authorization: Bearer <token>` or as the Basic password (`docker login <node>`). No
-//!   token: 401 with a Basic challenge; unknown, expired or revoked: 401; patterns not matching: 403
+//! - Node tokens (`Authorization: Bearer wharf.…`, from the node's `/v2/token`): a pull needs one
+//!   that opens, has not expired, whose puller token (if it was issued for one) is still live, and
+//!   that names this `(repoKey, name)`: else 401 with `error="invalid_token"` or
+//!   `"insufficient_scope"` ([`check_node_token`]). The token endpoint decides what goes in one.
+//! - `access = "token"` repos, directly: a pull needs a `puller` token from the node's current
+//!   snapshot whose repo patterns match `<repoKey>/<name>` (the upstream's name: Docker Hub's
+//!   `library/` applied), sent as `Authorization: Bearer <token>` or as the Basic password. No
+//!   token: 401 with the challenge; unknown, expired or revoked: 401; patterns not matching: 403
 //!   ([`check_puller`]).
-//! - `GET /v2/`: whether to challenge the client ([`ping`]).
+//! - `GET /v2/`: whether to challenge the client ([`ping`]). Every challenge is `Bearer` with the
+//!   node's token endpoint as realm (rendered by the registry edge).
 //! - `auth = "passthrough"` repos: the client's own credentials go upstream. Cached content reaches
 //!   a client only after the upstream accepted that client's credentials for that repository
 //!   ([`passthrough`], asked by the cache logic before content leaves it).
@@ -22,7 +27,56 @@ use wharf_core::{Access, AuthMode, RepoKey};
 
 use crate::config::Snapshot;
 use crate::credentials::ClientCredentials;
-use crate::error::RegistryError;
+use crate::error::{Challenge, RegistryError};
+use crate::node_token::{self, Claims, NodeTokens};
+
+/// The node token in `Authorization: Bearer wharf.…`, when that is what the client sent.
+pub fn node_token(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim();
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && token.starts_with(node_token::PREFIX)).then_some(token)
+}
+
+/// Checks a node token for a pull of `name` (the upstream's name) through repo `key`.
+pub fn check_node_token(
+    tokens: &NodeTokens,
+    snapshot: &Snapshot,
+    key: &RepoKey,
+    name: &str,
+    token: &str,
+    now: SystemTime,
+) -> Result<Claims, RegistryError> {
+    let claims = open_node_token(tokens, snapshot, token, now)?;
+    if claims.allows(key.as_str(), name) {
+        Ok(claims)
+    } else {
+        Err(RegistryError::unauthorized(format!(
+            "this token does not grant pulls of {key}/{name}: ask the token endpoint for this repository's scope"
+        ))
+        .with_challenge_of(Challenge::InsufficientScope))
+    }
+}
+
+/// Opens a node token: sealed by a key this node holds, not expired, and issued for no puller
+/// token that has since been revoked or has expired (revocation reaches tokens at once).
+pub fn open_node_token(
+    tokens: &NodeTokens,
+    snapshot: &Snapshot,
+    token: &str,
+    now: SystemTime,
+) -> Result<Claims, RegistryError> {
+    let invalid = |m: String| RegistryError::unauthorized(m).with_challenge_of(Challenge::InvalidToken);
+    let claims = tokens.open(&snapshot.keys, token, now).map_err(|e| invalid(e.to_string()))?;
+    if let Some(id) = &claims.puller
+        && snapshot.pullers.get(id).is_none_or(|g| g.expires_at.is_some_and(|e| now >= e))
+    {
+        return Err(invalid(format!(
+            "the token was issued for puller token {id}, which is unknown, expired or revoked on this node"
+        )));
+    }
+    Ok(claims)
+}
 
 /// Checks a pull of `name` through the `access = "token"` repo `key` against the puller tokens of
 /// `snapshot`. Returns the token's id (public: fit for the request log).
@@ -60,13 +114,20 @@ pub fn check_puller(
     }
 }
 
-/// `GET /v2/`. docker, skopeo and podman learn from this ping alone whether to send credentials:
-/// a node serving any `access = "token"` or passthrough repo challenges a client that sent none
-/// (Basic), so that their logins reach it. (docker then needs a `docker login <node>` even for the
-/// node's public repos; skopeo and podman answer the challenge anonymously, which passes.) A node
-/// of public repos only stays open. A Wharf token sent along must be valid, so `docker login` with
-/// a bad one fails.
-pub fn ping(snapshot: &Snapshot, headers: &HeaderMap, now: SystemTime) -> Result<(), RegistryError> {
+/// `GET /v2/`. docker, skopeo and podman learn from this ping alone whether to get a token: a node
+/// serving any `access = "token"` or passthrough repo challenges a client that sent nothing, and
+/// the client then asks the token endpoint (anonymously for public repos, with its login for this
+/// node otherwise). A node of public repos only stays open. A Wharf token sent along must be
+/// valid, so `docker login` with a bad one fails.
+pub fn ping(
+    tokens: &NodeTokens,
+    snapshot: &Snapshot,
+    headers: &HeaderMap,
+    now: SystemTime,
+) -> Result<(), RegistryError> {
+    if let Some(token) = node_token(headers) {
+        return open_node_token(tokens, snapshot, token, now).map(drop);
+    }
     let creds = match ClientCredentials::from_headers(headers) {
         Ok(Some(creds)) => creds,
         Ok(None) if headers.contains_key(header::AUTHORIZATION) => return Ok(()),
@@ -74,7 +135,7 @@ pub fn ping(snapshot: &Snapshot, headers: &HeaderMap, now: SystemTime) -> Result
             let guarded = snapshot.repos.values().any(|r| r.access == Access::Token || r.auth == AuthMode::Passthrough);
             return if guarded {
                 Err(RegistryError::unauthorized(
-                    "this node serves repos that need credentials: log in to it (docker login <node>)",
+                    "this node serves repos that need credentials: get a token from its token endpoint (anonymous for public repos), or log in to it (docker login <node>)",
                 ))
             } else {
                 Ok(())

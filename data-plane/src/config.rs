@@ -7,7 +7,9 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use serde::Deserialize;
-use wharf_core::{Access, AuthMode, Credentials, Grant, Repo, RepoError, RepoKey, RepoKind, Secret, UpstreamTls};
+use wharf_core::{
+    Access, AuthMode, Credentials, Grant, Repo, RepoError, RepoKey, RepoKind, Secret, SigningKey, UpstreamTls,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -75,6 +77,8 @@ pub struct Snapshot {
     pub pullers: HashMap<String, Grant>,
     /// A standalone file's `default_mirror` (a node's `--default-mirror` wins over it).
     pub default_mirror: Option<RepoKey>,
+    /// The cluster's token keys (managed mode); empty: the node seals with its own.
+    pub keys: Vec<SigningKey>,
 }
 
 impl Snapshot {
@@ -83,6 +87,7 @@ impl Snapshot {
             repos: repos.into_iter().map(|r| (r.key.clone(), Arc::new(r))).collect(),
             pullers: HashMap::new(),
             default_mirror: None,
+            keys: Vec::new(),
         }
     }
 

@@ -114,7 +114,11 @@ mod tests {
         assert!(!format!("{t:?}").contains("abc"));
         for bad in ["Basic !!!", "Basic bm9jb2xvbg==", "Negotiate xyz", "Bearer"] {
             let e = ClientCredentials::from_headers(&headers(bad)).unwrap_err();
-            assert_eq!((e.status, e.code, e.challenge), (StatusCode::UNAUTHORIZED, "UNAUTHORIZED", true), "{bad}");
+            assert_eq!(
+                (e.status, e.code, e.challenge),
+                (StatusCode::UNAUTHORIZED, "UNAUTHORIZED", Some(crate::error::Challenge::Credentials)),
+                "{bad}"
+            );
         }
     }
 

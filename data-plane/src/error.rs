@@ -4,9 +4,26 @@ use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, StatusCode, header};
 use serde_json::{Value, json};
 
-/// The challenge a node answers 401 with: docker, containerd and podman then send `Authorization:
-/// Basic` (their login for this node) on every later request.
-pub const CHALLENGE: &str = "Basic realm=\"wharf\"";
+/// Why a 401 asks for credentials: the `error` of its Bearer challenge (RFC 6750, 3.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Challenge {
+    /// None were sent (or the upstream refused the ones sent): no `error`.
+    Credentials,
+    /// A node token that is forged, expired or from a key this node does not hold.
+    InvalidToken,
+    /// A valid node token without the scope this request needs.
+    InsufficientScope,
+}
+
+impl Challenge {
+    pub fn error(self) -> Option<&'static str> {
+        match self {
+            Challenge::Credentials => None,
+            Challenge::InvalidToken => Some("invalid_token"),
+            Challenge::InsufficientScope => Some("insufficient_scope"),
+        }
+    }
+}
 
 /// One OCI error (`{"errors":[{"code","message","detail"}]}`) and the status it is sent with.
 #[derive(Debug, Clone)]
@@ -17,13 +34,23 @@ pub struct RegistryError {
     pub detail: Option<Value>,
     /// Passed on from an upstream 429.
     pub retry_after: Option<String>,
-    /// Sent with `WWW-Authenticate: Basic realm="wharf"`, so that clients send their credentials.
-    pub challenge: bool,
+    /// A 401 that asks for credentials: the registry edge renders its `WWW-Authenticate` (the
+    /// node's token endpoint as realm) into [`RegistryError::www_authenticate`].
+    pub challenge: Option<Challenge>,
+    pub www_authenticate: Option<Box<str>>,
 }
 
 impl RegistryError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into(), detail: None, retry_after: None, challenge: false }
+        Self {
+            status,
+            code,
+            message: message.into(),
+            detail: None,
+            retry_after: None,
+            challenge: None,
+            www_authenticate: None,
+        }
     }
 
     pub fn with_detail(mut self, detail: Value) -> Self {
@@ -31,9 +58,13 @@ impl RegistryError {
         self
     }
 
-    /// Asks the client for credentials (`WWW-Authenticate: Basic realm="wharf"`).
-    pub fn with_challenge(mut self) -> Self {
-        self.challenge = true;
+    /// Asks the client for credentials.
+    pub fn with_challenge(self) -> Self {
+        self.with_challenge_of(Challenge::Credentials)
+    }
+
+    pub fn with_challenge_of(mut self, why: Challenge) -> Self {
+        self.challenge = Some(why);
         self
     }
 
@@ -89,8 +120,8 @@ impl IntoResponse for RegistryError {
         if let Some(v) = self.retry_after.and_then(|v| HeaderValue::from_str(&v).ok()) {
             h.insert(header::RETRY_AFTER, v);
         }
-        if self.challenge {
-            h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(CHALLENGE));
+        if let Some(v) = self.www_authenticate.and_then(|v| HeaderValue::from_str(&v).ok()) {
+            h.insert(header::WWW_AUTHENTICATE, v);
         }
         resp
     }

@@ -19,8 +19,8 @@
 //!    [`evict`] (what leaves it), [`upstream`] (the registry client: auth, redirects, timeouts,
 //!    retries).
 //! 8. Foundations: [`config`] (the repos served, swapped atomically), [`credentials`] (a client's
-//!    `Authorization`), [`error`] (OCI error JSON), [`oci`] (manifest types and references),
-//!    [`metrics`], [`range`], [`bufpool`].
+//!    `Authorization`), [`node_token`] (the node's sealed registry tokens), [`error`] (OCI error
+//!    JSON), [`oci`] (manifest types and references), [`metrics`], [`range`], [`bufpool`].
 //!
 //! The accept loop, TLS, telemetry and signals come from `wharf-runtime`, shared with the control
 //! plane; this crate does not depend on the control plane's.
@@ -37,6 +37,7 @@ pub mod flight;
 pub mod managed;
 pub mod metrics;
 pub mod node;
+pub mod node_token;
 pub mod oci;
 pub mod range;
 pub mod registry;

@@ -9,7 +9,7 @@ use clap::Parser;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use wharf_proxy::evict::SizeSpec;
-use wharf_proxy::node::{ConfigSource, EvictionOptions, NodeOptions, run_node};
+use wharf_proxy::node::{ConfigSource, EvictionOptions, NodeOptions, TokenOptions, run_node};
 use wharf_proxy::upstream::UpstreamOptions;
 use wharf_runtime::ServerLimits;
 use wharf_runtime::ShutdownSignals;
@@ -36,7 +36,15 @@ struct Args {
     /// registry-mirrors). Default: the config file's default_mirror, else the repo mirroring docker.io.
     #[arg(long, env = "WHARF_DEFAULT_MIRROR")]
     default_mirror: Option<wharf_core::RepoKey>,
-    /// Cache directory (blobs, manifests, tags, staging, config.snapshot).
+    /// How long a token from the node's token endpoint (/v2/token) lives.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration, env = "WHARF_TOKEN_TTL")]
+    token_ttl: Duration,
+    /// The token endpoint's URL as clients reach it, for the realm of challenges (behind a load
+    /// balancer or TLS terminator: https://wharf.example.com/v2/token). Default: built from each
+    /// request's Host and this port's scheme.
+    #[arg(long, env = "WHARF_TOKEN_REALM")]
+    token_realm: Option<String>,
+    /// Cache directory (blobs, manifests, tags, staging, config.snapshot, token.key).
     #[arg(long, default_value = "./wharf-cache", env = "WHARF_CACHE_DIR")]
     cache_dir: PathBuf,
     /// Standalone configuration: a TOML file of [[repo]] tables.
@@ -171,10 +179,17 @@ async fn main() -> anyhow::Result<()> {
             },
         },
     };
+    if let Some(realm) = &args.token_realm {
+        anyhow::ensure!(
+            (realm.starts_with("https://") || realm.starts_with("http://")) && !realm.contains(['"', '\\', ' ']),
+            "--token-realm {realm:?} is not an http(s) URL"
+        );
+    }
     let opts = NodeOptions {
         cache_dir: args.cache_dir,
         mirror_listener,
         default_mirror: args.default_mirror,
+        tokens: TokenOptions { ttl: args.token_ttl, realm: args.token_realm },
         source,
         upstream: UpstreamOptions {
             connect_timeout: args.connect_timeout,

@@ -14,7 +14,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
-use wharf_core::{Credentials, Grant, Repo, RepoKey, RepoKind, RepoPattern, Role, Secret, UpstreamTls};
+use wharf_core::{Credentials, Grant, Repo, RepoKey, RepoKind, RepoPattern, Role, Secret, SigningKey, UpstreamTls};
 use wharf_proto::v1 as pb;
 use wharf_proto::v1::config_service_client::ConfigServiceClient;
 use wharf_runtime::tls::ClientTlsFiles;
@@ -69,6 +69,22 @@ struct StoredSnapshot {
     repos: Vec<StoredRepo>,
     #[serde(default)]
     pullers: Vec<StoredPuller>,
+    /// The cluster's token keys (hex secrets: the file is 0600).
+    #[serde(default)]
+    keys: Vec<StoredKey>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredKey {
+    id: String,
+    secret: String,
+    created_at_ms: u64,
+}
+
+fn key_from(k: &StoredKey) -> Result<SigningKey, String> {
+    let mut secret = [0u8; 32];
+    hex::decode_to_slice(&k.secret, &mut secret).map_err(|_| "the secret is not 64 hexadecimal digits".to_owned())?;
+    Ok(SigningKey { id: k.id.clone(), secret, created_at: UNIX_EPOCH + Duration::from_millis(k.created_at_ms) })
 }
 
 /// A puller token: its id and the SHA-256 of its secret (hex), never the secret.
@@ -170,7 +186,20 @@ fn validate(s: &StoredSnapshot) -> Result<Snapshot, ManagedError> {
         })?;
         pullers.push(grant);
     }
-    Ok(Snapshot::new(repos).with_pullers(pullers))
+    let mut snapshot = Snapshot::new(repos).with_pullers(pullers);
+    for k in &s.keys {
+        let key = key_from(k).map_err(|message| ManagedError::Invalid {
+            revision: s.revision,
+            key: format!("token key {}", k.id),
+            message,
+        })?;
+        snapshot.keys.push(key);
+    }
+    Ok(snapshot)
+}
+
+fn timestamp_ms(t: &prost_types::Timestamp) -> u64 {
+    (t.seconds.max(0) as u64) * 1000 + (t.nanos.max(0) as u64) / 1_000_000
 }
 
 fn from_update(u: pb::ConfigUpdate) -> StoredSnapshot {
@@ -182,7 +211,7 @@ fn from_update(u: pb::ConfigUpdate) -> StoredSnapshot {
             id: p.id,
             secret_sha256: hex::encode(p.secret_sha256),
             repos: p.repos,
-            expires_at_ms: p.expires_at.map(|t| (t.seconds.max(0) as u64) * 1000 + (t.nanos.max(0) as u64) / 1_000_000),
+            expires_at_ms: p.expires_at.as_ref().map(timestamp_ms),
         })
         .collect();
     let repos = snapshot
@@ -203,7 +232,16 @@ fn from_update(u: pb::ConfigUpdate) -> StoredSnapshot {
             mirror_of: r.mirror_of,
         })
         .collect();
-    StoredSnapshot { revision: u.revision, repos, pullers }
+    let keys = snapshot
+        .token_keys
+        .into_iter()
+        .map(|k| StoredKey {
+            id: k.id,
+            secret: hex::encode(k.secret),
+            created_at_ms: k.created_at.as_ref().map_or(0, timestamp_ms),
+        })
+        .collect();
+    StoredSnapshot { revision: u.revision, repos, pullers, keys }
 }
 
 /// Loads the stored snapshot, if any, into `config`; returns its revision (0: none).
@@ -404,11 +442,26 @@ mod tests {
 
     #[test]
     fn invalid_snapshots_are_refused_whole() {
-        let good = StoredSnapshot { revision: 3, repos: vec![repo("a", "ghcr"), repo("b", "quay")], pullers: vec![] };
+        let good = StoredSnapshot {
+            revision: 3,
+            repos: vec![repo("a", "ghcr"), repo("b", "quay")],
+            pullers: vec![],
+            keys: vec![],
+        };
         assert_eq!(validate(&good).unwrap().repos.len(), 2);
-        let bad = StoredSnapshot { revision: 4, repos: vec![repo("a", "ghcr"), repo("b", "nope")], pullers: vec![] };
+        let bad = StoredSnapshot {
+            revision: 4,
+            repos: vec![repo("a", "ghcr"), repo("b", "nope")],
+            pullers: vec![],
+            keys: vec![],
+        };
         assert!(matches!(validate(&bad), Err(ManagedError::Invalid { ref key, .. }) if key == "b"));
-        let dup = StoredSnapshot { revision: 5, repos: vec![repo("a", "ghcr"), repo("a", "quay")], pullers: vec![] };
+        let dup = StoredSnapshot {
+            revision: 5,
+            repos: vec![repo("a", "ghcr"), repo("a", "quay")],
+            pullers: vec![],
+            keys: vec![],
+        };
         assert!(validate(&dup).is_err());
     }
 
@@ -420,7 +473,7 @@ mod tests {
         let mut r = repo("a", "ghcr");
         r.username = "u".into();
         r.password = "p".into();
-        store_snapshot(&path, &StoredSnapshot { revision: 7, repos: vec![r], pullers: vec![] }).unwrap();
+        store_snapshot(&path, &StoredSnapshot { revision: 7, repos: vec![r], pullers: vec![], keys: vec![] }).unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
         let config = Config::default();
         assert_eq!(load_stored(&path, &config).unwrap(), 7);

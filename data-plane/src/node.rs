@@ -16,6 +16,7 @@ use crate::config::{self, Config, ConfigError, Snapshot};
 use crate::evict::{self, LruWatermarks, SizeSpec};
 use crate::flight::Flights;
 use crate::managed::{self, ManagedOptions};
+use crate::node_token::{self, NodeTokens};
 use crate::server::router;
 use crate::state::{AppState, MirrorRouting};
 use crate::store::{Limits, Store, StoreError};
@@ -31,6 +32,8 @@ pub enum NodeError {
     Upstream(#[from] UpstreamError),
     #[error("server: {0}")]
     Io(#[from] std::io::Error),
+    #[error("token key: {0}")]
+    TokenKey(std::io::Error),
 }
 
 /// Where the node's repos come from.
@@ -63,6 +66,24 @@ pub struct NodeOptions {
     pub tls: Option<ServerTls>,
     /// How to reach `https://` control planes (`--control-plane-ca`, `--control-plane-cert`/`-key`).
     pub control_plane_tls: ClientTlsFiles,
+    /// The node's token service (`/v2/token`).
+    pub tokens: TokenOptions,
+}
+
+/// How the node's registry tokens are issued.
+#[derive(Debug, Clone)]
+pub struct TokenOptions {
+    /// How long a token lives (`--token-ttl`).
+    pub ttl: Duration,
+    /// `--token-realm`: the token endpoint's URL as clients reach it (behind a load balancer or a
+    /// TLS terminator); default: `<scheme>://<Host>/v2/token` of each request.
+    pub realm: Option<String>,
+}
+
+impl Default for TokenOptions {
+    fn default() -> Self {
+        Self { ttl: NodeTokens::DEFAULT_TTL, realm: None }
+    }
 }
 
 /// How the cache is kept in bounds.
@@ -136,7 +157,17 @@ pub async fn run_node(
         };
         tokio::spawn(managed::run(managed, config.clone(), store.clone(), held, cancel.clone()));
     }
+    let service = match &opts.source {
+        ConfigSource::ControlPlanes { node_id, .. } => node_id.clone(),
+        ConfigSource::File(_) => "wharf".to_owned(),
+    };
+    let key = node_token::load_or_create_key(&opts.cache_dir).map_err(NodeError::TokenKey)?;
+    let mut tokens = NodeTokens::new(service, key);
+    tokens.ttl = opts.tokens.ttl;
+    tokens.realm = opts.tokens.realm.clone();
+    tokens.https = opts.tls.is_some();
     let mut state = AppState::new(config, store.clone(), upstream);
+    state.tokens = Arc::new(tokens);
     state.flights = Arc::new(Flights::new(opts.max_upstream_fetches));
     state.metrics = opts.metrics.clone();
     state.mirror = MirrorRouting { default: opts.default_mirror.clone(), only: false };

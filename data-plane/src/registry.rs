@@ -4,12 +4,14 @@
 //! every request gets one log line ([`crate::request_log`]).
 
 mod path;
+mod token;
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
+use http::request::Parts;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use tracing::Instrument as _;
 use wharf_core::{Access, AuthMode, Repo, RepoKey, normalize_name, registry_host_error};
@@ -36,32 +38,40 @@ async fn handle_request(state: AppState, req: Request, started: Instant) -> Resp
     let span = request_log::request_span(req.method(), req.uri().path());
     wharf_runtime::telemetry::extract(&span, req.headers());
     let mut log = RequestLog::new(req.method(), req.uri().path());
-    let result = route(state, req, &mut log).instrument(span.clone()).await;
-    let resp = result.unwrap_or_else(|e| {
+    // The body is never read (every method with one is refused).
+    let (req, _) = req.into_parts();
+    let result = route(&state, &req, &mut log).instrument(span.clone()).await;
+    let resp = result.unwrap_or_else(|mut e| {
         log.error = Some(e.message.clone());
+        if let Some(why) = e.challenge {
+            e.www_authenticate = Some(token::challenge(&state, &req, why));
+        }
         e.into_response()
     });
     log.span = span;
     log.wrap(resp, started)
 }
 
-async fn route(state: AppState, req: Request, log: &mut RequestLog) -> Result<Response, RegistryError> {
-    check_host(&req)?;
-    let head = match *req.method() {
+async fn route(state: &AppState, req: &Parts, log: &mut RequestLog) -> Result<Response, RegistryError> {
+    check_host(req)?;
+    let head = match req.method {
         Method::GET => false,
         Method::HEAD => true,
         _ => {
             return Err(RegistryError::unsupported(format!(
                 "{} is not supported: Wharf is a read-only pull-through cache; push to the upstream registry instead",
-                req.method()
+                req.method
             )));
         }
     };
-    let path = req.uri().path();
+    let path = req.uri.path();
     if path == "/v2" || path == "/v2/" {
         log.kind = "version";
-        authz::ping(&state.config.snapshot(), req.headers(), std::time::SystemTime::now())?;
+        authz::ping(&state.tokens, &state.config.snapshot(), &req.headers, SystemTime::now())?;
         return Ok(version());
+    }
+    if path == token::PATH {
+        return token::issue(state, req, log).await;
     }
     let Some(rest) = path.strip_prefix("/v2/") else {
         return Err(path::not_found_path());
@@ -69,7 +79,7 @@ async fn route(state: AppState, req: Request, log: &mut RequestLog) -> Result<Re
     let parsed = parse_path(rest)?;
     log.kind = parsed.target.kind();
     let snapshot = state.config.snapshot();
-    let routed = resolve(&snapshot, &state.mirror, &parsed, req.uri().query(), req.headers())?;
+    let routed = resolve(&snapshot, &state.mirror, &parsed.name, req.uri.query(), &req.headers)?;
     let (repo, client_name) = (routed.repo, routed.name);
     log.route = routed.route;
     log.repo_key = repo.key.to_string();
@@ -78,15 +88,22 @@ async fn route(state: AppState, req: Request, log: &mut RequestLog) -> Result<Re
     // Public repos with static credentials (the common case) pass on this one branch.
     let client = match (repo.access, repo.auth) {
         (Access::Public, AuthMode::Static) => None,
+        _ if let Some(token) = authz::node_token(&req.headers) => {
+            let claims = authz::check_node_token(&state.tokens, &snapshot, &repo.key, &name, token, SystemTime::now())
+                .inspect_err(|_| log.authz = "refused")?;
+            log.authz = "bearer";
+            log.token_id = claims.puller.unwrap_or_default();
+            claims.credentials.filter(|_| repo.auth == AuthMode::Passthrough).map(Arc::new)
+        }
         (Access::Token, _) => {
-            let id = authz::check_puller(&snapshot, &repo.key, &name, req.headers(), std::time::SystemTime::now())
+            let id = authz::check_puller(&snapshot, &repo.key, &name, &req.headers, SystemTime::now())
                 .inspect_err(|_| log.authz = "refused")?;
             log.authz = "token";
             log.token_id = id;
             None
         }
         (Access::Public, AuthMode::Passthrough) => {
-            ClientCredentials::from_headers(req.headers()).inspect_err(|_| log.authz = "refused")?.map(Arc::new)
+            ClientCredentials::from_headers(&req.headers).inspect_err(|_| log.authz = "refused")?.map(Arc::new)
         }
     };
     drop(snapshot);
@@ -95,10 +112,10 @@ async fn route(state: AppState, req: Request, log: &mut RequestLog) -> Result<Re
         client_name,
         path_prefix: if routed.route == "key" { format!("{}/", repo.key) } else { String::new() },
         repo,
-        headers: req.headers().clone(),
-        query: req.uri().query().map(str::to_owned),
+        headers: req.headers.clone(),
+        query: req.uri.query().map(str::to_owned),
         head,
-        state,
+        state: state.clone(),
         client,
     };
     let result = cache::serve(&ctx, parsed.target, log).await;
@@ -109,13 +126,24 @@ async fn route(state: AppState, req: Request, log: &mut RequestLog) -> Result<Re
 }
 
 /// HTTP/1.1 requests carry exactly one `Host` (RFC 9112, 3.2): a missing or repeated one is a 400.
-fn check_host(req: &Request) -> Result<(), RegistryError> {
-    if req.version() != http::Version::HTTP_11 {
+fn check_host(req: &Parts) -> Result<(), RegistryError> {
+    if req.version != http::Version::HTTP_11 {
         return Ok(());
     }
-    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let mut hosts = req.headers.get_all(header::HOST).iter();
     match (hosts.next(), hosts.next()) {
-        (Some(_), None) => Ok(()),
+        // It becomes the realm of challenges: a host[:port], nothing else.
+        (Some(h), None)
+            if h.to_str()
+                .ok()
+                .and_then(|h| h.parse::<http::uri::Authority>().ok())
+                .is_some_and(|a| !a.as_str().contains('@')) =>
+        {
+            Ok(())
+        }
+        (Some(_), None) => {
+            Err(RegistryError::new(StatusCode::BAD_REQUEST, "UNKNOWN", "the Host header is not a host[:port]"))
+        }
         (None, _) => {
             Err(RegistryError::new(StatusCode::BAD_REQUEST, "UNKNOWN", "an HTTP/1.1 request needs a Host header"))
         }
@@ -141,18 +169,18 @@ struct Routed {
 fn resolve(
     snapshot: &Snapshot,
     mirror: &MirrorRouting,
-    path: &RegistryPath,
+    name: &str,
     query: Option<&str>,
     headers: &HeaderMap,
 ) -> Result<Routed, RegistryError> {
-    let keyed = path.keyed();
+    let keyed = path::keyed(name);
     if !mirror.only
         && let Some((key, name)) = &keyed
         && let Some(repo) = snapshot.repos.get(key)
     {
         return Ok(Routed { repo: repo.clone(), name: (*name).to_owned(), route: "key" });
     }
-    let mirrored = |repo: &Arc<Repo>, route| Ok(Routed { repo: repo.clone(), name: path.name.clone(), route });
+    let mirrored = |repo: &Arc<Repo>, route| Ok(Routed { repo: repo.clone(), name: name.to_owned(), route });
     if let Some(ns) = query.and_then(ns_param) {
         if let Some(why) = registry_host_error(&ns) {
             return Err(RegistryError::name_invalid(format!(
@@ -180,7 +208,7 @@ fn resolve(
                     key.as_str(),
                     key.as_str()
                 ),
-                None => format!("{:?} names no repo of this node", path::truncate(&path.name, 80)),
+                None => format!("{:?} names no repo of this node", path::truncate(name, 80)),
             };
             Err(RegistryError::not_found(
                 "NAME_UNKNOWN",
@@ -222,7 +250,7 @@ fn version() -> Response {
 /// Any other path: an OCI-style 404.
 pub async fn fallback(req: Request) -> Response {
     let mut log = RequestLog::new(req.method(), req.uri().path());
-    let e = check_host(&req).err().unwrap_or_else(path::not_found_path);
+    let e = check_host(&req.into_parts().0).err().unwrap_or_else(path::not_found_path);
     log.error = Some(e.message.clone());
     log.wrap(e.into_response(), Instant::now())
 }

@@ -11,6 +11,7 @@ use crate::config::Config;
 use crate::credentials::ClientCredentials;
 use crate::decisions::Decisions;
 use crate::flight::Flights;
+use crate::node_token::NodeTokens;
 use crate::store::Store;
 use crate::upstream::Upstream;
 
@@ -27,6 +28,8 @@ pub struct AppState {
     pub metrics: Option<PrometheusHandle>,
     /// How requests that name no repo of this node are routed.
     pub mirror: MirrorRouting,
+    /// The node's token service (`/v2/token`) and the keys its tokens are opened with.
+    pub tokens: Arc<NodeTokens>,
 }
 
 /// The node as a registry mirror: how a request whose path does not start with one of its
@@ -53,6 +56,7 @@ impl AppState {
             decisions,
             metrics: None,
             mirror: MirrorRouting::default(),
+            tokens: Arc::new(NodeTokens::ephemeral("wharf")),
         }
     }
 }

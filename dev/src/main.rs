@@ -137,6 +137,7 @@ async fn start_node(
         cache_dir: args.dev_cache_dir.clone(),
         mirror_listener: None,
         default_mirror: None,
+        tokens: Default::default(),
         source: ConfigSource::ControlPlanes {
             endpoints: vec![format!("http://127.0.0.1:{}", control.local.port())],
             node_id: format!("dev-{}", node_addr.port()),

@@ -99,7 +99,7 @@ const DATA_PLANE_LAYERS: &[(&str, &[&str])] = &[
     ("request", &["state", "request_log", "respond"]),
     ("fetch", &["flight", "decisions"]),
     ("store and upstream", &["store", "evict", "upstream"]),
-    ("foundations", &["config", "credentials", "error", "oci", "metrics", "range", "bufpool"]),
+    ("foundations", &["config", "credentials", "node_token", "error", "oci", "metrics", "range", "bufpool"]),
 ];
 
 fn layer_of(module: &str) -> Option<usize> {

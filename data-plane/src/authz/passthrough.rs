@@ -7,22 +7,85 @@
 //! refuses the hit (fail closed): 503, never the content.
 
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use wharf_core::Repo;
 
+use crate::credentials::ClientCredentials;
 use crate::decisions::DecisionKey;
 use crate::error::RegistryError;
 use crate::oci::DEFAULT_ACCEPT;
 use crate::request_log::RequestLog;
 use crate::respond::{upstream_error, upstream_status};
-use crate::state::Ctx;
+use crate::state::{AppState, Ctx};
 use crate::upstream::{Upstream, UpstreamError, UpstreamRequest, UpstreamResponse};
 
 /// This client, this repo, this repository.
 pub fn key(ctx: &Ctx) -> DecisionKey {
+    decision_key(ctx.client.as_deref(), &ctx.repo, &ctx.name)
+}
+
+fn decision_key(client: Option<&ClientCredentials>, repo: &Repo, name: &str) -> DecisionKey {
     DecisionKey {
-        client: ctx.client.as_ref().map(|c| c.fingerprint()),
-        repo: ctx.repo.key.clone(),
-        upstream: ctx.repo.upstream.clone(),
-        name: ctx.name.clone(),
+        client: client.map(|c| c.fingerprint()),
+        repo: repo.key.clone(),
+        upstream: repo.upstream.clone(),
+        name: name.to_owned(),
+    }
+}
+
+/// The token endpoint's question before it seals `client`'s credentials into a token for `name`:
+/// does the upstream accept them there? Asked with `tags/list?n=1` (it needs pull access) unless
+/// the upstream said yes recently. A refusal (401, 403, or its token endpoint's) is a 401; an
+/// upstream that cannot answer is a 503 (fail closed); any other answer (a 404: no such
+/// repository) is no refusal, and cached content is still asked for per digest.
+pub async fn check_credentials(
+    state: &AppState,
+    repo: &Repo,
+    name: &str,
+    client: &ClientCredentials,
+) -> Result<(), RegistryError> {
+    let key = decision_key(Some(client), repo, name);
+    if state.decisions.allowed(&key) {
+        return Ok(());
+    }
+    let req = UpstreamRequest {
+        repo,
+        name,
+        method: Method::GET,
+        path: "tags/list".into(),
+        query: Some("n=1".into()),
+        headers: HeaderMap::new(),
+        retry: true,
+        follow_redirects: false,
+        client: Some(client),
+    };
+    let refused = || {
+        RegistryError::unauthorized(format!(
+            "the upstream of repo {} refused these credentials for {name} (the repo passes them on as they are)",
+            repo.key
+        ))
+    };
+    let unavailable = |why: String| {
+        RegistryError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "UNAVAILABLE",
+            format!(
+                "repo {} passes clients' credentials to its upstream, which could not be asked whether these may pull {name}: {why}",
+                repo.key
+            ),
+        )
+    };
+    match state.upstream.send(&req).await {
+        Ok(r) if r.status == StatusCode::OK => {
+            state.decisions.allow(key);
+            Ok(())
+        }
+        Ok(r) if matches!(r.status.as_u16(), 401 | 403) => Err(refused()),
+        Ok(r) if r.status.is_server_error() || r.status == StatusCode::TOO_MANY_REQUESTS => {
+            Err(unavailable(format!("it answered {}", r.status)))
+        }
+        Ok(_) => Ok(()),
+        Err(UpstreamError::Token { status: 401 | 403, .. }) => Err(refused()),
+        Err(e) => Err(unavailable(e.to_string())),
     }
 }
 

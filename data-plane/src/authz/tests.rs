@@ -8,7 +8,6 @@ use wharf_core::{Access, AuthMode, Digest, Grant, Repo, RepoKind, RepoPattern, R
 
 use super::*;
 use crate::config::Config;
-use crate::error::CHALLENGE;
 use crate::state::AppState;
 use crate::store::Store;
 use crate::upstream::{Upstream, UpstreamOptions};
@@ -62,7 +61,10 @@ fn puller_tokens_gate_token_repos() {
     assert_eq!(check(&headers(&basic("anyone", &token()))).unwrap(), ID, "docker login: the token as password");
 
     let none = check(&HeaderMap::new()).unwrap_err();
-    assert_eq!((none.status, none.code, none.challenge), (StatusCode::UNAUTHORIZED, "UNAUTHORIZED", true));
+    assert_eq!(
+        (none.status, none.code, none.challenge),
+        (StatusCode::UNAUTHORIZED, "UNAUTHORIZED", Some(Challenge::Credentials))
+    );
     let not_wharf = check(&headers(&basic("user", "upstream-password"))).unwrap_err();
     assert_eq!(not_wharf.status, StatusCode::UNAUTHORIZED);
 
@@ -70,7 +72,7 @@ fn puller_tokens_gate_token_repos() {
     let unknown_id = format_token("fedcba9876543210", &secret());
     for t in [wrong_secret, unknown_id] {
         let e = check(&headers(&format!("Bearer {t}"))).unwrap_err();
-        assert_eq!((e.status, e.challenge), (StatusCode::UNAUTHORIZED, true), "{t}");
+        assert_eq!((e.status, e.challenge), (StatusCode::UNAUTHORIZED, Some(Challenge::Credentials)), "{t}");
         assert!(!e.message.contains(&secret()) && !e.message.contains(&"t".repeat(43)));
     }
     let expired =
@@ -78,7 +80,7 @@ fn puller_tokens_gate_token_repos() {
     assert_eq!(expired.unwrap_err().status, StatusCode::UNAUTHORIZED);
 
     let denied = check_puller(&snap, &key, "other/app", &headers(&format!("Bearer {}", token())), now).unwrap_err();
-    assert_eq!((denied.status, denied.code, denied.challenge), (StatusCode::FORBIDDEN, "DENIED", false));
+    assert_eq!((denied.status, denied.code, denied.challenge), (StatusCode::FORBIDDEN, "DENIED", None));
 
     // Revoked: gone from the next snapshot.
     let next = Snapshot::default();
@@ -89,6 +91,8 @@ fn puller_tokens_gate_token_repos() {
 #[test]
 fn ping_checks_only_wharf_tokens() {
     let now = SystemTime::now();
+    let tokens = NodeTokens::ephemeral("n");
+    let ping = |snap: &Snapshot, h: &HeaderMap, now| super::ping(&tokens, snap, h, now);
     let snap = Snapshot::default().with_pullers([grant(&[], None)]);
     // Public repos only: open to anyone.
     assert!(ping(&snap, &HeaderMap::new(), now).is_ok());
@@ -97,7 +101,7 @@ fn ping_checks_only_wharf_tokens() {
     for (auth, access) in [(AuthMode::Static, Access::Token), (AuthMode::Passthrough, Access::Public)] {
         let guarded = Snapshot::new([repo("private", auth, access)]);
         let e = ping(&guarded, &HeaderMap::new(), now).unwrap_err();
-        assert_eq!((e.status, e.challenge), (StatusCode::UNAUTHORIZED, true));
+        assert_eq!((e.status, e.challenge), (StatusCode::UNAUTHORIZED, Some(Challenge::Credentials)));
         assert!(ping(&guarded, &headers(&basic("", "")), now).is_ok());
         assert!(ping(&guarded, &headers(&basic("user", "upstream-password")), now).is_ok());
     }
@@ -106,7 +110,7 @@ fn ping_checks_only_wharf_tokens() {
     assert!(ping(&snap, &headers(&format!("Bearer {}", token())), now).is_ok());
     assert!(ping(&snap, &headers(&basic("u", &token())), now).is_ok());
     let bad = ping(&Snapshot::default(), &headers(&format!("Bearer {}", token())), now).unwrap_err();
-    assert_eq!((bad.status, bad.challenge), (StatusCode::UNAUTHORIZED, true));
+    assert_eq!((bad.status, bad.challenge), (StatusCode::UNAUTHORIZED, Some(Challenge::Credentials)));
 }
 
 /// The whole gate through the node's router: a real store, the real upstream client (towards a
@@ -146,7 +150,12 @@ async fn token_repos_through_the_router() {
     ] {
         let r = get(&path, None).await;
         assert_eq!(r.status(), 401, "{path}");
-        assert_eq!(r.headers()["www-authenticate"], CHALLENGE);
+        assert!(
+            r.headers()["www-authenticate"]
+                .to_str()
+                .unwrap()
+                .starts_with(&format!("Bearer realm=\"http://{addr}/v2/token\",service=\"wharf\""))
+        );
         let body: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
         assert_eq!(body["errors"][0]["code"], "UNAUTHORIZED", "{body}");
 
@@ -169,11 +178,21 @@ async fn token_repos_through_the_router() {
     assert_eq!(get("/v2/open/team/app/manifests/v1", None).await.status(), 502);
     let r = get("/v2/", None).await;
     assert_eq!(r.status(), 401);
-    assert_eq!(r.headers()["www-authenticate"], CHALLENGE);
+    assert!(
+        r.headers()["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .starts_with(&format!("Bearer realm=\"http://{addr}/v2/token\",service=\"wharf\""))
+    );
     assert_eq!(get("/v2/", bearer.clone()).await.status(), 200);
     let r = get("/v2/", Some(format!("Bearer {}", format_token("fedcba9876543210", &secret())))).await;
     assert_eq!(r.status(), 401);
-    assert_eq!(r.headers()["www-authenticate"], CHALLENGE);
+    assert!(
+        r.headers()["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .starts_with(&format!("Bearer realm=\"http://{addr}/v2/token\",service=\"wharf\""))
+    );
 
     stop.cancel();
     server.await.unwrap().unwrap();

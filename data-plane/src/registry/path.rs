@@ -21,9 +21,14 @@ impl RegistryPath {
     /// The first segment as a repoKey and the rest as the repository's name, when the path has
     /// both and the first segment has a repoKey's form.
     pub fn keyed(&self) -> Option<(RepoKey, &str)> {
-        let (first, rest) = self.name.split_once('/')?;
-        Some((first.parse().ok()?, rest))
+        keyed(&self.name)
     }
+}
+
+/// `name`'s first segment as a repoKey and the rest, when it has both.
+pub fn keyed(name: &str) -> Option<(RepoKey, &str)> {
+    let (first, rest) = name.split_once('/')?;
+    Some((first.parse().ok()?, rest))
 }
 
 /// Parses the part of a path after `/v2/`.
