@@ -197,21 +197,4 @@ fn quoted(s: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pull_scopes() {
-        assert_eq!(pull_scope("repository:library/alpine:pull"), Some("library/alpine"));
-        assert_eq!(pull_scope("repository:hub/library/alpine:pull,push"), Some("hub/library/alpine"));
-        assert_eq!(pull_scope("repository:a/b:*"), Some("a/b"));
-        for no in ["repository:a/b:push", "registry:catalog:*", "repository:../x:pull", "repository::pull", "pull"] {
-            assert_eq!(pull_scope(no), None, "{no}");
-        }
-    }
-
-    #[test]
-    fn quoting() {
-        assert_eq!(quoted(r#"a"b\c"#), r#""a\"b\\c""#);
-    }
-}
+mod tests;
