@@ -54,3 +54,8 @@ pub async fn expect_cached(proxy: &Proxy, blob: &Blob) -> anyhow::Result<()> {
     ensure!(crate::sha256_digest(&data) == blob.digest, "cached file {} does not match its digest", path.display());
     Ok(())
 }
+
+/// Whether a `WWW-Authenticate` is the node's Bearer challenge: its own token endpoint as realm.
+pub fn is_node_challenge(header: Option<&str>) -> bool {
+    header.is_some_and(|c| c.starts_with("Bearer realm=\"http") && c.contains("/v2/token") && c.contains("service=\""))
+}

@@ -239,16 +239,33 @@ async fn control_auth_puller_tokens_open_token_repos_on_every_node_until_revoked
         let r = manifest_status(node, "priv", "team/app", "v1", &basic).await?;
         assert_eq!(r.status, 200, "Basic on {}: {}", node.id(), r.text());
         assert_eq!(r.digest(), image.digest());
-        // Without a token: a Basic challenge, so clients send their credentials.
+        // Without a token: the Bearer challenge, so clients get a token from the node.
         let r = manifest_status(node, "priv", "team/app", "v1", "").await?;
         assert_eq!(r.status, 401, "anonymous on {}: {}", node.id(), r.text());
-        assert!(r.header("www-authenticate").is_some_and(|c| c.starts_with("Basic")), "{:?}", r.headers);
+        assert!(wharf_tests::checks::is_node_challenge(r.header("www-authenticate")), "{:?}", r.headers);
         // A token for other repos: 403.
         let r = manifest_status(node, "priv", "team/app", "v1", &bearer(other_token)).await?;
         assert_eq!(r.status, 403, "another repo's token on {}: {}", node.id(), r.text());
         // The management API does not take puller tokens, nor nodes admin-only calls.
         let r = rest("GET", &cp.api("/api/repos"), &[("authorization", &bearer(team_token))], None).await?;
         assert_eq!(r.status, 403);
+    }
+
+    // A token from one node's token endpoint opens the other (the cluster's key set, from the
+    // control plane), and only for the scope it was issued for.
+    let r = wharf_tests::http::get(
+        &nodes[0].v2("token?service=a&scope=repository:priv/team/app:pull"),
+        &[("authorization", &basic)],
+    )
+    .await?;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let node_token = bearer(r.json()?["token"].as_str().unwrap_or_default());
+    for node in &nodes {
+        let r = manifest_status(node, "priv", "team/app", "v1", &node_token).await?;
+        assert_eq!(r.status, 200, "node a's token on {}: {}", node.id(), r.text());
+        let r = manifest_status(node, "priv", "team/other", "v1", &node_token).await?;
+        assert_eq!(r.status, 401, "outside its scope on {}: {}", node.id(), r.text());
+        assert!(r.header("www-authenticate").is_some_and(|c| c.contains("insufficient_scope")), "{:?}", r.headers);
     }
 
     // Revoked: every node refuses it once it has the new configuration.
@@ -264,10 +281,13 @@ async fn control_auth_puller_tokens_open_token_repos_on_every_node_until_revoked
         .await?;
     }
     eprintln!("revocation reached both nodes in {:?}", started.elapsed());
-    // And it stays refused, on both nodes, with the cache warm.
+    // And it stays refused, on both nodes, with the cache warm; so does every node token issued
+    // for it, although it has not expired.
     for node in &nodes {
         let r = manifest_status(node, "priv", "team/app", "v1", &basic).await?;
         assert_eq!(r.status, 401, "revoked token as Basic on {}: {}", node.id(), r.text());
+        let r = manifest_status(node, "priv", "team/app", "v1", &node_token).await?;
+        assert_eq!(r.status, 401, "a node token of the revoked token on {}: {}", node.id(), r.text());
     }
     Ok(())
 }

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use base64::Engine as _;
+use wharf_tests::checks::is_node_challenge;
 use wharf_tests::fake::{Fault, FaultRule, RedirectMode};
 use wharf_tests::http::{Resp, get, head};
 use wharf_tests::image::OCI_MANIFEST;
@@ -13,7 +14,6 @@ use wharf_tests::proxy::repo_config;
 use wharf_tests::{AuthMode, FakeUpstream, Proxy, ProxyOptions, TestImage, random_name, wait_until_async};
 
 const PRIVATE: &str = "team/secret";
-const CHALLENGE: &str = "Basic realm=\"wharf\"";
 
 fn config(upstream: &str) -> String {
     format!("{}auth = \"passthrough\"\n", repo_config("pt", upstream, "generic", "5m"))
@@ -66,7 +66,7 @@ async fn pull(proxy: &Proxy, name: &str, image: &TestImage, a: Option<&str>) -> 
 fn assert_refused(r: &Resp, image: &TestImage, what: &str) {
     assert!(matches!(r.status, 401 | 403 | 404 | 502..=504), "{what}: {} {}", r.status, r.text());
     if r.status == 401 {
-        assert_eq!(r.header("www-authenticate"), Some(CHALLENGE), "{what}");
+        assert!(is_node_challenge(r.header("www-authenticate")), "{what}: {:?}", r.header("www-authenticate"));
     }
     let leaked = std::iter::once(&image.manifest).chain(image.blobs()).any(|b| !b.data.is_empty() && r.body == b.data);
     assert!(!leaked, "{what}: content leaked");
@@ -108,7 +108,7 @@ async fn private_content_reaches_only_clients_the_upstream_accepted() -> anyhow:
     // Nothing cached yet: the anonymous client is asked for credentials.
     let r = get(&proxy.v2(&format!("pt/{PRIVATE}/manifests/v1")), &[]).await?;
     assert_eq!(r.status, 401, "{}", r.text());
-    assert_eq!(r.header("www-authenticate"), Some(CHALLENGE));
+    assert!(is_node_challenge(r.header("www-authenticate")), "{:?}", r.header("www-authenticate"));
     assert_eq!(r.oci_code(), "UNAUTHORIZED");
 
     // alice's pull fills the cache, with her own credentials at the token endpoint.
@@ -253,7 +253,8 @@ async fn anonymous_public_content_is_served_without_a_challenge() -> anyhow::Res
     // The ping challenges a client that sent nothing (so that docker, skopeo and podman send their
     // login for this node); skopeo's anonymous answer and upstream logins pass.
     let r = get(&proxy.v2(""), &[]).await?;
-    assert_eq!((r.status, r.header("www-authenticate")), (401, Some("Basic realm=\"wharf\"")));
+    assert_eq!(r.status, 401);
+    assert!(is_node_challenge(r.header("www-authenticate")));
     let empty = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(":"));
     assert_eq!(get(&proxy.v2(""), &[("authorization", &empty)]).await?.status, 200);
     assert_eq!(get(&proxy.v2(""), &[("authorization", &u.alice)]).await?.status, 200);
@@ -282,7 +283,8 @@ async fn basic_upstreams_get_the_clients_credentials_straight() -> anyhow::Resul
     assert_all_refused(&proxy, &image, Some(&u.bob), "bob").await?;
     assert_all_refused(&proxy, &image, None, "anonymous").await?;
     let r = get(&proxy.v2(&format!("pt/{PRIVATE}/manifests/v1")), &[]).await?;
-    assert_eq!((r.status, r.header("www-authenticate")), (401, Some(CHALLENGE)));
+    assert_eq!(r.status, 401);
+    assert!(is_node_challenge(r.header("www-authenticate")));
     Ok(())
 }
 

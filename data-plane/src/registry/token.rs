@@ -22,7 +22,8 @@ use http::{HeaderValue, StatusCode, header};
 use serde_json::json;
 use wharf_core::{Access, AuthMode, Grant, Role, normalize_name, registry_host_error, validate_name};
 
-use super::{ns_param, path, resolve};
+use super::path;
+use super::resolve::{ns_param, resolve};
 use crate::authz::passthrough as gate;
 use crate::credentials::ClientCredentials;
 use crate::error::{Challenge, RegistryError};
