@@ -1,0 +1,153 @@
+//! Real clients against the node's token service (`/v2/token`), on a node that serves a public
+//! repo, an `access = "token"` repo and a passthrough repo at once: dockerd pulls the public one
+//! without a login, and the others only after `docker login` with what each needs (a puller token;
+//! upstream credentials the upstream accepts); skopeo the same with `--src-creds`. The node runs
+//! from a stored snapshot (its control planes do not exist), so puller tokens need no control plane
+//! here; the upstream is an in-process registry that knows alice and bob.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use wharf_tests::control::{Node, free_port};
+use wharf_tests::docker::{Dockerd, DockerdOptions};
+use wharf_tests::image::skopeo_try_copy;
+use wharf_tests::{AuthMode, FakeUpstream, TestImage, random_name, sha256_hex};
+
+struct Setup {
+    _fake: FakeUpstream,
+    node: Node,
+    _cache: tempfile::TempDir,
+    public: TestImage,
+    private: TestImage,
+    secret: TestImage,
+    puller: String,
+    alice_pw: String,
+    bob_pw: String,
+}
+
+/// `open/pub/app` (public), `priv/team/app` (token: the puller covers `priv/team`), `pt/team/secret`
+/// (passthrough: alice only).
+async fn setup() -> anyhow::Result<Setup> {
+    // Docker Hub's dialect: a token endpoint that takes the users' Basic credentials.
+    let fake = FakeUpstream::start_with(AuthMode::Bearer { credentials: None, expires_in: Some(300) }).await?;
+    let (public, private, secret) = (
+        TestImage::random_rootfs("v1", &[12_000])?,
+        TestImage::random_rootfs("v1", &[13_000])?,
+        TestImage::random_rootfs("v1", &[14_000])?,
+    );
+    fake.put_image("pub/app", &public);
+    fake.put_image("team/app", &private);
+    fake.put_image("team/secret", &secret);
+    let (alice_pw, bob_pw) = (random_name("alice-"), random_name("bob-"));
+    fake.add_user("alice", &alice_pw);
+    fake.add_user("bob", &bob_pw);
+    fake.make_private("team/secret", &["alice"]);
+
+    let secret_part = format!("{}{}", random_name("s"), "x".repeat(32));
+    let id = "00000000000000c1";
+    let puller = format!("wharf_{id}_{secret_part}");
+    let repo = |key: &str, access: &str, auth: &str| json!({ "key": key, "kind": "generic", "upstream": fake.url(), "tag_ttl_secs": 300, "access": access, "auth": auth });
+    let snapshot = json!({
+        "revision": 3,
+        "repos": [repo("open", "public", "static"), repo("priv", "token", "static"), repo("pt", "public", "passthrough")],
+        "pullers": [{ "id": id, "secret_sha256": sha256_hex(secret_part.as_bytes()), "repos": ["priv/team"] }],
+    });
+    let cache = tempfile::tempdir()?;
+    std::fs::write(cache.path().join("config.snapshot"), serde_json::to_vec(&snapshot)?)?;
+    let dead = format!("http://127.0.0.1:{}", free_port()?);
+    let node = Node::spawn_with("tokens", &[dead], Some(cache.path()), &[])?;
+    node.wait_log(0, Duration::from_secs(10), |v| {
+        v["fields"]["message"] == "serving the stored configuration snapshot"
+    })?;
+    Ok(Setup { _fake: fake, node, _cache: cache, public, private, secret, puller, alice_pw, bob_pw })
+}
+
+/// The node's request lines of `kind`.
+fn lines(node: &Node, kind: &str) -> Vec<Value> {
+    node.logs().into_iter().filter(|v| v["fields"]["kind"] == kind).collect()
+}
+
+#[test]
+fn docker_pulls_public_repos_without_a_login_and_the_others_with_theirs() -> anyhow::Result<()> {
+    let rt = tokio::runtime::Runtime::new()?;
+    let s = rt.block_on(setup())?;
+    let host = s.node.host();
+    let dockerd = Dockerd::start(DockerdOptions::default())?;
+    let fail = |what: &str, e: String| -> ! {
+        panic!("{what}: {e}\ndockerd:\n{}\nnode:\n{}", dockerd.log_tail(30), s.node.log_tail(30))
+    };
+    let public = format!("{host}/open/pub/app:v1");
+    let private = format!("{host}/priv/team/app:v1");
+    let private_digest = format!("{host}/priv/team/app@{}", s.private.digest());
+    let secret = format!("{host}/pt/team/secret:v1");
+    let secret_digest = format!("{host}/pt/team/secret@{}", s.secret.digest());
+
+    // Anonymous: the public repo, through an anonymous token; nothing else.
+    dockerd.pull(&public).unwrap_or_else(|e| fail("anonymous public pull", e));
+    let digests = dockerd.image_digests(&public).map_err(anyhow::Error::msg)?;
+    assert!(digests.iter().any(|d| d.ends_with(s.public.digest())), "{digests:?}");
+    assert!(lines(&s.node, "token").iter().any(|l| l["fields"]["authz"] == "anonymous"), "no anonymous token issued");
+    for r in [&private, &private_digest, &secret, &secret_digest] {
+        assert!(dockerd.pull(r).is_err(), "anonymous pull of {r} succeeded");
+    }
+
+    // A wrong puller token: the login fails.
+    let wrong = format!("wharf_00000000000000c1_{}", "y".repeat(40));
+    assert!(dockerd.login(&host, "ci", &wrong).is_err(), "docker login with a wrong puller token succeeded");
+
+    // The puller token: the token repo, by tag and by digest.
+    dockerd.login(&host, "ci", &s.puller).unwrap_or_else(|e| fail("docker login with the puller token", e));
+    dockerd.pull(&private).unwrap_or_else(|e| fail("pull with the puller token", e));
+    dockerd.pull(&private_digest).unwrap_or_else(|e| fail("pull by digest with the puller token", e));
+    assert!(dockerd.pull(&secret).is_err(), "a puller token is never sent upstream: the passthrough repo refuses");
+    dockerd.logout(&host).map_err(anyhow::Error::msg)?;
+
+    // alice's upstream credentials: the passthrough repo (checked upstream, sealed in the token).
+    dockerd.login(&host, "alice", &s.alice_pw).unwrap_or_else(|e| fail("docker login as alice", e));
+    dockerd.pull(&secret).unwrap_or_else(|e| fail("alice's pull", e));
+    assert!(dockerd.pull(&private).is_err(), "alice has no puller token");
+    dockerd.logout(&host).map_err(anyhow::Error::msg)?;
+
+    // bob, and alice with a wrong password, with the content cached and the local copies gone.
+    dockerd.rmi(&secret).map_err(anyhow::Error::msg)?;
+    dockerd.remove_all_content().map_err(anyhow::Error::msg)?;
+    for (user, pw) in [("bob", s.bob_pw.as_str()), ("alice", "wrong-password")] {
+        let _ = dockerd.login(&host, user, pw);
+        for r in [&secret, &secret_digest] {
+            assert!(dockerd.pull(r).is_err(), "{user} pulled {r}");
+        }
+        let _ = dockerd.logout(&host);
+    }
+    let bearer = lines(&s.node, "manifest").into_iter().filter(|l| l["fields"]["authz"] == "bearer").count();
+    assert!(bearer >= 2, "no manifest was served on a node token");
+    Ok(())
+}
+
+#[test]
+fn skopeo_gets_tokens_anonymously_with_a_puller_token_and_with_upstream_credentials() -> anyhow::Result<()> {
+    let rt = tokio::runtime::Runtime::new()?;
+    let s = rt.block_on(setup())?;
+    let host = s.node.host();
+    let copy = |path: &str, creds: Option<&str>| skopeo_try_copy(&format!("docker://{host}/{path}:v1"), creds);
+
+    let (ok, err) = copy("open/pub/app", None)?;
+    assert!(ok, "anonymous copy of the public repo: {err}\n{}", s.node.log_tail(20));
+    assert!(!copy("priv/team/app", None)?.0, "anonymous copy of the token repo");
+    let (ok, err) = copy("priv/team/app", Some(&format!("ci:{}", s.puller)))?;
+    assert!(ok, "puller token: {err}\n{}", s.node.log_tail(20));
+    let (ok, err) = copy("pt/team/secret", Some(&format!("alice:{}", s.alice_pw)))?;
+    assert!(ok, "alice: {err}\n{}", s.node.log_tail(20));
+    let (ok, err) = copy("pt/team/secret", Some(&format!("bob:{}", s.bob_pw)))?;
+    assert!(!ok, "bob copied alice's repo");
+    assert!(err.contains("401") || err.to_lowercase().contains("unauthorized"), "{err}");
+    assert!(!copy("pt/team/secret", Some("alice:wrong"))?.0, "a wrong password copied");
+
+    let tokens = lines(&s.node, "token");
+    for authz in ["anonymous", "token", "upstream", "refused"] {
+        assert!(
+            tokens.iter().any(|l| l["fields"]["authz"] == authz),
+            "no token request with authz={authz}: {tokens:#?}"
+        );
+    }
+    Ok(())
+}
