@@ -20,6 +20,7 @@
 
 pub mod passthrough;
 
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use http::{HeaderMap, StatusCode, header};
@@ -46,7 +47,7 @@ pub fn check_node_token(
     name: &str,
     token: &str,
     now: SystemTime,
-) -> Result<Claims, RegistryError> {
+) -> Result<Arc<Claims>, RegistryError> {
     let claims = open_node_token(tokens, snapshot, token, now)?;
     if claims.allows(key.as_str(), name) {
         Ok(claims)
@@ -65,7 +66,7 @@ pub fn open_node_token(
     snapshot: &Snapshot,
     token: &str,
     now: SystemTime,
-) -> Result<Claims, RegistryError> {
+) -> Result<Arc<Claims>, RegistryError> {
     let invalid = |m: String| RegistryError::unauthorized(m).with_challenge_of(Challenge::InvalidToken);
     let claims = tokens.open(&snapshot.keys, token, now).map_err(|e| invalid(e.to_string()))?;
     if let Some(id) = &claims.puller

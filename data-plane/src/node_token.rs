@@ -10,9 +10,11 @@
 //!
 //! Nothing here decides who may pull what: that is [`crate::authz`] and the token endpoint.
 
+use std::collections::HashMap;
 use std::io::Write as _;
 use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_lc_rs::aead::{AES_256_GCM, Aad, NONCE_LEN, Nonce, RandomizedNonceKey};
@@ -97,7 +99,8 @@ pub enum Rejected {
 }
 
 /// The node's token service: its name, its own key, how long tokens live, and where clients get
-/// them.
+/// them; and the tokens it opened lately, so that a client's next requests with the same token
+/// cost a map lookup, not a decryption.
 #[derive(Debug)]
 pub struct NodeTokens {
     /// `service` in challenges and the issuer of tokens: the node id (managed) or `wharf`.
@@ -109,13 +112,27 @@ pub struct NodeTokens {
     pub realm: Option<String>,
     /// Whether the registry port speaks TLS (the realm's scheme).
     pub https: bool,
+    /// Opened tokens by their text (bounded: emptied when full). An entry is only a cache of
+    /// [`NodeTokens::open`]'s work: expiry is checked on every use, and a key that leaves the
+    /// cluster's set voids its entries (the key id is checked again).
+    opened: Mutex<HashMap<Box<str>, Arc<Claims>>>,
 }
+
+/// More tokens than a node's clients hold at once within a token's lifetime.
+const OPENED_MAX: usize = 10_000;
 
 impl NodeTokens {
     pub const DEFAULT_TTL: Duration = Duration::from_secs(300);
 
     pub fn new(service: impl Into<String>, local: SigningKey) -> Self {
-        Self { service: service.into(), local, ttl: Self::DEFAULT_TTL, realm: None, https: false }
+        Self {
+            service: service.into(),
+            local,
+            ttl: Self::DEFAULT_TTL,
+            realm: None,
+            https: false,
+            opened: Mutex::default(),
+        }
     }
 
     /// A service with a fresh random key (tests, and nodes whose cache dir is not theirs to write).
@@ -149,7 +166,7 @@ impl NodeTokens {
 
     /// Opens a presented token with the cluster's keys or the node's own; refuses it when it does
     /// not open or has expired at `now`.
-    pub fn open(&self, cluster: &[SigningKey], token: &str, now: SystemTime) -> Result<Claims, Rejected> {
+    pub fn open(&self, cluster: &[SigningKey], token: &str, now: SystemTime) -> Result<Arc<Claims>, Rejected> {
         if token.len() > MAX_LEN {
             return Err(Rejected::Malformed);
         }
@@ -159,36 +176,58 @@ impl NodeTokens {
             .chain(std::iter::once(&self.local))
             .find(|k| k.id == kid)
             .ok_or_else(|| Rejected::UnknownKey(kid.chars().take(16).collect()))?;
-        let mut raw = B64.decode(sealed).map_err(|_| Rejected::Malformed)?;
-        if raw.len() < NONCE_LEN {
-            return Err(Rejected::Malformed);
-        }
-        let nonce = Nonce::try_assume_unique_for_key(&raw[..NONCE_LEN]).map_err(|_| Rejected::Malformed)?;
-        let opening = RandomizedNonceKey::new(&AES_256_GCM, &key.secret).map_err(|_| Rejected::Malformed)?;
-        let plain = opening
-            .open_in_place(nonce, aad(&key.id), &mut raw[NONCE_LEN..])
-            .map_err(|_| Rejected::Forged(key.id.clone()))?;
-        let wire: Wire = serde_json::from_slice(plain).map_err(|_| Rejected::Malformed)?;
-        if unix(now) >= wire.exp {
+        let cached = self.opened().get(token).cloned();
+        let claims = match cached {
+            Some(c) => c,
+            None => {
+                let c = Arc::new(open_with(key, sealed)?);
+                let mut opened = self.opened();
+                if opened.len() >= OPENED_MAX {
+                    opened.clear();
+                }
+                opened.insert(token.into(), c.clone());
+                c
+            }
+        };
+        if unix(now) >= claims.expires_at {
             return Err(Rejected::Expired);
         }
-        let credentials = match wire.cred.as_deref() {
-            None => None,
-            Some([user, password]) => {
-                Some(ClientCredentials::Basic { username: user.clone(), password: Secret::new(password.as_str()) })
-            }
-            Some([token]) => Some(ClientCredentials::Bearer(Secret::new(token.as_str()))),
-            Some(_) => return Err(Rejected::Malformed),
-        };
-        Ok(Claims {
-            issuer: wire.iss,
-            puller: wire.sub,
-            issued_at: wire.iat,
-            expires_at: wire.exp,
-            access: wire.acc,
-            credentials,
-        })
+        Ok(claims)
     }
+
+    fn opened(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, Arc<Claims>>> {
+        self.opened.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Opens `sealed` (base64url of nonce, ciphertext and tag) with `key`.
+fn open_with(key: &SigningKey, sealed: &str) -> Result<Claims, Rejected> {
+    let mut raw = B64.decode(sealed).map_err(|_| Rejected::Malformed)?;
+    if raw.len() < NONCE_LEN {
+        return Err(Rejected::Malformed);
+    }
+    let nonce = Nonce::try_assume_unique_for_key(&raw[..NONCE_LEN]).map_err(|_| Rejected::Malformed)?;
+    let opening = RandomizedNonceKey::new(&AES_256_GCM, &key.secret).map_err(|_| Rejected::Malformed)?;
+    let plain = opening
+        .open_in_place(nonce, aad(&key.id), &mut raw[NONCE_LEN..])
+        .map_err(|_| Rejected::Forged(key.id.clone()))?;
+    let wire: Wire = serde_json::from_slice(plain).map_err(|_| Rejected::Malformed)?;
+    let credentials = match wire.cred.as_deref() {
+        None => None,
+        Some([user, password]) => {
+            Some(ClientCredentials::Basic { username: user.clone(), password: Secret::new(password.as_str()) })
+        }
+        Some([token]) => Some(ClientCredentials::Bearer(Secret::new(token.as_str()))),
+        Some(_) => return Err(Rejected::Malformed),
+    };
+    Ok(Claims {
+        issuer: wire.iss,
+        puller: wire.sub,
+        issued_at: wire.iat,
+        expires_at: wire.exp,
+        access: wire.acc,
+        credentials,
+    })
 }
 
 /// Binds a sealed token to its key id and to this use.
@@ -277,7 +316,7 @@ mod tests {
         assert!(t.starts_with(PREFIX));
         assert!(!t.contains("alice") && !t.contains("pw\""), "credentials are sealed, not encoded: {t}");
         let opened = a.open(&[], &t, now).unwrap();
-        assert_eq!(opened, claims(exp));
+        assert_eq!(*opened, claims(exp));
         assert!(!format!("{opened:?}").contains("pw"));
         assert!(opened.allows("hub", "library/alpine") && !opened.allows("hub", "library/busybox"));
 
@@ -287,7 +326,7 @@ mod tests {
         let cluster = [generate_key(old), generate_key(now)];
         let t2 = a.seal(&cluster, &claims(exp), now);
         assert!(t2.starts_with(&format!("{PREFIX}{}.", cluster[0].id)), "the settled key seals, not the newest");
-        assert_eq!(b.open(&cluster, &t2, now).unwrap(), claims(exp));
+        assert_eq!(*b.open(&cluster, &t2, now).unwrap(), claims(exp));
 
         assert_eq!(a.open(&[], &t, now + Duration::from_secs(60)), Err(Rejected::Expired));
         // One bit changed anywhere in the sealed part: it does not open.

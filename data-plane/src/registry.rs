@@ -93,8 +93,8 @@ async fn route(state: &AppState, req: &Parts, log: &mut RequestLog) -> Result<Re
             let claims = authz::check_node_token(&state.tokens, &snapshot, &repo.key, &name, token, SystemTime::now())
                 .inspect_err(|_| log.authz = "refused")?;
             log.authz = "bearer";
-            log.token_id = claims.puller.unwrap_or_default();
-            claims.credentials.filter(|_| repo.auth == AuthMode::Passthrough).map(Arc::new)
+            log.token_id = claims.puller.clone().unwrap_or_default();
+            claims.credentials.clone().filter(|_| repo.auth == AuthMode::Passthrough).map(Arc::new)
         }
         (Access::Token, _) => {
             let id = authz::check_puller(&snapshot, &repo.key, &name, &req.headers, SystemTime::now())
