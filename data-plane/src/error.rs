@@ -120,6 +120,10 @@ impl IntoResponse for RegistryError {
         if let Some(v) = self.retry_after.and_then(|v| HeaderValue::from_str(&v).ok()) {
             h.insert(header::RETRY_AFTER, v);
         }
+        if self.status == StatusCode::METHOD_NOT_ALLOWED {
+            // RFC 9110, 15.5.6: a 405 names the methods that are allowed.
+            h.insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        }
         if let Some(v) = self.www_authenticate.and_then(|v| HeaderValue::from_str(&v).ok()) {
             h.insert(header::WWW_AUTHENTICATE, v);
         }

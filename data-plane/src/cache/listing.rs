@@ -12,6 +12,7 @@ use crate::state::Ctx;
 use crate::upstream::{Upstream, UpstreamRequest};
 
 pub async fn get(ctx: &Ctx, path: String, log: &mut RequestLog) -> Result<Response, RegistryError> {
+    let referrers = path.starts_with("referrers/");
     let mut headers = HeaderMap::new();
     for v in ctx.headers.get_all(header::ACCEPT) {
         headers.append(header::ACCEPT, v.clone());
@@ -50,6 +51,10 @@ pub async fn get(ctx: &Ctx, path: String, log: &mut RequestLog) -> Result<Respon
         out.insert("oci-filters-applied", v.clone());
     }
     out.insert("docker-distribution-api-version", HeaderValue::from_static("registry/2.0"));
+    if referrers {
+        // The spec's exact type for a referrers list, whatever parameters the upstream added.
+        out.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/vnd.oci.image.index.v1+json"));
+    }
     let mut r = Response::new(if ctx.head { Body::empty() } else { Body::from_stream(resp.into_stream()) });
     *r.headers_mut() = out;
     Ok(r)

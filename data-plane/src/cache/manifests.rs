@@ -307,7 +307,7 @@ fn respond(ctx: &Ctx, m: Manifest, cache_control: &str, stale: Option<&str>) -> 
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     if let Some(why) = stale {
         let why: String = why.chars().filter(|c| *c != '"' && *c != '\\' && !c.is_control()).take(200).collect();
-        if let Ok(v) = HeaderValue::from_str(&format!("110 wharf \"Response is stale: {why}\"")) {
+        if let Ok(v) = HeaderValue::from_str(&format!("299 - \"Response is stale: {why}\"")) {
             h.insert(header::WARNING, v);
         }
     }

@@ -3,7 +3,6 @@
 //! refused outright (no name, reference or digest contains one legitimately), and every part is
 //! checked against the spec's grammar before it touches the disk or the upstream.
 
-use http::StatusCode;
 use wharf_core::{Digest, NameError, Reference, RepoKey, validate_name};
 
 use crate::cache::Target;
@@ -64,7 +63,9 @@ fn parse_digest(s: &str) -> Result<Digest, RegistryError> {
 fn reference_error(e: NameError) -> RegistryError {
     match e {
         NameError::Digest { .. } => RegistryError::digest_invalid(e.to_string()),
-        NameError::Tag(_) => RegistryError::new(StatusCode::BAD_REQUEST, "TAG_INVALID", e.to_string()),
+        // The distribution spec (and its conformance suite) answer a tag no manifest can have with
+        // 404: no such manifest. The grammar it breaks stays in the message.
+        NameError::Tag(_) => RegistryError::not_found("MANIFEST_UNKNOWN", format!("{e}: no manifest has this tag")),
         _ => RegistryError::name_invalid(e.to_string()),
     }
 }
