@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use wharf_tests::control::{Node, free_port};
-use wharf_tests::docker::{Dockerd, DockerdOptions};
+use wharf_tests::docker::{Dockerd, DockerdOptions, write_hosts_toml};
 use wharf_tests::image::skopeo_try_copy;
 use wharf_tests::{AuthMode, FakeUpstream, TestImage, random_name, sha256_hex};
 
@@ -46,10 +46,18 @@ async fn setup() -> anyhow::Result<Setup> {
     let secret_part = format!("{}{}", random_name("s"), "x".repeat(32));
     let id = "00000000000000c1";
     let puller = format!("wharf_{id}_{secret_part}");
-    let repo = |key: &str, access: &str, auth: &str| json!({ "key": key, "kind": "generic", "upstream": fake.url(), "tag_ttl_secs": 300, "access": access, "auth": auth });
+    // Each also mirrors a registry host, for containerd's `_default` hosts.toml (`?ns=`).
+    let repo = |key: &str, access: &str, auth: &str, mirrors: &str| {
+        json!({ "key": key, "kind": "generic", "upstream": fake.url(), "tag_ttl_secs": 300, "access": access,
+                "auth": auth, "mirror_of": [mirrors] })
+    };
     let snapshot = json!({
         "revision": 3,
-        "repos": [repo("open", "public", "static"), repo("priv", "token", "static"), repo("pt", "public", "passthrough")],
+        "repos": [
+            repo("open", "public", "static", "docker.io"),
+            repo("priv", "token", "static", "ghcr.io"),
+            repo("pt", "public", "passthrough", "quay.io"),
+        ],
         "pullers": [{ "id": id, "secret_sha256": sha256_hex(secret_part.as_bytes()), "repos": ["priv/team"] }],
     });
     let cache = tempfile::tempdir()?;
@@ -149,5 +157,58 @@ fn skopeo_gets_tokens_anonymously_with_a_puller_token_and_with_upstream_credenti
             "no token request with authz={authz}: {tokens:#?}"
         );
     }
+    Ok(())
+}
+
+/// containerd in mirror mode: one `_default` hosts.toml sends every registry's images to the node
+/// with `?ns=`; each 401's realm keeps the `ns`, so the token request resolves its scopes to the
+/// repo that mirrors that registry. Public without credentials, the token repo with `--user`, the
+/// passthrough repo with alice's upstream login (and not with bob's).
+#[test]
+fn containerd_mirror_pulls_get_tokens_for_the_registry_they_name() -> anyhow::Result<()> {
+    let rt = tokio::runtime::Runtime::new()?;
+    let s = rt.block_on(setup())?;
+    let dockerd = Dockerd::start(DockerdOptions::default())?;
+    let hosts = tempfile::tempdir()?;
+    write_hosts_toml(hosts.path(), "_default", &format!("http://{}", s.node.host()), false)?;
+    let pull = |reference: &str, user: Option<String>| {
+        let user = user.map(|u| ["--user".to_owned(), u]);
+        let extra: Vec<&str> = user.iter().flatten().map(String::as_str).collect();
+        dockerd.ctr_pull_with(reference, hosts.path(), &extra)
+    };
+    let fail = |what: &str, e: String| -> ! { panic!("{what}: {e}\nnode:\n{}", s.node.log_tail(30)) };
+
+    pull("docker.io/pub/app:v1", None).unwrap_or_else(|e| fail("anonymous public pull", e));
+    assert_eq!(dockerd.ctr_image_digest("docker.io/pub/app:v1").map_err(anyhow::Error::msg)?, s.public.digest());
+    assert!(pull("ghcr.io/team/app:v1", None).is_err(), "anonymous pull of the token repo");
+    pull("ghcr.io/team/app:v1", Some(format!("ci:{}", s.puller))).unwrap_or_else(|e| fail("puller token", e));
+    assert_eq!(dockerd.ctr_image_digest("ghcr.io/team/app:v1").map_err(anyhow::Error::msg)?, s.private.digest());
+    assert!(pull("quay.io/team/secret:v1", Some(format!("bob:{}", s.bob_pw))).is_err(), "bob pulled alice's repo");
+    pull("quay.io/team/secret:v1", Some(format!("alice:{}", s.alice_pw))).unwrap_or_else(|e| fail("alice", e));
+    assert_eq!(dockerd.ctr_image_digest("quay.io/team/secret:v1").map_err(anyhow::Error::msg)?, s.secret.digest());
+
+    // The per-registry form with the repoKey in the path (`override_path`): containerd asks a
+    // token for the image's name and for the prefixed one; both resolve to the same repo.
+    let per_registry = tempfile::tempdir()?;
+    write_hosts_toml(per_registry.path(), "ghcr.io", &format!("http://{}/v2/priv", s.node.host()), true)?;
+    dockerd.ctr_rmi("ghcr.io/team/app:v1").map_err(anyhow::Error::msg)?;
+    let user = format!("ci:{}", s.puller);
+    dockerd
+        .ctr_pull_with("ghcr.io/team/app:v1", per_registry.path(), &["--user", &user])
+        .unwrap_or_else(|e| fail("puller token, override_path", e));
+    let keyed = s.node.logs().into_iter().any(|v| {
+        v["fields"]["route"] == "key" && v["fields"]["repo_key"] == "priv" && v["fields"]["authz"] == "bearer"
+    });
+    assert!(keyed, "no keyed pull of priv on a node token");
+
+    let tokens = lines(&s.node, "token");
+    assert!(tokens.iter().any(|l| l["fields"]["authz"] == "token"), "{tokens:#?}");
+    let served: Vec<Value> = s
+        .node
+        .logs()
+        .into_iter()
+        .filter(|v| v["fields"]["route"] == "ns" && v["fields"]["authz"] == "bearer")
+        .collect();
+    assert!(served.iter().any(|l| l["fields"]["repo_key"] == "priv"), "no ns-routed pull on a node token");
     Ok(())
 }
