@@ -17,6 +17,8 @@ fi
 if [ "$want" = test ]; then
   # Real docker and containerd clients (tests/src/docker.rs): docker.io brings dockerd, containerd and ctr.
   have dockerd || need+=(docker.io)
+  # podman as a client of the node's mirror and token service (tests/src/podman.rs).
+  have podman || need+=(podman)
   # The schema fuzzer (schemathesis) goes into a venv of its own: python3's venv module may be missing.
   python3 -c "import venv, ensurepip" >/dev/null 2>&1 || need+=(python3-venv)
 fi
@@ -34,7 +36,7 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
   echo "ensure-deps: installed ${need[*]}"
 else
-  echo "ensure-deps: all tools present (protoc, etcd, docker-registry, skopeo, dockerd as needed)"
+  echo "ensure-deps: all tools present (protoc, etcd, docker-registry, skopeo, dockerd, podman as needed)"
 fi
 
 # schemathesis, the OpenAPI fuzzer of tests/tests/control_schema.rs, in target/tools-venv (no system

@@ -26,6 +26,7 @@ pub mod image;
 pub mod layers;
 pub mod otlp;
 pub mod pki;
+pub mod podman;
 pub mod process;
 pub mod prom;
 pub mod proxy;

@@ -3,7 +3,8 @@
 //! without a login, and the others only after `docker login` with what each needs (a puller token;
 //! upstream credentials the upstream accepts); skopeo the same with `--src-creds`. The node runs
 //! from a stored snapshot (its control planes do not exist), so puller tokens need no control plane
-//! here; the upstream is an in-process registry that knows alice and bob.
+//! here; the upstream is an in-process registry that knows alice and bob. containerd (`ctr`) and
+//! podman pull through it as a mirror.
 
 use std::time::Duration;
 
@@ -11,6 +12,7 @@ use serde_json::{Value, json};
 use wharf_tests::control::{Node, free_port};
 use wharf_tests::docker::{Dockerd, DockerdOptions, write_hosts_toml};
 use wharf_tests::image::skopeo_try_copy;
+use wharf_tests::podman::Podman;
 use wharf_tests::{AuthMode, FakeUpstream, TestImage, random_name, sha256_hex};
 
 struct Setup {
@@ -210,5 +212,32 @@ fn containerd_mirror_pulls_get_tokens_for_the_registry_they_name() -> anyhow::Re
         .filter(|v| v["fields"]["route"] == "ns" && v["fields"]["authz"] == "bearer")
         .collect();
     assert!(served.iter().any(|l| l["fields"]["repo_key"] == "priv"), "no ns-routed pull on a node token");
+    Ok(())
+}
+
+/// podman with a mirror `location` without a path prefix (Docker Hub names at the node's root, the
+/// default mirror), and one with the repoKey as prefix; anonymous for the public repo, `podman
+/// login <node>` with the puller token for the token repo.
+#[test]
+fn podman_pulls_through_mirror_locations_with_tokens() -> anyhow::Result<()> {
+    let rt = tokio::runtime::Runtime::new()?;
+    let s = rt.block_on(setup())?;
+    let host = s.node.host();
+    let podman = Podman::with_mirrors(&[("docker.io", &host), ("ghcr.io", &format!("{host}/priv"))])?;
+    let fail = |what: &str, e: String| -> ! { panic!("{what}: {e}\nnode:\n{}", s.node.log_tail(30)) };
+
+    podman.pull("docker.io/pub/app:v1").unwrap_or_else(|e| fail("anonymous, no path prefix", e));
+    let routed = s.node.logs().into_iter().any(|v| {
+        v["fields"]["route"] == "default" && v["fields"]["repo_key"] == "open" && v["fields"]["status"] == 200
+    });
+    assert!(routed, "the public pull did not come through the default mirror");
+    assert!(podman.pull("ghcr.io/team/app:v1").is_err(), "anonymous pull of the token repo");
+    podman.login(&host, "ci", &s.puller).unwrap_or_else(|e| fail("podman login", e));
+    podman.pull("ghcr.io/team/app:v1").unwrap_or_else(|e| fail("puller token", e));
+    let bearer =
+        s.node.logs().into_iter().any(|v| {
+            v["fields"]["repo_key"] == "priv" && v["fields"]["authz"] == "bearer" && v["fields"]["status"] == 200
+        });
+    assert!(bearer, "the token repo was not pulled on a node token");
     Ok(())
 }
