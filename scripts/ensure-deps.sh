@@ -39,13 +39,14 @@ else
   echo "ensure-deps: all tools present (protoc, etcd, docker-registry, skopeo, dockerd, podman as needed)"
 fi
 
-# schemathesis, the OpenAPI fuzzer of tests/tests/control_schema.rs, in target/tools-venv (no system
-# Python package is touched).
+# Python tools of the suites, in target/tools-venv (no system Python package is touched):
+# schemathesis, the OpenAPI fuzzer of tests/tests/control_schema.rs, and oras (oras-py, the ORAS
+# project's Python client: the oras CLI has no Debian package) for tests/tools/oras_pull.py.
 venv="$(dirname "$0")/../target/tools-venv"
-if [ "$want" = test ] && [ ! -x "$venv/bin/schemathesis" ]; then
-  echo "ensure-deps: installing schemathesis into target/tools-venv (python3 -m venv, pip)"
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install -q --disable-pip-version-check schemathesis
+if [ "$want" = test ] && { [ ! -x "$venv/bin/schemathesis" ] || ! "$venv/bin/python" -c "import oras" 2>/dev/null; }; then
+  echo "ensure-deps: installing schemathesis and oras into target/tools-venv (python3 -m venv, pip)"
+  [ -x "$venv/bin/pip" ] || python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check schemathesis oras
 fi
 
 if ! cargo nextest --version >/dev/null 2>&1 && [ "$want" = test ]; then

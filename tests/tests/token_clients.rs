@@ -4,15 +4,20 @@
 //! upstream credentials the upstream accepts); skopeo the same with `--src-creds`. The node runs
 //! from a stored snapshot (its control planes do not exist), so puller tokens need no control plane
 //! here; the upstream is an in-process registry that knows alice and bob. containerd (`ctr`) and
-//! podman pull through it as a mirror.
+//! podman pull through it as a mirror; oras (oras-py) directly.
 
+use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
+
+use anyhow::Context as _;
 
 use serde_json::{Value, json};
 use wharf_tests::control::{Node, free_port};
 use wharf_tests::docker::{Dockerd, DockerdOptions, write_hosts_toml};
 use wharf_tests::image::skopeo_try_copy;
 use wharf_tests::podman::Podman;
+use wharf_tests::process::run_with_timeout;
 use wharf_tests::{AuthMode, FakeUpstream, TestImage, random_name, sha256_hex};
 
 struct Setup {
@@ -239,5 +244,62 @@ fn podman_pulls_through_mirror_locations_with_tokens() -> anyhow::Result<()> {
             v["fields"]["repo_key"] == "priv" && v["fields"]["authz"] == "bearer" && v["fields"]["status"] == 200
         });
     assert!(bearer, "the token repo was not pulled on a node token");
+    Ok(())
+}
+
+/// `tests/tools/oras_pull.py` (oras-py, in `target/tools-venv`) pulls `name:v1` from the node:
+/// whether it succeeded, and what it said. An error when it did not finish within `timeout`.
+fn oras_pull(host: &str, name: &str, login: Option<(&str, &str)>, timeout: Duration) -> anyhow::Result<(bool, String)> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("the workspace root")?;
+    let python = root.join("target/tools-venv/bin/python");
+    anyhow::ensure!(
+        python.exists(),
+        "{} is missing: `make test` (scripts/ensure-deps.sh test) installs it",
+        python.display()
+    );
+    let mut cmd = Command::new(python);
+    cmd.arg(root.join("tests/tools/oras_pull.py")).arg(host).arg(format!("{name}:v1"));
+    if let Some((user, password)) = login {
+        cmd.env("ORAS_USER", user).env("ORAS_PASSWORD", password);
+    }
+    let (status, out, err) = run_with_timeout(&mut cmd, timeout)?;
+    Ok((status.success(), format!("{out}{err}")))
+}
+
+/// oras (oras-py: the oras CLI has no Debian package) against the token service: it gets its
+/// tokens from the node's realm like docker does; blobs are checked against their digests.
+#[test]
+fn oras_gets_tokens_anonymously_with_a_puller_token_and_with_upstream_credentials() -> anyhow::Result<()> {
+    let rt = tokio::runtime::Runtime::new()?;
+    let s = rt.block_on(setup())?;
+    let host = s.node.host();
+    let long = Duration::from_secs(60);
+    let (ok, out) = oras_pull(&host, "open/pub/app", None, long)?;
+    assert!(ok, "anonymous public pull: {out}\n{}", s.node.log_tail(20));
+    let pulled: Value = serde_json::from_str(out.lines().last().unwrap_or_default())?;
+    assert_eq!(pulled["blobs"].as_array().map(Vec::len), Some(s.public.blobs().count()), "{pulled}");
+    assert!(!oras_pull(&host, "priv/team/app", None, long)?.0, "anonymous pull of the token repo");
+    let (ok, out) = oras_pull(&host, "priv/team/app", Some(("ci", &s.puller)), long)?;
+    assert!(ok, "puller token: {out}\n{}", s.node.log_tail(20));
+    let (ok, out) = oras_pull(&host, "pt/team/secret", Some(("alice", &s.alice_pw)), long)?;
+    assert!(ok, "alice: {out}\n{}", s.node.log_tail(20));
+    // bob: the token endpoint refuses him (the upstream did); oras-py then retries with growing
+    // sleeps (its own backoff), so it is stopped after a while. Nothing may have reached him.
+    let seen = s.node.logs().len();
+    let bob = oras_pull(&host, "pt/team/secret", Some(("bob", &s.bob_pw)), Duration::from_secs(10));
+    assert!(!matches!(bob, Ok((true, _))), "bob pulled alice's repo");
+    let after: Vec<Value> = s.node.logs().into_iter().skip(seen).collect();
+    assert!(
+        after.iter().any(|l| l["fields"]["kind"] == "token" && l["fields"]["status"] == 401),
+        "bob's token was not refused"
+    );
+    assert!(
+        !after.iter().any(|l| l["fields"]["repo_key"] == "pt" && l["fields"]["status"] == 200),
+        "content reached bob"
+    );
+    let tokens = lines(&s.node, "token");
+    for authz in ["anonymous", "token", "upstream"] {
+        assert!(tokens.iter().any(|l| l["fields"]["authz"] == authz), "no token request with authz={authz}");
+    }
     Ok(())
 }
