@@ -143,14 +143,14 @@ fn check_host(req: &Parts) -> Result<(), RegistryError> {
             Ok(())
         }
         (Some(_), None) => {
-            Err(RegistryError::new(StatusCode::BAD_REQUEST, "UNKNOWN", "the Host header is not a host[:port]"))
+            Err(RegistryError::new(StatusCode::BAD_REQUEST, "UNSUPPORTED", "the Host header is not a host[:port]"))
         }
         (None, _) => {
-            Err(RegistryError::new(StatusCode::BAD_REQUEST, "UNKNOWN", "an HTTP/1.1 request needs a Host header"))
+            Err(RegistryError::new(StatusCode::BAD_REQUEST, "UNSUPPORTED", "an HTTP/1.1 request needs a Host header"))
         }
         (Some(_), Some(_)) => Err(RegistryError::new(
             StatusCode::BAD_REQUEST,
-            "UNKNOWN",
+            "UNSUPPORTED",
             "an HTTP/1.1 request carries one Host header, not several",
         )),
     }

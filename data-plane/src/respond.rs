@@ -58,13 +58,41 @@ pub fn upstream_status(status: StatusCode, detail: Value, what: &str, retry_afte
             format!("upstream does not support this request ({url} answered {status})"),
         ),
         // Any other refusal of the request itself is the client's to act on: passed on as it is,
-        // the upstream's message in `detail`.
-        s @ 400..=499 => (status, "UNKNOWN", format!("upstream answered {s} for {url}")),
+        // the upstream's message in `detail`, with the upstream's code when the spec lists it (a
+        // 4xx body's code must be one of those), else what fits.
+        s @ 400..=499 => {
+            let fallback = if s == 410 { code } else { "UNSUPPORTED" };
+            (status, spec_code(&detail).unwrap_or(fallback), format!("upstream answered {s} for {url}"))
+        }
         s => (StatusCode::BAD_GATEWAY, "UNKNOWN", format!("upstream answered {s} for {url}")),
     };
     let mut e = RegistryError::new(status_out, code, message).with_detail(detail);
     e.retry_after = retry_after;
     e
+}
+
+/// The error codes of the distribution spec ("Error Codes"): a 4xx body's `code` is one of them.
+pub const SPEC_CODES: [&str; 14] = [
+    "BLOB_UNKNOWN",
+    "BLOB_UPLOAD_INVALID",
+    "BLOB_UPLOAD_UNKNOWN",
+    "DIGEST_INVALID",
+    "MANIFEST_BLOB_UNKNOWN",
+    "MANIFEST_INVALID",
+    "MANIFEST_UNKNOWN",
+    "NAME_INVALID",
+    "NAME_UNKNOWN",
+    "SIZE_INVALID",
+    "UNAUTHORIZED",
+    "DENIED",
+    "UNSUPPORTED",
+    "TOOMANYREQUESTS",
+];
+
+/// The upstream's first error code, when it is one of the spec's.
+fn spec_code(detail: &Value) -> Option<&'static str> {
+    let code = detail.get("upstream_errors")?.get(0)?.get("code")?.as_str()?;
+    SPEC_CODES.iter().copied().find(|c| *c == code)
 }
 
 /// A failed blob fetch, as a client's error.

@@ -138,6 +138,15 @@ async fn tags_list_is_passed_through_with_pagination() -> anyhow::Result<()> {
     let next = get(&next_url, &[]).await?;
     assert_eq!(next.status, 200, "{}", next.text());
     assert_eq!(next.json()?["tags"], serde_json::json!(["v3"]));
+    // n=0: an empty list and no Link (the spec), after the upstream's 200 for the repository.
+    let none = get(&proxy.v2("lab/team/tags/tags/list?n=0"), &[]).await?;
+    assert_eq!(none.status, 200, "{}", none.text());
+    assert_eq!(none.json()?, serde_json::json!({"name": "lab/team/tags", "tags": []}));
+    assert_eq!(none.header("link"), None);
+    assert_eq!(
+        fake.requests_matching("GET", "/tags/list").last().and_then(|r| r.query.clone()).as_deref(),
+        Some("n=0")
+    );
     Ok(())
 }
 

@@ -36,6 +36,15 @@ pub async fn get(ctx: &Ctx, path: String, log: &mut RequestLog) -> Result<Respon
         let retry_after = resp.header_str(header::RETRY_AFTER).map(str::to_owned);
         return Err(upstream_status(status, resp.error_detail().await, "repository", retry_after));
     }
+    if !referrers && ctx.query.as_deref().is_some_and(|q| q.split('&').any(|kv| kv == "n=0")) {
+        // The spec: n=0 is an empty list and no Link, whatever the upstream makes of it (its 200
+        // says the repository exists and may be listed).
+        let body = serde_json::json!({ "name": format!("{}{}", ctx.path_prefix, ctx.client_name), "tags": [] });
+        let mut r = Response::new(if ctx.head { Body::empty() } else { Body::from(body.to_string()) });
+        r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        r.headers_mut().insert("docker-distribution-api-version", HeaderValue::from_static("registry/2.0"));
+        return Ok(r);
+    }
     let mut out = HeaderMap::new();
     for k in [header::CONTENT_TYPE, header::CONTENT_LENGTH] {
         if let Some(v) = resp.headers.get(&k) {

@@ -44,8 +44,11 @@ pub fn parse_path(rest: &str) -> Result<RegistryPath, RegistryError> {
     }
     let (what, last) = (segs[n - 2], segs[n - 1]);
     let target = match what {
-        "manifests" => Target::Manifest(Reference::parse(last).map_err(reference_error)?),
-        "blobs" => Target::Blob(parse_digest(last)?),
+        "manifests" => Target::Manifest(
+            Reference::parse(last)
+                .map_err(|e| unknown_sha512(last, "MANIFEST_UNKNOWN").unwrap_or_else(|| reference_error(e)))?,
+        ),
+        "blobs" => Target::Blob(parse_digest(last).map_err(|e| unknown_sha512(last, "BLOB_UNKNOWN").unwrap_or(e))?),
         "referrers" => Target::Referrers(parse_digest(last)?),
         "tags" if last == "list" => Target::Tags,
         _ => return Err(not_found_path()),
@@ -53,6 +56,14 @@ pub fn parse_path(rest: &str) -> Result<RegistryPath, RegistryError> {
     let name = segs[..n - 2].join("/");
     validate_name(&name).map_err(|e| RegistryError::name_invalid(e.to_string()))?;
     Ok(RegistryPath { name, target })
+}
+
+/// A well-formed sha512 digest is content this node cannot hold (it serves sha256 only): 404, as
+/// the spec answers for content a registry does not have, not a 400 for a valid digest.
+fn unknown_sha512(s: &str, code: &'static str) -> Option<RegistryError> {
+    let hex = s.strip_prefix("sha512:")?;
+    (hex.len() == 128 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+        .then(|| RegistryError::not_found(code, "Wharf serves only sha256 content; no sha512 digest is here"))
 }
 
 fn parse_digest(s: &str) -> Result<Digest, RegistryError> {
@@ -71,8 +82,9 @@ fn reference_error(e: NameError) -> RegistryError {
 }
 
 pub fn not_found_path() -> RegistryError {
+    // 404 with a code of the spec's list (a 4xx body's code must be one): no such endpoint here.
     RegistryError::not_found(
-        "NOT_FOUND",
+        "UNSUPPORTED",
         "unknown registry path: expected /v2/<repoKey>/<name>/(manifests/<reference>|blobs/<digest>|tags/list|referrers/<digest>), or /v2/<name>/... through a mirror",
     )
 }

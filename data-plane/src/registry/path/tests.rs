@@ -37,9 +37,16 @@ fn rejects_bad_paths() {
         ("lab/a/blobs/sha256:abcd", "DIGEST_INVALID"),
         ("lab/a/blobs/notadigest", "DIGEST_INVALID"),
         ("lab/a/manifests/sha256:zz", "DIGEST_INVALID"),
-        ("lab/a/other/x", "NOT_FOUND"),
-        ("manifests/v1", "NOT_FOUND"),
+        ("lab/a/other/x", "UNSUPPORTED"),
+        ("manifests/v1", "UNSUPPORTED"),
     ];
+    let sha512 = format!("sha512:{}", "ab".repeat(64));
+    let unknown =
+        [(format!("lab/a/blobs/{sha512}"), "BLOB_UNKNOWN"), (format!("lab/a/manifests/{sha512}"), "MANIFEST_UNKNOWN")];
+    for (path, code) in unknown {
+        let e = p(&path).map(|_| ()).unwrap_err();
+        assert_eq!((e.status.as_u16(), e.code), (404, code), "{path}");
+    }
     for (path, code) in cases {
         assert_eq!(p(path).map(|_| ()).unwrap_err().code, code, "{path}");
     }
