@@ -277,3 +277,28 @@ async fn relative_blob_redirect_is_resolved_against_the_registry() -> anyhow::Re
     );
     Ok(())
 }
+
+/// HEAD of a blob not cached, on an upstream that redirects it to an object store whose URL is
+/// signed for GET (HEAD there is 403, as S3's): the blob exists, so the answer is 200 with its
+/// size (learnt from a one-byte ranged GET), not the object store's 403.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_blob_head_redirected_to_a_get_only_url_is_still_answered() -> anyhow::Result<()> {
+    let fake = FakeUpstream::start().await?;
+    fake.set_redirect(RedirectMode::OtherHost);
+    fake.set_redirect_heads(true);
+    let image = TestImage::random("v1", &[70_000])?;
+    fake.put_image("org/img", &image);
+    let proxy = Proxy::spawn(&repo_config("lab", &fake.url(), "generic", "5m"), &[])?;
+    let blob = &image.layers[0];
+    let r = wharf_tests::http::head(&proxy.v2(&format!("lab/org/img/blobs/{}", blob.digest)), &[]).await?;
+    assert_eq!(r.status, 200, "{:?}\n{}", r.headers, fake.describe_requests());
+    assert_eq!(r.header("content-length"), Some(blob.size().to_string().as_str()));
+    assert_eq!(r.header("docker-content-digest"), Some(blob.digest.as_str()));
+    // Nothing was fetched whole: the ranged GET asked for one byte.
+    let gets = fake.redirect_requests().into_iter().filter(|r| r.method == "GET").collect::<Vec<_>>();
+    assert!(gets.iter().all(|r| r.header("range") == Some("bytes=0-0")), "{}", fake.describe_requests());
+    // The blob is fetched as usual afterwards.
+    let g = wharf_tests::http::get(&proxy.v2(&format!("lab/org/img/blobs/{}", blob.digest)), &[]).await?;
+    assert_eq!((g.status, g.digest()), (200, blob.digest.clone()));
+    Ok(())
+}

@@ -374,20 +374,36 @@ where
     wharf_runtime::telemetry::traced_body(body, span)
 }
 
-/// HEAD of a blob not cached: asked upstream, nothing fetched.
+/// HEAD of a blob not cached: asked upstream, nothing fetched. The HEAD does not follow a
+/// redirect: a registry that sends blobs to an object store signs the URL for GET, and HEAD there
+/// is refused (S3: 403). A redirect is the registry's yes; the size then comes from a one-byte
+/// ranged GET through it (`Content-Range: bytes 0-0/<size>`).
 async fn head_upstream(ctx: &Ctx, digest: &Digest, log: &mut RequestLog) -> Result<Response, RegistryError> {
-    let req = blob_request(ctx, digest, Method::HEAD, HeaderMap::new());
+    let mut req = blob_request(ctx, digest, Method::HEAD, HeaderMap::new());
+    req.follow_redirects = false;
     log.upstream_url = Upstream::url_for(&req);
     log.cache = "miss";
-    let resp = ctx.state.upstream.send(&req).await.map_err(|e| upstream_error(&e))?;
-    if resp.status != StatusCode::OK {
-        let status = resp.status;
-        let retry_after = resp.header_str(header::RETRY_AFTER).map(str::to_owned);
-        return Err(upstream_status(status, resp.error_detail().await, "blob", retry_after));
+    let mut resp = ctx.state.upstream.send(&req).await.map_err(|e| upstream_error(&e))?;
+    if resp.status.is_redirection() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::RANGE, HeaderValue::from_static("bytes=0-0"));
+        let get = blob_request(ctx, digest, Method::GET, headers);
+        resp = ctx.state.upstream.send(&get).await.map_err(|e| upstream_error(&e))?;
     }
+    let size = match resp.status {
+        StatusCode::OK => resp.content_length(),
+        StatusCode::PARTIAL_CONTENT => resp
+            .header_str(header::CONTENT_RANGE)
+            .and_then(|v| v.rsplit_once('/'))
+            .and_then(|(_, total)| total.trim().parse::<u64>().ok()),
+        status => {
+            let retry_after = resp.header_str(header::RETRY_AFTER).map(str::to_owned);
+            return Err(upstream_status(status, resp.error_detail().await, "blob", retry_after));
+        }
+    };
     gate::note_authorized(ctx, log);
     let mut r = Response::new(Body::empty());
-    if let Some(len) = resp.content_length() {
+    if let Some(len) = size {
         r.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     }
     blob_headers(r.headers_mut(), digest);
