@@ -123,7 +123,19 @@ async fn route(state: &AppState, req: &Parts, log: &mut RequestLog) -> Result<Re
     if ctx.passthrough() {
         return result.map_err(|e| gate::client_error(&ctx, e, log));
     }
-    result
+    result.map_err(own_credentials_refused)
+}
+
+/// The upstream refused what a repo presents of its own (its static credentials, or none): nothing
+/// the client sends can change that, so it is no 401 (which asks the client for credentials) but a
+/// 403, the reason kept.
+fn own_credentials_refused(mut e: RegistryError) -> RegistryError {
+    if e.status == StatusCode::UNAUTHORIZED && e.challenge.is_none() {
+        e.status = StatusCode::FORBIDDEN;
+        e.code = "DENIED";
+        e.message = format!("{}; this repo presents its own credentials upstream, not the client's", e.message);
+    }
+    e
 }
 
 /// HTTP/1.1 requests carry exactly one `Host` (RFC 9112, 3.2): a missing or repeated one is a 400.

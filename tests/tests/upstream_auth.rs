@@ -302,3 +302,25 @@ async fn a_blob_head_redirected_to_a_get_only_url_is_still_answered() -> anyhow:
     assert_eq!((g.status, g.digest()), (200, blob.digest.clone()));
     Ok(())
 }
+
+/// A repo whose own (static) credentials the upstream refuses: the client gets 403 `DENIED` with
+/// the reason, not a 401 that would ask it for credentials it cannot give.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_upstream_refusing_the_repos_own_credentials_is_a_403() -> anyhow::Result<()> {
+    let fake = FakeUpstream::start_with(AuthMode::Basic { username: "bot".into(), password: "right".into() }).await?;
+    let image = TestImage::random("v1", &[1_000])?;
+    fake.put_image("org/img", &image);
+    let config = format!(
+        "{}username = \"bot\"\npassword_env = \"WHARF_TEST_WRONG_PW\"\n",
+        repo_config("lab", &fake.url(), "generic", "5m")
+    );
+    let proxy = Proxy::spawn_with(ProxyOptions {
+        env: vec![("WHARF_TEST_WRONG_PW".into(), "wrong".into())],
+        ..ProxyOptions::new(&config, &[])
+    })?;
+    let r = get(&proxy.v2("lab/org/img/manifests/v1"), &[("accept", OCI_MANIFEST)]).await?;
+    assert_eq!((r.status, r.oci_code()), (403, "DENIED".to_owned()), "{}", r.text());
+    assert_eq!(r.header("www-authenticate"), None);
+    assert!(r.text().contains("answered 401"), "{}", r.text());
+    Ok(())
+}
