@@ -42,13 +42,19 @@ async fn handle_request(state: AppState, req: Request, started: Instant) -> Resp
     // The body is never read (every method with one is refused).
     let (req, _) = req.into_parts();
     let result = route(&state, &req, &mut log).instrument(span.clone()).await;
-    let resp = result.unwrap_or_else(|mut e| {
+    let mut resp = result.unwrap_or_else(|mut e| {
         log.error = Some(e.message.clone());
         if let Some(why) = e.challenge {
             e.www_authenticate = Some(token::challenge(&state, &req, why));
         }
         e.into_response()
     });
+    if log.route == "ns"
+        && let Some(ns) = req.uri.query().and_then(resolve::ns_param).and_then(|ns| HeaderValue::from_str(&ns).ok())
+    {
+        // The distribution spec: a registry that honours `ns` names it in the answer.
+        resp.headers_mut().insert("oci-namespace", ns);
+    }
     log.span = span;
     log.wrap(resp, started)
 }

@@ -71,6 +71,8 @@ async fn mirror_routes_by_ns_host_and_default() -> anyhow::Result<()> {
     assert_eq!((r.status, wharf_tests::sha256_digest(&r.body)), (200, blob.digest.clone()));
     let r = head(&proxy.v2("team/app/manifests/v1?ns=ghcr.io"), &[("accept", OCI_MANIFEST)]).await?;
     assert_eq!((r.status, r.header("docker-content-digest")), (200, Some(lab.app.digest())));
+    // The namespace it was routed by comes back in OCI-Namespace (the distribution spec's ns).
+    assert_eq!(r.header("oci-namespace"), Some("ghcr.io"));
 
     // A registry no repo mirrors: 404 at once (containerd then tries its next host); not a
     // registry host at all: 400.
