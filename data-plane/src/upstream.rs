@@ -240,6 +240,38 @@ impl Upstream {
         }
     }
 
+    /// Whether the upstream takes `client`'s Basic credentials at all, no repository named (a
+    /// `docker login` to a node that passes them on): its ping's challenge says how to ask, `GET
+    /// /v2/` with them (Basic) or its token endpoint without a scope (Bearer). `None` when it
+    /// cannot tell: no challenge, no answer, or a Bearer token presented.
+    pub async fn check_login(&self, repo: &Repo, client: &ClientCredentials) -> Result<Option<bool>, UpstreamError> {
+        let ClientCredentials::Basic { username, password } = client else {
+            return Ok(None);
+        };
+        let http = self.client(repo)?;
+        match self.ping(&http, repo).await {
+            None => Ok(None),
+            Some(Challenge::Bearer { realm, service }) => {
+                let creds = Some((username.as_str(), password.expose()));
+                match auth::fetch_token(&http, &self.opts, repo, creds, &realm, service.as_deref(), None).await {
+                    Ok(_) => Ok(Some(true)),
+                    Err(UpstreamError::Token { status: 401 | 403, .. }) => Ok(Some(false)),
+                    Err(e) => Err(e),
+                }
+            }
+            Some(Challenge::Basic) => {
+                let url = format!("{}/v2/", repo.upstream);
+                let sent =
+                    http.get(&url).header(header::AUTHORIZATION, auth::basic(username, password.expose())).send();
+                match tokio::time::timeout(self.opts.first_byte_timeout, sent).await {
+                    Ok(Ok(r)) if r.status() == StatusCode::OK => Ok(Some(true)),
+                    Ok(Ok(r)) if matches!(r.status().as_u16(), 401 | 403) => Ok(Some(false)),
+                    _ => Ok(None),
+                }
+            }
+        }
+    }
+
     /// `GET /v2/` unauthenticated: the challenge the upstream answers with, if any.
     async fn ping(&self, http: &reqwest::Client, repo: &Repo) -> Option<Challenge> {
         let url = format!("{}/v2/", repo.upstream);

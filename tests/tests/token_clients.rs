@@ -126,6 +126,8 @@ fn docker_pulls_public_repos_without_a_login_and_the_others_with_theirs() -> any
     // bob, and alice with a wrong password, with the content cached and the local copies gone.
     dockerd.rmi(&secret).map_err(anyhow::Error::msg)?;
     dockerd.remove_all_content().map_err(anyhow::Error::msg)?;
+    // A wrong password: the login itself fails (the upstream is asked, no repository named).
+    assert!(dockerd.login(&host, "alice", "wrong-password").is_err(), "docker login with a wrong password succeeded");
     for (user, pw) in [("bob", s.bob_pw.as_str()), ("alice", "wrong-password")] {
         let _ = dockerd.login(&host, user, pw);
         for r in [&secret, &secret_digest] {

@@ -25,6 +25,7 @@ use wharf_core::{Access, AuthMode, Grant, Role, normalize_name, registry_host_er
 use super::path;
 use super::resolve::{ns_param, resolve};
 use crate::authz::passthrough as gate;
+use crate::config::Snapshot;
 use crate::credentials::ClientCredentials;
 use crate::error::{Challenge, RegistryError};
 use crate::node_token::{self, Claims};
@@ -96,15 +97,9 @@ pub async fn issue(state: &AppState, req: &Parts, log: &mut RequestLog) -> Resul
         }
     }
     if scopes.is_empty()
-        && upstream_creds.is_some()
-        && !snapshot.repos.values().any(|r| r.auth == AuthMode::Passthrough)
+        && let Some(c) = &upstream_creds
     {
-        // A login (no scope) with credentials that are not a puller token, on a node that passes
-        // none upstream: nothing could ever accept them.
-        log.authz = "refused";
-        return Err(RegistryError::unauthorized(
-            "these credentials are not a puller token of this node, and no repo here passes credentials to its upstream",
-        ));
+        check_login(state, &snapshot, c).await.inspect_err(|_| log.authz = "refused")?;
     }
     log.authz = match (&puller, sealed) {
         (Some(_), _) => "token",
@@ -132,6 +127,37 @@ pub async fn issue(state: &AppState, req: &Parts, log: &mut RequestLog) -> Resul
     resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Ok(resp)
+}
+
+/// A login (no scope) with credentials that are not a puller token: the upstreams of the node's
+/// passthrough repos are asked whether they take them (one yes is enough; an upstream that cannot
+/// tell does not refuse), so `docker login` with a wrong password fails here, not at the pull.
+async fn check_login(state: &AppState, snapshot: &Snapshot, creds: &ClientCredentials) -> Result<(), RegistryError> {
+    let mut asked: Vec<&str> = Vec::new();
+    let mut refused = false;
+    for repo in snapshot.repos.values().filter(|r| r.auth == AuthMode::Passthrough) {
+        if asked.contains(&repo.upstream.as_str()) {
+            continue;
+        }
+        asked.push(&repo.upstream);
+        match state.upstream.check_login(repo, creds).await {
+            Ok(Some(true)) => return Ok(()),
+            Ok(Some(false)) => refused = true,
+            Ok(None) | Err(_) => return Ok(()),
+        }
+    }
+    if asked.is_empty() {
+        return Err(RegistryError::unauthorized(
+            "these credentials are not a puller token of this node, and no repo here passes credentials to its upstream",
+        ));
+    }
+    if refused {
+        return Err(RegistryError::unauthorized(format!(
+            "the upstreams of this node's passthrough repos refused these credentials ({})",
+            asked.join(", ")
+        )));
+    }
+    Ok(())
 }
 
 /// The name of a `repository:<name>:<actions>` scope whose actions include `pull` (other

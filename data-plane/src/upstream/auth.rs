@@ -189,7 +189,7 @@ impl TokenCache {
             return Ok(Some(token.clone()));
         }
         let (token, lifetime) =
-            fetch_token(http, opts, repo, who.user_pass(), &realm, service.as_deref(), scope).await?;
+            fetch_token(http, opts, repo, who.user_pass(), &realm, service.as_deref(), Some(scope)).await?;
         let expiry = Instant::now() + lifetime.saturating_sub(EXPIRY_MARGIN);
         let mut st = self.state();
         if st.tokens.len() >= MAX_TOKENS {
@@ -233,7 +233,7 @@ impl TokenCache {
     }
 }
 
-fn basic(username: &str, password: &str) -> HeaderValue {
+pub(super) fn basic(username: &str, password: &str) -> HeaderValue {
     let raw = format!("{username}:{password}");
     let mut v = HeaderValue::from_str(&format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(raw)))
         .unwrap_or_else(|_| HeaderValue::from_static(""));
@@ -254,14 +254,15 @@ struct TokenResponse {
     expires_in: Option<u64>,
 }
 
-async fn fetch_token(
+/// A token from `realm`; without `scope`, a login check (what `docker login` asks).
+pub(super) async fn fetch_token(
     http: &reqwest::Client,
     opts: &UpstreamOptions,
     repo: &Repo,
     credentials: Option<(&str, &str)>,
     realm: &str,
     service: Option<&str>,
-    scope: &str,
+    scope: Option<&str>,
 ) -> Result<(HeaderValue, Duration), UpstreamError> {
     let shown = redact(realm);
     let mut url = reqwest::Url::parse(realm)
@@ -271,7 +272,9 @@ async fn fetch_token(
         if let Some(s) = service {
             q.append_pair("service", s);
         }
-        q.append_pair("scope", scope);
+        if let Some(scope) = scope {
+            q.append_pair("scope", scope);
+        }
         if let Some((username, _)) = credentials {
             q.append_pair("account", username);
         }
