@@ -481,6 +481,7 @@ enum Target {
     Manifest { name: String, reference: String },
     Blob { name: String, digest: String },
     Tags { name: String },
+    Referrers { name: String },
     Redirected { digest: String },
     Unknown,
 }
@@ -500,6 +501,9 @@ fn parse_target(path: &str) -> Target {
     };
     if let Some(name) = rest.strip_suffix("/tags/list") {
         return Target::Tags { name: name.to_string() };
+    }
+    if let Some((name, _digest)) = rest.rsplit_once("/referrers/") {
+        return Target::Referrers { name: name.to_string() };
     }
     if let Some((name, reference)) = rest.rsplit_once("/manifests/") {
         return Target::Manifest { name: name.to_string(), reference: reference.to_string() };
@@ -570,6 +574,14 @@ async fn route(ctx: &Ctx, req: &RecordedRequest) -> Response {
             serve_blob(shared, req, &digest).await
         }
         Target::Unknown => oci_error(StatusCode::NOT_FOUND, "UNSUPPORTED", "unknown path"),
+        // An empty referrers index, typed with a parameter (as some registries send it).
+        Target::Referrers { name } => {
+            if let Err(r) = check_auth(shared, req, Some(&name)) {
+                return *r;
+            }
+            let body = r#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[]}"#;
+            ([(header::CONTENT_TYPE, "application/vnd.oci.image.index.v1+json; charset=utf-8")], body).into_response()
+        }
         Target::Tags { name } => {
             if let Err(r) = check_auth(shared, req, Some(&name)) {
                 return *r;

@@ -196,3 +196,17 @@ async fn manifest_headers_accept_forwarding_and_cache_control() -> anyhow::Resul
     );
     Ok(())
 }
+
+/// Referrers are passed through, typed exactly as the distribution spec says
+/// (`application/vnd.oci.image.index.v1+json`) whatever parameters the upstream added.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn referrers_are_typed_as_the_spec_says() -> anyhow::Result<()> {
+    let fake = FakeUpstream::start().await?;
+    let proxy = Proxy::spawn(&repo_config("lab", &fake.url(), "generic", "5m"), &[])?;
+    let digest = wharf_tests::sha256_digest(b"subject");
+    let r = get(&proxy.v2(&format!("lab/team/app/referrers/{digest}")), &[]).await?;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("content-type"), Some("application/vnd.oci.image.index.v1+json"));
+    assert_eq!(r.json()?["manifests"], serde_json::json!([]));
+    Ok(())
+}
