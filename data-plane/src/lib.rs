@@ -16,7 +16,8 @@
 //! 6. Fetching: [`flight`] (one upstream fetch per digest, streamed to every waiting client),
 //!    [`decisions`] (the upstream's recent acceptances of clients' credentials).
 //! 7. Store and upstream: [`store`] (the content-addressed disk cache and its in-memory index),
-//!    [`evict`] (what leaves it), [`upstream`] (the registry client: auth, redirects, timeouts,
+//!    [`evict`] (what leaves it), [`scrub`] (re-hashing what is cached), [`upstream`] (the registry
+//!    client: auth, redirects, timeouts,
 //!    retries).
 //! 8. Foundations: [`config`] (the repos served, swapped atomically), [`credentials`] (a client's
 //!    `Authorization`), [`node_token`] (the node's sealed registry tokens), [`error`] (OCI error
@@ -43,6 +44,7 @@ pub mod range;
 pub mod registry;
 pub mod request_log;
 pub mod respond;
+pub mod scrub;
 pub mod server;
 pub mod state;
 pub mod store;

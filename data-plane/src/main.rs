@@ -44,6 +44,18 @@ struct Args {
     /// request's Host and this port's scheme.
     #[arg(long, env = "WHARF_TOKEN_REALM")]
     token_realm: Option<String>,
+    /// A cached blob is hashed while it is served the first time after start, and again when its
+    /// last check is older than this (0s: on every read): a file changed on disk is never served
+    /// whole.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration, env = "WHARF_BLOB_REVERIFY_AFTER")]
+    blob_reverify_after: Duration,
+    /// The scrubber re-hashes every cached blob and manifest, reading at most this many MB/s
+    /// (10^6 bytes), and removes what does not match; 0: off.
+    #[arg(long, default_value_t = 5.0, env = "WHARF_SCRUB_RATE")]
+    scrub_rate: f64,
+    /// Time between the scrubber's passes (the first one this long after start).
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration, env = "WHARF_SCRUB_INTERVAL")]
+    scrub_interval: Duration,
     /// Cache directory (blobs, manifests, tags, staging, config.snapshot, token.key).
     #[arg(long, default_value = "./wharf-cache", env = "WHARF_CACHE_DIR")]
     cache_dir: PathBuf,
@@ -190,6 +202,9 @@ async fn main() -> anyhow::Result<()> {
         mirror_listener,
         default_mirror: args.default_mirror,
         tokens: TokenOptions { ttl: args.token_ttl, realm: args.token_realm },
+        blob_reverify_after: args.blob_reverify_after,
+        scrub_rate: (args.scrub_rate.max(0.0) * 1e6) as u64,
+        scrub_interval: args.scrub_interval,
         source,
         upstream: UpstreamOptions {
             connect_timeout: args.connect_timeout,

@@ -17,6 +17,7 @@ use crate::evict::{self, LruWatermarks, SizeSpec};
 use crate::flight::Flights;
 use crate::managed::{self, ManagedOptions};
 use crate::node_token::{self, NodeTokens};
+use crate::scrub;
 use crate::server::router;
 use crate::state::{AppState, MirrorRouting};
 use crate::store::{Limits, Store, StoreError};
@@ -68,6 +69,12 @@ pub struct NodeOptions {
     pub control_plane_tls: ClientTlsFiles,
     /// The node's token service (`/v2/token`).
     pub tokens: TokenOptions,
+    /// A blob verified by this process is hashed again on its next read after this long
+    /// (`--blob-reverify-after`); one never verified since start is hashed on its first.
+    pub blob_reverify_after: Duration,
+    /// The scrubber: bytes per second (`--scrub-rate`; 0: off) and the time between passes.
+    pub scrub_rate: u64,
+    pub scrub_interval: Duration,
 }
 
 /// How the node's registry tokens are issued.
@@ -127,7 +134,8 @@ pub async fn run_node(
     let ev = &opts.eviction;
     let disk = rustix::fs::statvfs(&opts.cache_dir).map_or(0, |st| st.f_blocks.saturating_mul(st.f_frsize));
     let max_size = ev.max_size.map(|m| m.resolve(disk));
-    let store = Arc::new(store.with_limits(Limits { max_size, high: ev.high }));
+    let store =
+        Arc::new(store.with_limits(Limits { max_size, high: ev.high, reverify_after: Some(opts.blob_reverify_after) }));
     if let Some(max) = max_size {
         metrics::gauge!("wharf_cache_max_bytes").set(max as f64);
     }
@@ -136,6 +144,10 @@ pub async fn run_node(
     let policy = Arc::new(LruWatermarks { max_size, high: ev.high, low: ev.low, ttl: ev.ttl });
     let wake = store.eviction_wake();
     tokio::spawn(evict::run(store.clone(), config.clone(), policy, ev.interval, wake, cancel.clone()));
+    if opts.scrub_rate > 0 {
+        tracing::info!(rate_bytes_per_sec = opts.scrub_rate, interval = ?opts.scrub_interval, "scrubber on");
+        tokio::spawn(scrub::run(store.clone(), opts.scrub_rate, opts.scrub_interval, cancel.clone()));
+    }
     let upstream = Arc::new(Upstream::new(opts.upstream.clone())?);
     if let ConfigSource::ControlPlanes { endpoints, node_id, address, token } = &opts.source {
         let managed = ManagedOptions {

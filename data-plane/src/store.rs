@@ -64,6 +64,9 @@ pub struct Entry {
     pub size: u64,
     /// Milliseconds since the epoch; refreshed in memory on every hit, never written per hit.
     pub last_access: AtomicU64,
+    /// Blobs: when this process last saw the file's bytes match its digest (written from a verified
+    /// fetch, or hashed while served); 0: not since the node started.
+    pub verified_at: AtomicU64,
 }
 
 /// Blob or manifest.
@@ -191,6 +194,9 @@ pub struct Limits {
     pub max_size: Option<u64>,
     /// The fraction of `max_size` above which eviction starts.
     pub high: f64,
+    /// How long a blob verified in this process is trusted before its next read hashes it again
+    /// (`--blob-reverify-after`; `None`: for the life of the process).
+    pub reverify_after: Option<Duration>,
 }
 
 pub fn now_secs() -> u64 {
@@ -395,6 +401,51 @@ impl Store {
         self.content_path("blobs", d)
     }
 
+    /// A cached blob to read: its size, and whether its bytes are trusted (verified by this process,
+    /// less than `reverify_after` ago); refreshes its last access.
+    pub fn blob_for_read(&self, d: &Digest) -> Option<(u64, bool)> {
+        let idx = self.index();
+        let e = idx.blobs.get(d)?;
+        let now = now_ms();
+        e.last_access.store(now, Ordering::Relaxed);
+        let at = e.verified_at.load(Ordering::Relaxed);
+        let fresh = self.limits.reverify_after.is_none_or(|age| now.saturating_sub(at) < age.as_millis() as u64);
+        Some((e.size, at != 0 && fresh))
+    }
+
+    /// The blob's bytes were just read whole and matched its digest.
+    pub fn blob_verified(&self, d: &Digest) {
+        if let Some(e) = self.index().blobs.get(d) {
+            e.verified_at.store(now_ms(), Ordering::Relaxed);
+        }
+    }
+
+    /// An entry's file does not match its digest (`got`, or why it could not be read whole): it
+    /// leaves the index and the disk, so the next request fetches it again. Logged and counted.
+    pub fn corrupt(&self, kind: EntryKind, d: &Digest, got: &str) {
+        let label = match kind {
+            EntryKind::Blob => "blob",
+            EntryKind::Manifest => "manifest",
+        };
+        metrics::counter!("wharf_cache_corrupt_total", "kind" => label).increment(1);
+        match self.remove_entry(kind, d) {
+            Ok(_) => {
+                tracing::error!(kind = label, digest = %d, got, "cached content does not match its digest: removed; the next request fetches it again")
+            }
+            Err(e) => {
+                tracing::error!(kind = label, digest = %d, got, error = %e, "cached content does not match its digest, and could not be removed")
+            }
+        }
+    }
+
+    /// The file of a blob or manifest.
+    pub fn entry_path(&self, kind: EntryKind, d: &Digest) -> PathBuf {
+        match kind {
+            EntryKind::Blob => self.blob_path(d),
+            EntryKind::Manifest => self.content_path("manifests", d),
+        }
+    }
+
     /// The size of a cached blob, refreshing its last access.
     pub fn blob_size(&self, d: &Digest) -> Option<u64> {
         let idx = self.index();
@@ -423,7 +474,10 @@ impl Store {
     pub fn commit_blob(&self, staging: &Path, file: &std::fs::File, d: &Digest, size: u64) -> Result<(), StoreError> {
         let dest = self.blob_path(d);
         commit(staging, file, &dest)?;
-        self.index().blobs.insert(d.clone(), Entry { size, last_access: AtomicU64::new(now_ms()) });
+        let now = now_ms();
+        self.index()
+            .blobs
+            .insert(d.clone(), Entry { size, last_access: AtomicU64::new(now), verified_at: AtomicU64::new(now) });
         self.grew();
         Ok(())
     }
@@ -441,9 +495,10 @@ impl Store {
             let _ = std::fs::remove_file(&staging);
         }
         result?;
-        self.index()
-            .manifests
-            .insert(d.clone(), Entry { size: bytes.len() as u64, last_access: AtomicU64::new(now_ms()) });
+        self.index().manifests.insert(
+            d.clone(),
+            Entry { size: bytes.len() as u64, last_access: AtomicU64::new(now_ms()), verified_at: AtomicU64::new(0) },
+        );
         self.memo().put_manifest(d, media_type, Bytes::copy_from_slice(bytes));
         self.grew();
         Ok(())
@@ -474,10 +529,11 @@ impl Store {
         };
         let tpath = path.with_extension("type");
         let media_type = std::fs::read_to_string(&tpath).map_err(io(&tpath))?;
-        if Digest::of(&bytes) != *d {
-            self.index().manifests.remove(d);
-            let _ = std::fs::remove_file(&path);
-            return Err(StoreError::Corrupt { path, why: "bytes do not match the digest; removed".into() });
+        let got = Digest::of(&bytes);
+        if got != *d {
+            // Changed on disk: gone, and the caller fetches it again (a miss).
+            self.corrupt(EntryKind::Manifest, d, &got.to_string());
+            return Ok(None);
         }
         let bytes = Bytes::from(bytes);
         let referenced = self.memo().put_manifest(d, &media_type, bytes.clone());
@@ -618,7 +674,10 @@ fn scan_shards(shards: &[PathBuf]) -> Vec<(Digest, Entry)> {
                 .ok()
                 .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
                 .map_or(0, |t| t.as_millis() as u64);
-            out.push((d, Entry { size: meta.len(), last_access: AtomicU64::new(last) }));
+            out.push((
+                d,
+                Entry { size: meta.len(), last_access: AtomicU64::new(last), verified_at: AtomicU64::new(0) },
+            ));
         }
     }
     out
@@ -701,7 +760,9 @@ mod tests {
         // Served from memory, where it was verified on the way in; a fresh start reads the disk.
         assert!(s.get_manifest(&d).unwrap().is_some());
         let s = Store::open(dir.path()).unwrap();
-        assert!(s.get_manifest(&d).is_err());
+        // A miss (the caller fetches it again), and the file is gone.
+        assert!(s.get_manifest(&d).unwrap().is_none());
+        assert!(!s.content_path("manifests", &d).exists());
         assert!(s.get_manifest(&d).unwrap().is_none());
     }
 }

@@ -138,6 +138,9 @@ async fn start_node(
         mirror_listener: None,
         default_mirror: None,
         tokens: Default::default(),
+        blob_reverify_after: std::time::Duration::from_secs(24 * 3600),
+        scrub_rate: 0,
+        scrub_interval: std::time::Duration::from_secs(24 * 3600),
         source: ConfigSource::ControlPlanes {
             endpoints: vec![format!("http://127.0.0.1:{}", control.local.port())],
             node_id: format!("dev-{}", node_addr.port()),

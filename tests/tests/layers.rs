@@ -98,7 +98,7 @@ const DATA_PLANE_LAYERS: &[(&str, &[&str])] = &[
     ("authorization", &["authz"]),
     ("request", &["state", "request_log", "respond"]),
     ("fetch", &["flight", "decisions"]),
-    ("store and upstream", &["store", "evict", "upstream"]),
+    ("store and upstream", &["store", "evict", "scrub", "upstream"]),
     ("foundations", &["config", "credentials", "node_token", "error", "oci", "metrics", "range", "bufpool"]),
 ];
 

@@ -8,7 +8,7 @@ use axum::response::Response;
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
-use wharf_core::Digest;
+use wharf_core::{Digest, DigestHasher};
 
 use crate::authz::passthrough as gate;
 use crate::error::RegistryError;
@@ -19,6 +19,7 @@ use crate::respond::{
     content_headers, fetch_error, not_modified, not_modified_response, upstream_error, upstream_status,
 };
 use crate::state::Ctx;
+use crate::store::{EntryKind, Store};
 use crate::upstream::{Upstream, UpstreamRequest};
 
 const IMMUTABLE: &str = "public, max-age=31536000, immutable";
@@ -30,15 +31,20 @@ const FAR_AHEAD: u64 = 8 * 1024 * 1024;
 pub async fn get(ctx: &Ctx, digest: Digest, log: &mut RequestLog) -> Result<Response, RegistryError> {
     let store = &ctx.state.store;
     let lookup = tracing::info_span!("cache.lookup", repo_key = %ctx.repo.key, %digest, cache = tracing::field::Empty);
-    if let Some(size) = lookup.in_scope(|| store.blob_size(&digest)) {
+    let cached = lookup.in_scope(|| store.blob_for_read(&digest));
+    if let Some((size, trusted)) = cached {
         lookup.record("cache", "hit");
         drop(lookup);
         authorize_cached(ctx, &digest, log).await?;
         log.cache = "hit";
-        return serve_file(ctx, &digest, size);
+        if let Some(r) = serve_file(ctx, &digest, size, trusted).await? {
+            return Ok(r);
+        }
+        // A range of a file that failed its digest: removed, and fetched again as a miss.
+    } else {
+        lookup.record("cache", "miss");
+        drop(lookup);
     }
-    lookup.record("cache", "miss");
-    drop(lookup);
     if ctx.head {
         return head_upstream(ctx, &digest, log).await;
     }
@@ -64,11 +70,14 @@ pub async fn get(ctx: &Ctx, digest: Digest, log: &mut RequestLog) -> Result<Resp
         };
         let (flight, coalesced) = match joined {
             Joined::Cached => {
-                let size =
-                    store.blob_size(&digest).ok_or_else(|| RegistryError::internal("blob vanished from the cache"))?;
+                let (size, trusted) = store
+                    .blob_for_read(&digest)
+                    .ok_or_else(|| RegistryError::internal("blob vanished from the cache"))?;
                 authorize_cached(ctx, &digest, log).await?;
                 log.cache = "hit";
-                return serve_file(ctx, &digest, size);
+                return serve_file(ctx, &digest, size, trusted).await?.ok_or_else(|| {
+                    RegistryError::internal("the cached blob failed its digest and was removed; retry")
+                });
             }
             Joined::Flight { flight, coalesced } => (flight, coalesced),
         };
@@ -323,25 +332,53 @@ fn unsatisfiable(digest: &Digest, total: u64) -> Response {
     r
 }
 
-/// A cache hit: the verified file, whole or a range.
-fn serve_file(ctx: &Ctx, digest: &Digest, size: u64) -> Result<Response, RegistryError> {
+/// A cache hit: the file, whole or a range. A file this process has not verified lately
+/// (`trusted` false: the first read since start, or `--blob-reverify-after`) is hashed: whole, while
+/// it streams, the last chunk held back until the digest matched; a range, before any byte goes
+/// out. `None`: the range's file failed its digest and was removed (the caller fetches it).
+async fn serve_file(ctx: &Ctx, digest: &Digest, size: u64, trusted: bool) -> Result<Option<Response>, RegistryError> {
     let etag = format!("\"{digest}\"");
     if not_modified(&ctx.headers, &etag) {
-        return Ok(not_modified_response(digest, OCTETS, IMMUTABLE));
+        return Ok(Some(not_modified_response(digest, OCTETS, IMMUTABLE)));
     }
     let (start, end, ranged) = match range_header(&ctx.headers).map(|r| r.resolve(size)) {
-        Some(Resolved::Unsatisfiable) => return Ok(unsatisfiable(digest, size)),
+        Some(Resolved::Unsatisfiable) => return Ok(Some(unsatisfiable(digest, size))),
         Some(Resolved::Partial { start, end }) => (start, end, true),
         None => (0, size, false),
     };
+    let store = &ctx.state.store;
     let body = if ctx.head {
         Body::empty()
     } else {
-        let path = ctx.state.store.blob_path(digest);
+        let path = store.blob_path(digest);
         // Opened now: an eviction after this point cannot take the bytes from under the client.
         let file =
             std::fs::File::open(&path).map_err(|e| RegistryError::internal(format!("cached blob unreadable: {e}")))?;
-        Body::from_stream(stream_span(ctx, digest, "hit", read_file(file, start, Some(end), None)))
+        if trusted {
+            Body::from_stream(stream_span(ctx, digest, "hit", read_file(file, start, Some(end), None)))
+        } else if ranged {
+            let check =
+                file.try_clone().map_err(|e| RegistryError::internal(format!("cached blob unreadable: {e}")))?;
+            let (want, len) = (digest.clone(), size);
+            let got = tokio::task::spawn_blocking(move || hash_file(check, len))
+                .await
+                .map_err(|e| RegistryError::internal(format!("hashing a cached blob: {e}")))?;
+            match got {
+                Ok(got) if got == want => store.blob_verified(digest),
+                Ok(got) => {
+                    store.corrupt(EntryKind::Blob, digest, &got.to_string());
+                    return Ok(None);
+                }
+                Err(e) => {
+                    store.corrupt(EntryKind::Blob, digest, &e.to_string());
+                    return Ok(None);
+                }
+            }
+            Body::from_stream(stream_span(ctx, digest, "hit", read_file(file, start, Some(end), None)))
+        } else {
+            let whole = read_file(file, 0, Some(size), None);
+            Body::from_stream(stream_span(ctx, digest, "hit", verifying(whole, store.clone(), digest.clone(), size)))
+        }
     };
     let mut r = if ranged {
         partial(body, start, end, size)
@@ -351,7 +388,70 @@ fn serve_file(ctx: &Ctx, digest: &Digest, size: u64) -> Result<Response, Registr
         r
     };
     blob_headers(r.headers_mut(), digest);
-    Ok(r)
+    Ok(Some(r))
+}
+
+/// A whole blob file read as it is served, hashed on the way: the chunk that completes it goes out
+/// only once the digest matched. On a mismatch (or a file shorter than its size) the body ends in
+/// an error, so the client never holds a complete-looking body, and the file is removed.
+fn verifying<S>(
+    body: S,
+    store: Arc<Store>,
+    digest: Digest,
+    size: u64,
+) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static
+where
+    S: Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static,
+{
+    let mut hasher = Some(DigestHasher::new());
+    let mut seen = 0u64;
+    body.map(move |chunk| {
+        let chunk = match chunk {
+            Ok(c) => c,
+            Err(e) => {
+                if e.kind() == std::io::ErrorKind::UnexpectedEof && hasher.take().is_some() {
+                    store.corrupt(EntryKind::Blob, &digest, "a file shorter than its size");
+                }
+                return Err(e);
+            }
+        };
+        seen += chunk.len() as u64;
+        if let Some(h) = hasher.as_mut() {
+            h.update(&chunk);
+        }
+        if seen >= size
+            && let Some(h) = hasher.take()
+        {
+            let got = h.finish();
+            if got != digest {
+                store.corrupt(EntryKind::Blob, &digest, &got.to_string());
+                return Err(std::io::Error::other(format!(
+                    "the cached blob {digest} does not match its digest (it reads as {got}); removed"
+                )));
+            }
+            store.blob_verified(&digest);
+        }
+        Ok(chunk)
+    })
+}
+
+/// SHA-256 of the first `size` bytes of `file`, and a check that it has no more and no fewer.
+fn hash_file(file: std::fs::File, size: u64) -> std::io::Result<Digest> {
+    use std::io::Read as _;
+    if file.metadata()?.len() != size {
+        return Err(std::io::Error::other("the file's length is not the blob's size"));
+    }
+    let mut h = DigestHasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut reader = std::io::BufReader::new(file).take(size);
+    loop {
+        let n = reader.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finish())
 }
 
 /// `body` in a `blob.stream` span (a child of the request's), open until the client has it all.
