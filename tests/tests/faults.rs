@@ -129,7 +129,7 @@ async fn upstream_errors_are_reported_with_status_and_url() -> anyhow::Result<()
 }
 
 /// A tag cached with `tag_ttl = "0s"` is revalidated on every pull; when revalidation meets
-/// `fault`, the cached manifest is served with a `Warning: 110` header.
+/// `fault`, the cached manifest is served with a `Warning: 299` header.
 async fn stale_on_revalidation_failure(fault: Fault) -> anyhow::Result<()> {
     let fake = FakeUpstream::start().await?;
     let manifest = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a","size":2},"layers":[]}"#;
@@ -174,6 +174,31 @@ async fn revalidation_500_serves_stale_with_warning() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn revalidation_429_serves_stale_with_warning() -> anyhow::Result<()> {
     stale_on_revalidation_failure(Fault::Status { status: 429, retry_after: Some("1".into()) }).await
+}
+
+/// An upstream that accepts the revalidation and never answers: stale once `--first-byte-timeout`
+/// (2 s here) is over, well within the client's patience.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn revalidation_timeout_serves_stale_with_warning() -> anyhow::Result<()> {
+    stale_on_revalidation_failure(Fault::HangBeforeHeaders).await
+}
+
+/// An upstream that is gone (its port closed): stale at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn revalidation_with_the_upstream_unreachable_serves_stale_with_warning() -> anyhow::Result<()> {
+    let mut fake = FakeUpstream::start().await?;
+    let manifest = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a","size":2},"layers":[]}"#;
+    fake.put_manifest("org/img", Some("v1"), OCI_MANIFEST, manifest.to_vec());
+    let proxy = Proxy::spawn(&repo_config("lab", &fake.url(), "generic", "0s"), &ARGS)?;
+    let url = proxy.v2("lab/org/img/manifests/v1");
+    assert_eq!(get(&url, &[("accept", OCI_MANIFEST)]).await?.status, 200);
+    fake.stop().await;
+    let started = std::time::Instant::now();
+    let stale = get(&url, &[("accept", OCI_MANIFEST)]).await?;
+    assert_eq!((stale.status, stale.body.as_slice()), (200, &manifest[..]), "{}", stale.text());
+    assert!(stale.header("warning").unwrap_or_default().starts_with("299 - \"Response is stale"));
+    assert!(started.elapsed() < Duration::from_secs(5), "stale after {:?}", started.elapsed());
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
