@@ -688,8 +688,9 @@ async fn serve_blob(shared: &Arc<Shared>, req: &RecordedRequest, digest: &str) -
     headers.insert("docker-content-digest", hv(digest));
     headers.insert(header::ETAG, hv(&format!("\"{digest}\"")));
     headers.insert(header::ACCEPT_RANGES, hv("bytes"));
-    let range =
-        if fault.is_none() { req.header("range").and_then(|r| parse_range(r, data.len() as u64)) } else { None };
+    // Ranges are honoured without a fault, and on a slow body (an uplink, not a broken one).
+    let ranged = fault.is_none() || matches!(fault, Some(Fault::Slow { .. }));
+    let range = if ranged { req.header("range").and_then(|r| parse_range(r, data.len() as u64)) } else { None };
     respond(shared, req, StatusCode::OK, headers, data, fault, range).await
 }
 

@@ -285,7 +285,10 @@ async fn control_auth_puller_tokens_open_token_repos_on_every_node_until_revoked
     // The README's bound: within a second (it measures tens of milliseconds here).
     let took = started.elapsed();
     eprintln!("revocation reached both nodes in {took:?}");
-    assert!(took < REVOCATION_BOUND, "revocation took {took:?} to reach both nodes (README: within {REVOCATION_BOUND:?})");
+    assert!(
+        took < REVOCATION_BOUND,
+        "revocation took {took:?} to reach both nodes (README: within {REVOCATION_BOUND:?})"
+    );
     // And it stays refused, on both nodes, with the cache warm; so does every node token issued
     // for it, although it has not expired.
     for node in &nodes {

@@ -128,3 +128,40 @@ async fn range_on_a_cold_blob() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// A range far ahead of a download in progress (a lazy-pulling client reading a footer while the
+/// blob trickles in) is fetched upstream on its own: answered long before the download ends, with
+/// exactly one ranged upstream request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_range_far_ahead_of_a_slow_download_is_fetched_on_its_own() -> anyhow::Result<()> {
+    use std::time::{Duration, Instant};
+    let fake = FakeUpstream::start().await?;
+    // 24 MiB at 64 KiB per 50 ms (about 1.3 MB/s): the whole takes about 19 s.
+    let blob = fake.add_random_blob(24 << 20);
+    fake.set_fault(&blob.digest, wharf_tests::fake::Fault::Slow { chunk: 64 << 10, delay: Duration::from_millis(50) });
+    let proxy = Proxy::spawn(&repo_config("lab", &fake.url(), "generic", "5m"), &[])?;
+    let url = proxy.v2(&format!("lab/org/img/blobs/{}", blob.digest));
+    let whole = tokio::spawn({
+        let url = url.clone();
+        async move { get(&url, &[]).await }
+    });
+    // The download is under way before the range is asked.
+    wharf_tests::wait_until_async(Duration::from_secs(10), "the download to start", || {
+        (fake.count("GET", &blob.digest) >= 1).then_some(())
+    })
+    .await?;
+    let started = Instant::now();
+    let (start, end) = (20_000_000usize, 20_000_099usize);
+    let r = get(&url, &[("range", &format!("bytes={start}-{end}"))]).await?;
+    let took = started.elapsed();
+    assert_eq!(r.status, 206, "{}", r.text());
+    assert_eq!(r.body, blob.data[start..=end]);
+    assert!(took < Duration::from_secs(5), "the far range took {took:?}: it waited on the download");
+    assert!(!whole.is_finished(), "the download ended first: the test proves nothing");
+    let ranged: Vec<_> =
+        fake.requests_matching("GET", &blob.digest).into_iter().filter(|q| q.header("range").is_some()).collect();
+    assert_eq!(ranged.len(), 1, "one ranged upstream request:\n{}", fake.describe_requests());
+    assert_eq!(ranged[0].header("range"), Some(format!("bytes={start}-{end}").as_str()));
+    whole.abort();
+    Ok(())
+}
