@@ -341,3 +341,70 @@ async fn unsampled_requests_export_nothing_and_sampled_ones_everything() -> anyh
     assert_eq!(all.iter().filter(|s| s.name == "wharf.request").count(), 1, "{all:#?}");
     Ok(())
 }
+
+/// A collector that accepts connections and never answers (a hung process, a black-holing proxy):
+/// pulls take the same time as on a node exporting nothing. Both nodes pull the same blobs in
+/// interleaved rounds; the ratio of their times is printed and bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_collector_that_accepts_and_hangs_does_not_slow_pulls() -> anyhow::Result<()> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    // Accepts every connection and holds it, reading nothing, until the test ends.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let hung = listener.local_addr()?;
+    listener.set_nonblocking(true)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let holder = std::thread::spawn({
+        let stop = stop.clone();
+        move || {
+            let mut held = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((s, _)) => held.push(s),
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+            held.len()
+        }
+    });
+    let fake = FakeUpstream::start().await?;
+    let blobs: Vec<_> = (0..10).map(|_| fake.add_random_blob(50_000)).collect();
+    let spawn = |otlp: Option<String>| {
+        let mut args = Vec::new();
+        if let Some(o) = &otlp {
+            args = vec!["--otlp-endpoint".to_owned(), o.clone()];
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Proxy::spawn_with(ProxyOptions {
+            env: vec![("OTEL_BSP_SCHEDULE_DELAY".into(), "50".into())],
+            ..ProxyOptions::new(&repo_config("lab", &fake.url(), "generic", "5m"), &args)
+        })
+    };
+    let with_hung = spawn(Some(format!("http://{hung}")))?;
+    let without = spawn(None)?;
+    let pull_all = |proxy: &Proxy| {
+        let urls: Vec<String> = blobs.iter().map(|b| proxy.v2(&format!("lab/org/img/blobs/{}", b.digest))).collect();
+        async move {
+            let t = Instant::now();
+            for u in &urls {
+                let r = get(u, &[]).await?;
+                anyhow::ensure!(r.status == 200, "{}", r.text());
+            }
+            Ok::<_, anyhow::Error>(t.elapsed())
+        }
+    };
+    let mut ratios = Vec::new();
+    for _ in 0..5 {
+        let a = pull_all(&with_hung).await?;
+        let b = pull_all(&without).await?;
+        ratios.push(a.as_secs_f64() / b.as_secs_f64().max(1e-6));
+    }
+    ratios.sort_by(f64::total_cmp);
+    let median = ratios[ratios.len() / 2];
+    eprintln!("pull time with a hung collector / without export: median {median:.2} of {ratios:?}");
+    stop.store(true, Ordering::Relaxed);
+    let held = holder.join().map_err(|_| anyhow::anyhow!("the holder thread panicked"))?;
+    assert!(held >= 1, "the node never connected to the hung collector");
+    assert!(median < 2.0, "pulls are {median:.2}x slower with a hung collector");
+    Ok(())
+}
