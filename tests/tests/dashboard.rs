@@ -1,6 +1,7 @@
 //! The Grafana dashboard (`deploy/grafana/wharf.json`) is valid dashboard JSON and every metric its
 //! PromQL references is one the code emits, used as what it is (`rate` of a counter, `_bucket` of a
-//! histogram, a gauge as is).
+//! histogram, a gauge as is), and is in a real scrape of a node and a control plane that did what
+//! it measures.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -231,4 +232,76 @@ fn dashboard_uses_only_metrics_the_code_emits() {
     ] {
         assert!(used.contains(name), "no panel shows {name}");
     }
+}
+
+/// Every metric the dashboard queries, in a scrape of a node and a control plane that did what
+/// each family measures: a managed node (config revision) with a size cap, cold and warm pulls,
+/// a herd on a slow blob (coalesced waiters, in-flight fetches), a blob larger than the cap
+/// (uncached bytes), enough blobs to evict, an upstream sending `ratelimit-remaining`; the control
+/// plane answered API calls, did store operations and has the node connected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_metric_the_dashboard_queries_is_in_a_scrape_of_an_exercised_node() -> anyhow::Result<()> {
+    use std::time::Duration;
+    use wharf_tests::control::{ControlPlane, Node, create_repo, repo_json};
+    use wharf_tests::fake::Fault;
+    use wharf_tests::http::get;
+
+    let fake = wharf_tests::FakeUpstream::start().await?;
+    fake.set_response_header("ratelimit-remaining", "100;w=21600");
+    let image = wharf_tests::TestImage::random("v1", &[1_000])?;
+    fake.put_image("org/img", &image);
+    let cp = ControlPlane::embedded()?;
+    let rev = create_repo(&cp.url(), &repo_json("lab", &fake.url())).await?;
+    let node = Node::spawn_with("dash", &[cp.url()], None, &["--cache-max-size", "300KB"])?;
+    node.wait_applied(rev, Duration::from_secs(10))?;
+
+    let m = get(&node.v2("lab/org/img/manifests/v1"), &[("accept", wharf_tests::image::OCI_MANIFEST)]).await?;
+    assert_eq!(m.status, 200, "{}", m.text());
+    let blob_url = |d: &str| node.v2(&format!("lab/org/img/blobs/{d}"));
+    // A herd on a slow blob.
+    let slow = fake.add_random_blob(100_000);
+    fake.set_fault(&slow.digest, Fault::Slow { chunk: 10_000, delay: Duration::from_millis(30) });
+    let herd: Vec<_> = (0..3).map(|_| tokio::spawn(get_owned(blob_url(&slow.digest)))).collect();
+    for h in herd {
+        assert_eq!(h.await??, slow.digest);
+    }
+    // Past the high watermark (270 kB of 300 kB): evictions; larger than the cap: uncached.
+    for _ in 0..4 {
+        let b = fake.add_random_blob(90_000);
+        assert_eq!(get_owned(blob_url(&b.digest)).await?, b.digest);
+        assert_eq!(get_owned(blob_url(&b.digest)).await?, b.digest, "a warm hit");
+    }
+    let big = fake.add_random_blob(400_000);
+    assert_eq!(get_owned(blob_url(&big.digest)).await?, big.digest);
+
+    let scrape = |url: String| async move { wharf_tests::prom::Scrape::parse(&get(&url, &[]).await?.text()) };
+    let node_metrics = format!("http://{}/metrics", node.addr());
+    wharf_tests::control::poll(Duration::from_secs(20), "an eviction to be counted", || {
+        let url = node_metrics.clone();
+        async move { scrape(url).await.ok()?.names().contains("wharf_evictions_total").then_some(()) }
+    })
+    .await?;
+    let mut names = scrape(node_metrics).await?.names();
+    names.extend(scrape(format!("{}/metrics", cp.url())).await?.names());
+
+    let d = dashboard();
+    let mut missing = BTreeSet::new();
+    for p in panels(&d) {
+        for t in p["targets"].as_array().into_iter().flatten() {
+            for (name, _) in referenced(t["expr"].as_str().unwrap_or_default()) {
+                if !names.contains(&name) {
+                    missing.insert(name);
+                }
+            }
+        }
+    }
+    assert!(missing.is_empty(), "queried by the dashboard, absent from the scrapes: {missing:?}\nscraped: {names:?}");
+    Ok(())
+}
+
+/// GET `url`: the body's digest (an error unless 200).
+async fn get_owned(url: String) -> anyhow::Result<String> {
+    let r = wharf_tests::http::get(&url, &[]).await?;
+    anyhow::ensure!(r.status == 200, "{url}: {} {}", r.status, r.text());
+    Ok(r.digest())
 }
