@@ -23,7 +23,9 @@ pub enum Resolved {
 
 /// Parses a `Range` header value; `None` means: ignore it and send the whole body.
 pub fn parse(value: &str) -> Option<RangeSpec> {
-    let spec = value.trim().strip_prefix("bytes=")?.trim();
+    // The unit is case-insensitive (RFC 9110, 14.1).
+    let value = value.trim();
+    let spec = value.get(..6).filter(|u| u.eq_ignore_ascii_case("bytes=")).map(|_| value[6..].trim())?;
     if spec.contains(',') {
         return None;
     }
@@ -71,11 +73,13 @@ mod tests {
         assert_eq!(parse("bytes=0-9"), Some(RangeSpec::From { start: 0, end: Some(9) }));
         assert_eq!(parse("bytes=10-"), Some(RangeSpec::From { start: 10, end: None }));
         assert_eq!(parse("bytes=-5"), Some(RangeSpec::Suffix(5)));
+        assert_eq!(parse("BYTES=0-9"), Some(RangeSpec::From { start: 0, end: Some(9) }));
         for ignored in [
             "",
             "bytes=",
             "bytes=a-b",
             "items=0-1",
+            "bytes =0-1",
             "bytes=5-1",
             "bytes=0-1,3-4",
             "bytes=-",
@@ -99,9 +103,83 @@ mod tests {
 
 #[cfg(test)]
 mod fuzz {
+    use std::cell::Cell;
+
     use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestRunner};
 
     use super::*;
+
+    /// A number as a client may write it: small, with leading zeros, at and past u64's end.
+    fn number() -> impl Strategy<Value = String> {
+        prop_oneof![
+            4 => (0u64..5_000).prop_map(|n| n.to_string()),
+            1 => (0u64..100).prop_map(|n| format!("000{n}")),
+            1 => Just(u64::MAX.to_string()),
+            1 => Just("18446744073709551616".to_owned()),
+            1 => Just("x1".to_owned()),
+        ]
+    }
+
+    /// What the parser must make of a near-valid header, written down separately: the unit
+    /// `bytes` in any case, no space before `=`; one range only; numbers of at most 19 digits that
+    /// fit u64; `a-b` with b >= a, `a-`, `-n`; spaces around the numbers are tolerated.
+    fn model(unit: &str, first: &str, last: &str, extra: usize) -> Option<RangeSpec> {
+        if !unit.eq_ignore_ascii_case("bytes") || extra > 0 {
+            return None;
+        }
+        let num = |s: &str| (s.len() <= 19 && !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())).then(|| s.parse::<u64>().ok()).flatten();
+        match (first.is_empty(), last.is_empty()) {
+            (true, true) => None,
+            (true, false) => num(last).map(RangeSpec::Suffix),
+            (false, true) => num(first).map(|start| RangeSpec::From { start, end: None }),
+            (false, false) => {
+                let (a, b) = (num(first)?, num(last)?);
+                (b >= a).then_some(RangeSpec::From { start: a, end: Some(b) })
+            }
+        }
+    }
+
+    /// Near-valid headers (odd spacing, several ranges, overflowing numbers, other units) parse as
+    /// the model says, and every branch is reached in a good share of the cases (counted).
+    #[test]
+    fn near_valid_ranges_parse_as_the_model_says() {
+        let header = (
+            prop_oneof![4 => Just("bytes"), 1 => Just("BYTES"), 1 => Just("Bytes"), 1 => Just("items")],
+            prop_oneof![2 => Just(String::new()), 4 => number()],
+            prop_oneof![1 => Just(String::new()), 3 => number()],
+            prop_oneof![5 => Just(0usize), 1 => 1usize..3],
+            "[ ]{0,2}",
+            0u64..10_000,
+        );
+        let (from, suffix, none, partial) = (Cell::new(0), Cell::new(0), Cell::new(0), Cell::new(0));
+        let cases = 2_000;
+        let mut runner = TestRunner::new(Config { cases, failure_persistence: None, ..Config::default() });
+        runner
+            .run(&header, |(unit, first, last, extra, sp, size)| {
+                let mut h = format!("{unit}={sp}{first}{sp}-{sp}{last}");
+                for i in 0..extra {
+                    h.push_str(&format!(",{sp}{i}-{}", i + 1));
+                }
+                let got = parse(&h);
+                prop_assert_eq!(got, model(unit, &first, &last, extra), "{:?}", h);
+                match got {
+                    Some(RangeSpec::From { .. }) => from.set(from.get() + 1),
+                    Some(RangeSpec::Suffix(_)) => suffix.set(suffix.get() + 1),
+                    None => none.set(none.get() + 1),
+                }
+                if let Some(Resolved::Partial { start, end }) = got.map(|g| g.resolve(size)) {
+                    prop_assert!(start < end && end <= size);
+                    partial.set(partial.get() + 1);
+                }
+                Ok(())
+            })
+            .unwrap();
+        let share = |n: u32| f64::from(n) / f64::from(cases);
+        for (what, n) in [("a-b / a-", from.get()), ("-n", suffix.get()), ("ignored", none.get()), ("partial", partial.get())] {
+            assert!(share(n) >= 0.08, "only {n} of {cases} cases reached {what}");
+        }
+    }
 
     proptest! {
         /// Any header parses without panicking; a resolved range always lies inside the body.
