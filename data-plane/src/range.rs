@@ -128,7 +128,11 @@ mod fuzz {
         if !unit.eq_ignore_ascii_case("bytes") || extra > 0 {
             return None;
         }
-        let num = |s: &str| (s.len() <= 19 && !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())).then(|| s.parse::<u64>().ok()).flatten();
+        let num = |s: &str| {
+            (s.len() <= 19 && !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| s.parse::<u64>().ok())
+                .flatten()
+        };
         match (first.is_empty(), last.is_empty()) {
             (true, true) => None,
             (true, false) => num(last).map(RangeSpec::Suffix),
@@ -176,7 +180,9 @@ mod fuzz {
             })
             .unwrap();
         let share = |n: u32| f64::from(n) / f64::from(cases);
-        for (what, n) in [("a-b / a-", from.get()), ("-n", suffix.get()), ("ignored", none.get()), ("partial", partial.get())] {
+        for (what, n) in
+            [("a-b / a-", from.get()), ("-n", suffix.get()), ("ignored", none.get()), ("partial", partial.get())]
+        {
             assert!(share(n) >= 0.08, "only {n} of {cases} cases reached {what}");
         }
     }

@@ -58,6 +58,8 @@ fn parse_params(s: &str) -> Vec<(String, String)> {
         if chars.next_if_eq(&'=').is_none() {
             continue;
         }
+        // RFC 9110, 11.2: whitespace may surround the `=`.
+        while chars.next_if(|c| *c == ' ' || *c == '\t').is_some() {}
         let mut value = String::new();
         if chars.next_if_eq(&'"').is_some() {
             while let Some(c) = chars.next() {
@@ -350,6 +352,11 @@ mod tests {
             Some(Challenge::Bearer { realm: "https://eu-docker.pkg.dev/v2/token".into(), service: None })
         );
         assert_eq!(Challenge::parse(r#"Basic realm="ecr.amazonaws.com""#), Some(Challenge::Basic));
+        // Whitespace around `=` (RFC 9110's BWS), found by the near-valid property test.
+        assert_eq!(
+            Challenge::parse(r#"Bearer realm = "https://x/token""#),
+            Some(Challenge::Bearer { realm: "https://x/token".into(), service: None })
+        );
         for bad in
             ["", "Bearer", r#"Bearer realm="file:///etc/passwd""#, "Negotiate abc", r#"Bearer realm="unterminated"#]
         {
@@ -365,9 +372,84 @@ mod tests {
 
 #[cfg(test)]
 mod fuzz {
+    use std::cell::Cell;
+
     use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestRunner};
 
     use super::*;
+
+    /// A parameter value as registries write it: plain, or quoted with commas, `=`, escaped quotes
+    /// and backslashes inside. Returns (as written, what it means).
+    fn value() -> impl Strategy<Value = (String, String)> {
+        prop_oneof![
+            "[a-zA-Z0-9._:/-]{1,12}".prop_map(|v| (v.clone(), v)),
+            "[a-zA-Z0-9 ,=\\\"._:/-]{0,12}"
+                .prop_map(|v| { (format!("\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\"")), v) }),
+        ]
+    }
+
+    /// Near-valid challenges (schemes in any case, parameters in any order with odd spacing, quoted
+    /// values full of separators, realms of other schemes, unknown parameters) parse to exactly the
+    /// realm and service written, and each outcome is reached in a good share of the cases.
+    #[test]
+    fn near_valid_challenges_parse_to_what_was_written() {
+        let strategy = (
+            prop_oneof![4 => Just("Bearer"), 1 => Just("bearer"), 1 => Just("BEARER"), 1 => Just("Basic"), 1 => Just("Negotiate")],
+            prop_oneof![3 => Just("https://"), 1 => Just("http://"), 1 => Just("file://")],
+            "[a-z]{1,8}",
+            proptest::option::of(value()),
+            proptest::option::of(value()),
+            "[ ]{0,2}",
+            any::<bool>(),
+        );
+        let (bearer, with_service, basic, none) = (Cell::new(0u32), Cell::new(0u32), Cell::new(0u32), Cell::new(0u32));
+        let cases = 2_000;
+        let mut runner = TestRunner::new(Config { cases, failure_persistence: None, ..Config::default() });
+        runner
+            .run(&strategy, |(scheme, realm_scheme, host, service, scope, sp, service_first)| {
+                let realm = format!("{realm_scheme}{host}/token");
+                let mut params = vec![format!("realm={sp}\"{realm}\"")];
+                if let Some((written, _)) = &service {
+                    params.push(format!("service={written}"));
+                }
+                if let Some((written, _)) = &scope {
+                    params.push(format!("scope={written}"));
+                }
+                if service_first {
+                    params.reverse();
+                }
+                let header = format!("{scheme} {}", params.join(&format!(",{sp}")));
+                let want = if scheme.eq_ignore_ascii_case("bearer") {
+                    realm.starts_with("http").then(|| Challenge::Bearer {
+                        realm: realm.clone(),
+                        service: service.as_ref().map(|(_, meant)| meant.clone()).filter(|s| !s.is_empty()),
+                    })
+                } else if scheme.eq_ignore_ascii_case("basic") {
+                    Some(Challenge::Basic)
+                } else {
+                    None
+                };
+                let got = Challenge::parse(&header);
+                prop_assert_eq!(&got, &want, "{}", header);
+                match got {
+                    Some(Challenge::Bearer { service: Some(_), .. }) => with_service.set(with_service.get() + 1),
+                    Some(Challenge::Bearer { service: None, .. }) => bearer.set(bearer.get() + 1),
+                    Some(Challenge::Basic) => basic.set(basic.get() + 1),
+                    None => none.set(none.get() + 1),
+                }
+                Ok(())
+            })
+            .unwrap();
+        for (what, n) in [
+            ("Bearer", bearer.get()),
+            ("Bearer with a service", with_service.get()),
+            ("Basic", basic.get()),
+            ("refused", none.get()),
+        ] {
+            assert!(f64::from(n) / f64::from(cases) >= 0.05, "only {n} of {cases} cases reached {what}");
+        }
+    }
 
     proptest! {
         /// Any WWW-Authenticate value parses without panicking; a Bearer realm is always http(s).
