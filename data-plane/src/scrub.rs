@@ -58,7 +58,7 @@ pub async fn pass(store: &Arc<Store>, rate: u64) -> Pass {
             // Evicted since the list was taken.
             continue;
         };
-        let mut reader = std::io::BufReader::with_capacity(CHUNK, file);
+        let mut reader = file;
         let mut hasher = DigestHasher::new();
         let mut read = 0u64;
         let failed = loop {

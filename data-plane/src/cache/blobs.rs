@@ -365,12 +365,9 @@ async fn serve_file(ctx: &Ctx, digest: &Digest, size: u64, trusted: bool) -> Res
                 .map_err(|e| RegistryError::internal(format!("hashing a cached blob: {e}")))?;
             match got {
                 Ok(got) if got == want => store.blob_verified(digest),
-                Ok(got) => {
-                    store.corrupt(EntryKind::Blob, digest, &got.to_string());
-                    return Ok(None);
-                }
-                Err(e) => {
-                    store.corrupt(EntryKind::Blob, digest, &e.to_string());
+                other => {
+                    let why = other.map_or_else(|e| e.to_string(), |got| got.to_string());
+                    store.corrupt(EntryKind::Blob, digest, &why);
                     return Ok(None);
                 }
             }
