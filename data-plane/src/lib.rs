@@ -20,8 +20,8 @@
 //!    client: auth, redirects, timeouts,
 //!    retries).
 //! 8. Foundations: [`config`] (the repos served, swapped atomically), [`credentials`] (a client's
-//!    `Authorization`), [`node_token`] (the node's sealed registry tokens), [`error`] (OCI error
-//!    JSON), [`oci`] (manifest types and references), [`metrics`], [`range`], [`bufpool`].
+//!    `Authorization`), [`node_token`] (the node's sealed registry tokens), [`private_file`] (files
+//!    of mode 0600 written whole), [`error`] (OCI error JSON), [`oci`] (manifest types and references), [`metrics`], [`range`], [`bufpool`].
 //!
 //! The accept loop, TLS, telemetry and signals come from `wharf-runtime`, shared with the control
 //! plane; this crate does not depend on the control plane's.
@@ -40,6 +40,7 @@ pub mod metrics;
 pub mod node;
 pub mod node_token;
 pub mod oci;
+pub mod private_file;
 pub mod range;
 pub mod registry;
 pub mod request_log;

@@ -264,13 +264,7 @@ pub fn load_stored(path: &Path, config: &Config) -> Result<i64, ManagedError> {
 }
 
 fn store_snapshot(path: &Path, s: &StoredSnapshot) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new().create(true).truncate(true).write(true).mode(0o600).open(&tmp)?;
-    f.write_all(&serde_json::to_vec(s).map_err(std::io::Error::other)?)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
+    crate::private_file::write(path, &serde_json::to_vec(s).map_err(std::io::Error::other)?)
 }
 
 /// Follows the control planes until `cancel`, from `held`, the revision of the configuration

@@ -11,8 +11,7 @@
 //! Nothing here decides who may pull what: that is [`crate::authz`] and the token endpoint.
 
 use std::collections::HashMap;
-use std::io::Write as _;
-use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -23,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use wharf_core::{Secret, SigningKey};
 
 use crate::credentials::ClientCredentials;
+use crate::private_file;
 
 /// What every node token starts with (puller tokens start `wharf_`).
 pub const PREFIX: &str = "wharf.";
@@ -279,11 +279,7 @@ pub fn load_or_create_key(dir: &Path) -> std::io::Result<SigningKey> {
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let key = generate_key(SystemTime::now());
-            let tmp = dir.join(format!("token.key.{}", std::process::id()));
-            let mut f = std::fs::OpenOptions::new().create(true).truncate(true).write(true).mode(0o600).open(&tmp)?;
-            writeln!(f, "{} {}", key.id, hex::encode(key.secret))?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &path)?;
+            private_file::write(&path, format!("{} {}\n", key.id, hex::encode(key.secret)).as_bytes())?;
             tracing::info!(path = %path.display(), key_id = %key.id, "token key created");
             Ok(key)
         }

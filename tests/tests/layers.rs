@@ -99,7 +99,10 @@ const DATA_PLANE_LAYERS: &[(&str, &[&str])] = &[
     ("request", &["state", "request_log", "respond"]),
     ("fetch", &["flight", "decisions"]),
     ("store and upstream", &["store", "evict", "scrub", "upstream"]),
-    ("foundations", &["config", "credentials", "node_token", "error", "oci", "metrics", "range", "bufpool"]),
+    (
+        "foundations",
+        &["config", "credentials", "node_token", "private_file", "error", "oci", "metrics", "range", "bufpool"],
+    ),
 ];
 
 fn layer_of(module: &str) -> Option<usize> {
