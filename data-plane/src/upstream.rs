@@ -260,23 +260,36 @@ impl Upstream {
                 }
             }
             Some(Challenge::Basic) => {
-                let url = format!("{}/v2/", repo.upstream);
-                let sent =
-                    http.get(&url).header(header::AUTHORIZATION, auth::basic(username, password.expose())).send();
-                match tokio::time::timeout(self.opts.first_byte_timeout, sent).await {
-                    Ok(Ok(r)) if r.status() == StatusCode::OK => Ok(Some(true)),
-                    Ok(Ok(r)) if matches!(r.status().as_u16(), 401 | 403) => Ok(Some(false)),
-                    _ => Ok(None),
-                }
+                let status = self.get_root(&http, repo, Some(auth::basic(username, password.expose()))).await;
+                Ok(match status.map(|r| r.status().as_u16()) {
+                    Some(200) => Some(true),
+                    Some(401 | 403) => Some(false),
+                    _ => None,
+                })
             }
         }
     }
 
     /// `GET /v2/` unauthenticated: the challenge the upstream answers with, if any.
     async fn ping(&self, http: &reqwest::Client, repo: &Repo) -> Option<Challenge> {
+        let resp = self.get_root(http, repo, None).await?;
+        resp.headers().get(header::WWW_AUTHENTICATE)?.to_str().ok().and_then(Challenge::parse)
+    }
+
+    /// `GET /v2/`, with `authorization` if given, traced like every upstream request; `None` when
+    /// no answer came within the first-byte timeout.
+    async fn get_root(
+        &self,
+        http: &reqwest::Client,
+        repo: &Repo,
+        authorization: Option<HeaderValue>,
+    ) -> Option<reqwest::Response> {
         let url = format!("{}/v2/", repo.upstream);
         let mut rt = RoundTrip::start(repo.key.as_str(), &Method::GET, &url);
         let mut headers = HeaderMap::new();
+        if let Some(a) = authorization {
+            headers.insert(header::AUTHORIZATION, a);
+        }
         wharf_runtime::telemetry::inject(rt.span(), &mut headers);
         rt.sent(&headers);
         let sent = http.get(&url).headers(headers).send();
@@ -292,7 +305,7 @@ impl Upstream {
             }
         };
         rt.answered(resp.status(), resp.headers());
-        resp.headers().get(header::WWW_AUTHENTICATE)?.to_str().ok().and_then(Challenge::parse)
+        Some(resp)
     }
 
     fn backoff(&self, attempt: u32) -> Duration {
