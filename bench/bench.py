@@ -162,8 +162,9 @@ def http_get(port: int, path: str, headers: dict | None = None, timeout: float =
 
 
 def wait_ready(name: str, port: int, proc: subprocess.Popen, log_path: Path,
-               timeout: float = 60.0) -> float:
-    """Polls GET /v2/ until it answers 200, the process dies, or the deadline passes."""
+               timeout: float = 60.0, ready: tuple[int, ...] = (200,)) -> float:
+    """Polls GET /v2/ until it answers one of `ready` (200; a node serving private repos answers
+    401), the process dies, or the deadline passes."""
     t0 = time.monotonic()
     deadline = t0 + timeout
     last = "no answer"
@@ -173,7 +174,7 @@ def wait_ready(name: str, port: int, proc: subprocess.Popen, log_path: Path,
                              f"{tail(log_path)}")
         try:
             status, _, _ = http_get(port, "/v2/", timeout=2.0)
-            if status == 200:
+            if status in ready:
                 return time.monotonic() - t0
             last = f"HTTP {status}"
         except OSError as e:
@@ -651,6 +652,17 @@ class Context:
         self.procs = procs
         self.image = image
         self.storage = storage
+
+
+def push_layout(layout: Path, port: int) -> None:
+    """Pushes the OCI layout's image to the registry on `port` as IMAGE_NAME:IMAGE_TAG (skopeo)."""
+    p = subprocess.run(["skopeo", "--insecure-policy", "copy", "--quiet",
+                        "--dest-tls-verify=false", "--preserve-digests",
+                        f"oci:{layout}:{IMAGE_TAG}",
+                        f"docker://127.0.0.1:{port}/{IMAGE_NAME}:{IMAGE_TAG}"],
+                       capture_output=True, text=True, timeout=600)
+    if p.returncode != 0:
+        raise BenchError(f"skopeo copy failed: {p.stderr.strip()}")
 
 
 def start_upstream(ctx: Context, name: str) -> tuple[subprocess.Popen, int, UpstreamLog]:
@@ -1144,13 +1156,7 @@ def main(argv: list[str] | None = None) -> int:
         seed_proc, seed_port, _ = start_upstream(
             Context(args, tmp, procs, image, storage), "seed")
         log("pushing with skopeo")
-        p = subprocess.run(["skopeo", "--insecure-policy", "copy", "--quiet",
-                            "--dest-tls-verify=false", "--preserve-digests",
-                            f"oci:{layout}:{IMAGE_TAG}",
-                            f"docker://127.0.0.1:{seed_port}/{IMAGE_NAME}:{IMAGE_TAG}"],
-                           capture_output=True, text=True, timeout=600)
-        if p.returncode != 0:
-            raise BenchError(f"skopeo copy failed: {p.stderr.strip()}")
+        push_layout(layout, seed_port)
         check_manifest(seed_port, f"/v2/{IMAGE_NAME}", image)
         procs.stop(seed_proc)
         shutil.rmtree(layout)

@@ -12,7 +12,6 @@ import argparse
 import hashlib
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,9 +37,7 @@ def main() -> int:
         image = B.build_oci_layout(tmp / "layout", args.mib * B.MiB, 1 * B.MiB)
         ctx = B.Context(bargs, tmp, procs, image, storage)
         _, up_port, _ = B.start_upstream(ctx, "u")
-        subprocess.run(["skopeo", "--insecure-policy", "copy", "--quiet", "--dest-tls-verify=false",
-                        "--preserve-digests", f"oci:{tmp / 'layout'}:{B.IMAGE_TAG}",
-                        f"docker://127.0.0.1:{up_port}/{B.IMAGE_NAME}:{B.IMAGE_TAG}"], check=True)
+        B.push_layout(tmp / "layout", up_port)
         digest = image["big_digest"]
 
         def timed_get(port: int, path: str) -> float:

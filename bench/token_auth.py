@@ -23,7 +23,6 @@ import json
 import secrets
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,18 +51,8 @@ def start_node(ctx: B.Context, binary: Path, upstream_port: int, puller: tuple[s
         str(binary), "--control-plane", f"http://127.0.0.1:{B.free_port()}", "--node-id", "bench",
         "--cache-dir", str(d / "cache"), "--listen", f"127.0.0.1:{port}", "--log-format", "json",
     ], log_path, cwd=d)
-    deadline = time.monotonic() + 60
-    while True:
-        if p.poll() is not None:
-            raise B.BenchError(f"wharf-proxy exited:\n{B.tail(log_path)}")
-        try:
-            if B.http_get(port, "/v2/", timeout=2.0)[0] in (200, 401):
-                break
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise B.BenchError(f"wharf-proxy not ready:\n{B.tail(log_path)}")
-        time.sleep(0.05)
+    # The ping challenges (this node serves a token repo): a 401 is ready.
+    B.wait_ready("wharf-proxy", port, p, log_path, ready=(200, 401))
     return p, port, log_path
 
 
@@ -83,9 +72,7 @@ def main() -> int:
         image = B.build_oci_layout(tmp / "layout", 1 * B.MiB, 64 * 1024)
         ctx = B.Context(bargs, tmp, procs, image, storage)
         _, up_port, _ = B.start_upstream(ctx, "u")
-        subprocess.run(["skopeo", "--insecure-policy", "copy", "--quiet", "--dest-tls-verify=false",
-                        "--preserve-digests", f"oci:{tmp / 'layout'}:{B.IMAGE_TAG}",
-                        f"docker://127.0.0.1:{up_port}/{B.IMAGE_NAME}:{B.IMAGE_TAG}"], check=True)
+        B.push_layout(tmp / "layout", up_port)
         puller = ("00000000000000be", secrets.token_hex(24))
         _, port, log_path = start_node(ctx, args.wharf_bin, up_port, puller)
         basic = "Basic " + base64.b64encode(f"bench:wharf_{puller[0]}_{puller[1]}".encode()).decode()
