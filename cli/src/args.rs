@@ -109,7 +109,8 @@ Examples:
         subcommand,
         after_help = "\
 Examples:
-  regctl cache warm ghcr/org/image:v1 --platform linux/amd64"
+  regctl cache warm ghcr/org/image:v1 --platform linux/amd64
+  regctl cache verify --node node-a"
     )]
     Cache(CacheCmd),
     /// Check that a blob or manifest URL is served in a CDN-friendly way.
@@ -368,6 +369,34 @@ Examples:
   regctl cache warm dockerhub/library/alpine:3.20 --node 10.0.0.5:5000 --node 10.0.0.6:5000
   regctl cache warm corp/app@sha256:<hex> --parallel 8 -o json")]
     Warm(WarmArgs),
+    /// Re-hash every cached blob and manifest on the nodes now; remove and list what does not match.
+    #[command(after_help = "\
+The control plane passes the request to the nodes (every node in `regctl node list`, or those named
+with --node); each reads its whole cache once at --rate, removes every entry whose bytes do not match
+its digest (the next pull fetches it again) and reports. regctl follows the reports until every node
+is done, then prints what each found. The exit code is 1 if a node did not finish within --wait.
+
+Examples:
+  regctl cache verify
+  regctl cache verify --node node-a --rate 200
+  regctl cache verify --no-wait -o json")]
+    Verify(VerifyArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct VerifyArgs {
+    /// A node's id or address, as `regctl node list` shows it; repeatable. Default: every node.
+    #[arg(long = "node", value_name = "ID|ADDR")]
+    pub nodes: Vec<String>,
+    /// How fast each node reads its cache, in MB/s; 0: as fast as its disk reads.
+    #[arg(long, default_value_t = 50.0, value_name = "MB/S")]
+    pub rate: f64,
+    /// How long to follow the nodes' passes before giving up (the passes go on).
+    #[arg(long, value_parser = parse_duration, default_value = "6h", value_name = "DURATION")]
+    pub wait: Duration,
+    /// Print the request's id and return at once; the results show in `regctl node list -o json`.
+    #[arg(long, conflicts_with = "wait")]
+    pub no_wait: bool,
 }
 
 #[derive(Args, Debug)]

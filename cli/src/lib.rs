@@ -1,5 +1,5 @@
 //! `regctl`, the operator's CLI: a gRPC client of the control plane (repos, nodes) that also talks
-//! to the nodes' registry API (`cache warm`) and to anything serving it (`check-cdn`).
+//! to the nodes' registry API (`cache warm`; `cache verify` goes through the control plane) and to anything serving it (`check-cdn`).
 
 pub mod args;
 pub mod cdn;
@@ -12,6 +12,7 @@ pub mod registry;
 pub mod repo;
 pub mod tls;
 pub mod token;
+pub mod verify;
 pub mod warm;
 
 use args::{CacheCmd, Cli, Command};
@@ -25,6 +26,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Node(cmd) => node::run(&global, cmd).await,
         Command::Token(cmd) => token::run(&global, cmd).await,
         Command::Cache(CacheCmd::Warm(args)) => warm::run(&global, args).await,
+        Command::Cache(CacheCmd::Verify(args)) => verify::run(&global, args).await,
         Command::CheckCdn(args) => cdn::run(&global, args).await,
         Command::Completion { shell } => completion(shell),
     }

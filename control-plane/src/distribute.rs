@@ -13,7 +13,7 @@ use wharf_core::token::Role;
 use wharf_proto::v1 as pb;
 
 use crate::error::ApiError;
-use crate::grpc::{repo_to_proto, timestamp};
+use crate::grpc::{repo_to_proto, timestamp, verify_request_to_proto, verify_status_from_proto};
 use crate::hub::Published;
 use crate::nodes::{NodeInfo, now_ms, validate_id};
 use crate::state::ApiState;
@@ -45,6 +45,7 @@ pub fn update(p: &Published) -> pb::ConfigUpdate {
                     created_at: Some(timestamp(k.created_at)),
                 })
                 .collect(),
+            verify: p.verify.as_ref().map(verify_request_to_proto),
         }),
     }
 }
@@ -94,6 +95,9 @@ impl pb::config_service_server::ConfigService for ConfigApi {
             info.cache_misses = r.cache_misses;
             info.last_error = Some(r.last_error).filter(|e| !e.is_empty());
             info.cache_degraded = r.cache_degraded;
+            if let Some(v) = r.verify {
+                info.verify = Some(verify_status_from_proto(v));
+            }
             info.last_seen_ms = now_ms();
             info.clone()
         };

@@ -17,6 +17,9 @@ pub enum ApiError {
     Stale { key: String, expected: i64, current: i64 },
     #[error("token {id:?} does not exist")]
     TokenNotFound { id: String },
+    /// A node the call names is not in the node list (or no node is).
+    #[error("{0}")]
+    NodeNotFound(String),
     /// No token, or one that is unknown, revoked or expired.
     #[error("{0}")]
     Unauthenticated(String),
@@ -53,7 +56,9 @@ impl From<ApiError> for tonic::Status {
         let msg = e.to_string();
         match e {
             ApiError::Invalid { .. } => tonic::Status::invalid_argument(msg),
-            ApiError::NotFound { .. } | ApiError::TokenNotFound { .. } => tonic::Status::not_found(msg),
+            ApiError::NotFound { .. } | ApiError::TokenNotFound { .. } | ApiError::NodeNotFound(_) => {
+                tonic::Status::not_found(msg)
+            }
             ApiError::Unauthenticated(_) => tonic::Status::unauthenticated(msg),
             ApiError::PermissionDenied(_) => tonic::Status::permission_denied(msg),
             ApiError::AlreadyExists { .. } => tonic::Status::already_exists(msg),

@@ -6,8 +6,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tonic::{Request, Response, Status};
 use wharf_proto::v1 as pb;
 
+use crate::commands::{self, VerifyRequest};
 use crate::error::ApiError;
-use crate::nodes::NodeInfo;
+use crate::nodes::{NodeInfo, VerifyStatus};
 use crate::repos::{RepoRecord, RepoSpec};
 use crate::state::ApiState;
 use crate::tokens::{TokenRecord, TokenSpec};
@@ -15,6 +16,14 @@ use crate::tokens::{TokenRecord, TokenSpec};
 pub fn timestamp(t: SystemTime) -> prost_types::Timestamp {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
     prost_types::Timestamp { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 }
+}
+
+fn timestamp_ms(ms: u64) -> prost_types::Timestamp {
+    timestamp(UNIX_EPOCH + Duration::from_millis(ms))
+}
+
+fn ms_of(t: Option<&prost_types::Timestamp>) -> u64 {
+    t.map_or(0, |t| (t.seconds.max(0) as u64) * 1000 + (t.nanos.max(0) as u64) / 1_000_000)
 }
 
 fn duration(d: Duration) -> prost_types::Duration {
@@ -137,6 +146,45 @@ pub fn node_to_proto(n: &NodeInfo) -> pb::Node {
         cache_misses: n.cache_misses,
         last_error: n.last_error.clone().unwrap_or_default(),
         cache_degraded: n.cache_degraded,
+        verify: n.verify.as_ref().map(verify_status_to_proto),
+    }
+}
+
+fn verify_status_to_proto(v: &VerifyStatus) -> pb::VerifyStatus {
+    pb::VerifyStatus {
+        id: v.id.clone(),
+        done: v.done,
+        checked: v.checked,
+        bytes: v.bytes,
+        removed: v.removed,
+        removed_entries: v.removed_entries.clone(),
+        started_at: Some(timestamp_ms(v.started_at_ms)),
+        finished_at: v.finished_at_ms.map(timestamp_ms),
+    }
+}
+
+/// A node's report of its pass; entries beyond 100 are dropped (the count stays).
+pub fn verify_status_from_proto(v: pb::VerifyStatus) -> VerifyStatus {
+    let mut removed_entries = v.removed_entries;
+    removed_entries.truncate(100);
+    VerifyStatus {
+        id: v.id,
+        done: v.done,
+        checked: v.checked,
+        bytes: v.bytes,
+        removed: v.removed,
+        removed_entries,
+        started_at_ms: ms_of(v.started_at.as_ref()),
+        finished_at_ms: v.finished_at.as_ref().map(|t| ms_of(Some(t))),
+    }
+}
+
+pub fn verify_request_to_proto(r: &VerifyRequest) -> pb::VerifyRequest {
+    pb::VerifyRequest {
+        id: r.id.clone(),
+        node_ids: r.node_ids.clone(),
+        rate_bytes_per_sec: r.rate_bytes_per_sec,
+        created_at: Some(timestamp_ms(r.created_at_ms)),
     }
 }
 
@@ -147,6 +195,15 @@ impl pb::node_service_server::NodeService for NodeApi {
     async fn list_nodes(&self, _: Request<pb::ListNodesRequest>) -> Result<Response<pb::ListNodesResponse>, Status> {
         let nodes = self.0.nodes.list().await?;
         Ok(Response::new(pb::ListNodesResponse { nodes: nodes.iter().map(node_to_proto).collect() }))
+    }
+
+    async fn verify_cache(
+        &self,
+        req: Request<pb::VerifyCacheRequest>,
+    ) -> Result<Response<pb::VerifyCacheResponse>, Status> {
+        let req = req.into_inner();
+        let r = commands::request_verify(&*self.0.store, &self.0.nodes, req.node_ids, req.rate_bytes_per_sec).await?;
+        Ok(Response::new(pb::VerifyCacheResponse { id: r.id, node_ids: r.node_ids }))
     }
 }
 

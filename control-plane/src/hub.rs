@@ -12,12 +12,13 @@ use tokio_util::sync::CancellationToken;
 
 use wharf_core::SigningKey;
 
+use crate::commands::{self, VerifyRequest};
 use crate::keys;
 use crate::repos::{self, RepoRecord};
 use crate::store::{ConfigStore, EventKind, Revision};
 use crate::tokens::{self, TokenRecord};
 
-/// The repos and tokens at one store revision.
+/// The repos, tokens, keys and node requests at one store revision.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Published {
     pub revision: Revision,
@@ -26,6 +27,8 @@ pub struct Published {
     pub tokens: BTreeMap<String, TokenRecord>,
     /// The nodes' token keys.
     pub keys: Vec<SigningKey>,
+    /// The live cache verification request.
+    pub verify: Option<VerifyRequest>,
 }
 
 /// What the hub holds, by store key.
@@ -34,12 +37,18 @@ struct Current {
     repos: BTreeMap<String, RepoRecord>,
     tokens: BTreeMap<String, TokenRecord>,
     keys: BTreeMap<String, SigningKey>,
+    verify: Option<VerifyRequest>,
 }
 
 impl Current {
     fn apply(&mut self, kind: EventKind, kv: &crate::store::KeyValue) {
         let key = kv.key.clone();
-        if kv.key.starts_with(keys::PREFIX) {
+        if kv.key.starts_with(commands::PREFIX) {
+            self.verify = match kind {
+                EventKind::Put => commands::decode(kv),
+                _ => None,
+            };
+        } else if kv.key.starts_with(keys::PREFIX) {
             match (kind, keys::decode(kv)) {
                 (EventKind::Put, Some(k)) => self.keys.insert(key, k),
                 _ => self.keys.remove(&key),
@@ -108,7 +117,7 @@ async fn follow_once(store: &dyn ConfigStore, tx: &watch::Sender<Option<Arc<Publ
     let mut current = Current::default();
     let mut watches = Vec::new();
     let mut revision = 0;
-    for prefix in [repos::PREFIX, tokens::PREFIX, keys::PREFIX] {
+    for prefix in [repos::PREFIX, tokens::PREFIX, keys::PREFIX, commands::PREFIX] {
         let (kvs, rev) = match store.list(prefix).await {
             Ok(x) => x,
             Err(e) => return e.to_string(),
@@ -146,6 +155,7 @@ fn publish(tx: &watch::Sender<Option<Arc<Published>>>, revision: Revision, curre
         repos: current.repos.values().cloned().collect(),
         tokens: current.tokens.values().map(|t| (t.grant.id.clone(), t.clone())).collect(),
         keys: current.keys.values().cloned().collect(),
+        verify: current.verify.clone(),
     };
     tracing::debug!(revision, repos = p.repos.len(), tokens = p.tokens.len(), "configuration published");
     tx.send_replace(Some(Arc::new(p)));

@@ -33,6 +33,26 @@ pub struct NodeInfo {
     /// The node's cache cannot be written (a full disk).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cache_degraded: bool,
+    /// The node's last on-demand verification pass, running or done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify: Option<VerifyStatus>,
+}
+
+/// What a node's verification pass found so far.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct VerifyStatus {
+    /// The request's id.
+    pub id: String,
+    pub done: bool,
+    pub checked: u64,
+    pub bytes: u64,
+    pub removed: u64,
+    /// "blob sha256:..." or "manifest sha256:...", at most 100.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removed_entries: Vec<String>,
+    pub started_at_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at_ms: Option<u64>,
 }
 
 pub fn now_ms() -> u64 {

@@ -26,6 +26,7 @@ pub fn router() -> Router<ApiState> {
         .route("/api/repos", get(list_repos).post(create_repo))
         .route("/api/repos/{key}", get(get_repo).put(put_repo).patch(patch_repo).delete(delete_repo))
         .route("/api/nodes", get(list_nodes))
+        .route("/api/nodes/verify", axum::routing::post(verify_nodes))
         .route("/api/tokens", get(list_tokens).post(create_token))
         .route("/api/tokens/{id}", axum::routing::delete(revoke_token))
         .route("/api/openapi.json", get(openapi))
@@ -193,7 +194,7 @@ impl From<ApiError> for Problem {
         let detail = e.to_string();
         match e {
             ApiError::Invalid { field, message } => Problem::invalid(field, message),
-            ApiError::NotFound { .. } | ApiError::TokenNotFound { .. } => {
+            ApiError::NotFound { .. } | ApiError::TokenNotFound { .. } | ApiError::NodeNotFound(_) => {
                 Problem::new(StatusCode::NOT_FOUND, "Not found", detail)
             }
             ApiError::Unauthenticated(_) => Problem::new(StatusCode::UNAUTHORIZED, "Unauthenticated", detail),
@@ -377,6 +378,24 @@ async fn delete_repo(State(s): State<ApiState>, Path(key): Path<String>, headers
 async fn list_nodes(State(s): State<ApiState>) -> ApiResult {
     let nodes: Vec<NodeInfo> = s.nodes.list().await?;
     Ok(axum::Json(json!({ "nodes": nodes })).into_response())
+}
+
+/// What a client may send to ask nodes to verify their cache.
+#[derive(Deserialize, Serialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyInput {
+    /// Node ids; absent or empty: every node in the node list.
+    #[serde(default)]
+    pub nodes: Vec<String>,
+    /// Absent or 0: as fast as each node's disk reads.
+    #[serde(default)]
+    pub rate_bytes_per_sec: u64,
+}
+
+async fn verify_nodes(State(s): State<ApiState>, req: Request) -> ApiResult {
+    let input: VerifyInput = json_body(req).await?;
+    let r = crate::commands::request_verify(&*s.store, &s.nodes, input.nodes, input.rate_bytes_per_sec).await?;
+    Ok((StatusCode::ACCEPTED, axum::Json(json!({ "id": r.id, "nodes": r.node_ids }))).into_response())
 }
 
 /// A token as the REST API shows it; `token` only in the answer to its creation.

@@ -267,11 +267,111 @@ fn store_snapshot(path: &Path, s: &StoredSnapshot) -> std::io::Result<()> {
     crate::private_file::write(path, &serde_json::to_vec(s).map_err(std::io::Error::other)?)
 }
 
+/// Takes up the control plane's cache verification requests (`regctl cache verify`) addressed to
+/// this node: each once per process, one pass at a time, its figures kept for the reports. A
+/// request is not configuration: it is never stored, so a restarted node does not run it again
+/// (after a restart every blob is hashed on its first read anyway).
+struct Verifier {
+    store: Arc<Store>,
+    /// The last request taken up, and what its pass found so far.
+    status: Arc<std::sync::Mutex<Option<pb::VerifyStatus>>>,
+    /// One pass at a time: a request that comes during a pass waits for it.
+    running: Arc<tokio::sync::Mutex<()>>,
+    /// Rung when a pass starts and ends: the control plane hears at once, not at the next report.
+    report_now: Arc<tokio::sync::Notify>,
+    cancel: CancellationToken,
+}
+
+impl Verifier {
+    fn new(store: Arc<Store>, cancel: CancellationToken) -> Self {
+        Self { store, status: Arc::default(), running: Arc::default(), report_now: Arc::default(), cancel }
+    }
+
+    fn status(&self) -> Option<pb::VerifyStatus> {
+        self.status.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Starts a pass for `request` if it names this node and was not taken up yet.
+    fn offer(&self, node_id: &str, request: Option<&pb::VerifyRequest>) {
+        let Some(request) = request.filter(|r| r.node_ids.iter().any(|id| id == node_id)) else { return };
+        {
+            let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
+            if status.as_ref().is_some_and(|s| s.id == request.id) {
+                return;
+            }
+            *status = Some(pb::VerifyStatus { id: request.id.clone(), ..Default::default() });
+        }
+        let (id, rate) = (request.id.clone(), request.rate_bytes_per_sec);
+        let (store, status, running, report_now, cancel) = (
+            self.store.clone(),
+            self.status.clone(),
+            self.running.clone(),
+            self.report_now.clone(),
+            self.cancel.clone(),
+        );
+        tracing::info!(%id, rate_bytes_per_sec = rate, "cache verification requested");
+        tokio::spawn(async move {
+            let _one = running.lock().await;
+            // Only if it is still the latest request: a newer one replaced it while it waited.
+            let update = |f: &dyn Fn(&mut pb::VerifyStatus)| {
+                let mut s = status.lock().unwrap_or_else(|e| e.into_inner());
+                match s.as_mut().filter(|s| s.id == id) {
+                    Some(s) => {
+                        f(s);
+                        true
+                    }
+                    None => false,
+                }
+            };
+            if !update(&|s| s.started_at = Some(now_timestamp())) {
+                return;
+            }
+            report_now.notify_one();
+            let started = std::time::Instant::now();
+            let pass = tokio::select! {
+                _ = cancel.cancelled() => return,
+                p = crate::scrub::pass(&store, rate, |p| { update(&|s| progress(s, p)); }) => p,
+            };
+            update(&|s| {
+                progress(s, &pass);
+                s.done = true;
+                s.finished_at = Some(now_timestamp());
+            });
+            report_now.notify_one();
+            tracing::info!(
+                %id,
+                checked = pass.checked,
+                bytes = pass.bytes,
+                removed = pass.removed,
+                duration_ms = started.elapsed().as_millis() as u64,
+                "cache verification done"
+            );
+        });
+    }
+}
+
+fn progress(s: &mut pb::VerifyStatus, p: &crate::scrub::Pass) {
+    s.checked = p.checked;
+    s.bytes = p.bytes;
+    s.removed = p.removed;
+    s.removed_entries.clone_from(&p.removed_entries);
+}
+
+fn now_timestamp() -> prost_types::Timestamp {
+    let d = std::time::SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    prost_types::Timestamp { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 }
+}
+
 /// Follows the control planes until `cancel`, from `held`, the revision of the configuration
 /// already in force (the stored snapshot, loaded before the node serves: [`load_stored`]).
 pub async fn run(opts: ManagedOptions, config: Arc<Config>, store: Arc<Store>, held: i64, cancel: CancellationToken) {
-    let applied = Arc::new(AtomicI64::new(held));
-    let last_error = Arc::new(std::sync::Mutex::new(String::new()));
+    let node = Following {
+        verifier: Verifier::new(store.clone(), cancel.child_token()),
+        config,
+        store,
+        applied: AtomicI64::new(held),
+        last_error: std::sync::Mutex::new(String::new()),
+    };
     let mut backoff = Duration::from_millis(200);
     let mut i = 0usize;
     loop {
@@ -282,7 +382,7 @@ pub async fn run(opts: ManagedOptions, config: Arc<Config>, store: Arc<Store>, h
         i += 1;
         let result = tokio::select! {
             _ = cancel.cancelled() => return,
-            r = follow(&opts, &endpoint, &config, &store, &applied, &last_error, &mut backoff) => r,
+            r = follow(&opts, &endpoint, &node, &mut backoff) => r,
         };
         if let Err(error) = result {
             tracing::warn!(%endpoint, %error, "control plane stream ended; trying the next endpoint");
@@ -297,15 +397,19 @@ pub async fn run(opts: ManagedOptions, config: Arc<Config>, store: Arc<Store>, h
     }
 }
 
-async fn follow(
-    opts: &ManagedOptions,
-    endpoint: &str,
-    config: &Config,
-    store: &Store,
-    applied: &AtomicI64,
-    last_error: &std::sync::Mutex<String>,
-    backoff: &mut Duration,
-) -> Result<(), String> {
+/// What the node keeps while it follows: the configuration in force and what its reports say.
+struct Following {
+    config: Arc<Config>,
+    store: Arc<Store>,
+    verifier: Verifier,
+    /// The revision of the configuration in force.
+    applied: AtomicI64,
+    /// Why the last snapshot was refused ("" when it was applied).
+    last_error: std::sync::Mutex<String>,
+}
+
+async fn follow(opts: &ManagedOptions, endpoint: &str, node: &Following, backoff: &mut Duration) -> Result<(), String> {
+    let applied = &node.applied;
     let mut channel = tonic::transport::Endpoint::from_shared(endpoint.to_owned())
         .map_err(|e| format!("invalid endpoint: {e}"))?
         .connect_timeout(Duration::from_secs(3))
@@ -352,24 +456,21 @@ async fn follow(
         tokio::select! {
             msg = stream.message() => match msg {
                 Ok(Some(update)) => {
-                    apply(opts, update, config, applied, last_error);
-                    send_report(&mut client, opts, store, applied, last_error).await;
+                    node.verifier.offer(&opts.node_id, update.snapshot.as_ref().and_then(|s| s.verify.as_ref()));
+                    apply(opts, update, node);
+                    send_report(&mut client, opts, node).await;
                 }
                 Ok(None) => return Err("stream closed".into()),
                 Err(s) => return Err(format!("{}: {}", s.code(), s.message())),
             },
-            _ = report.tick() => send_report(&mut client, opts, store, applied, last_error).await,
+            _ = report.tick() => send_report(&mut client, opts, node).await,
+            _ = node.verifier.report_now.notified() => send_report(&mut client, opts, node).await,
         }
     }
 }
 
-fn apply(
-    opts: &ManagedOptions,
-    update: pb::ConfigUpdate,
-    config: &Config,
-    applied: &AtomicI64,
-    last_error: &std::sync::Mutex<String>,
-) {
+fn apply(opts: &ManagedOptions, update: pb::ConfigUpdate, node: &Following) {
+    let Following { config, applied, last_error, .. } = node;
     let stored = from_update(update);
     match validate(&stored) {
         Ok(snapshot) => {
@@ -393,10 +494,9 @@ fn apply(
 async fn send_report(
     client: &mut ConfigServiceClient<tonic::transport::Channel>,
     opts: &ManagedOptions,
-    store: &Store,
-    applied: &AtomicI64,
-    last_error: &std::sync::Mutex<String>,
+    node: &Following,
 ) {
+    let Following { store, verifier, applied, last_error, .. } = node;
     let (entries, bytes) = store.usage();
     let report = pb::NodeReport {
         node_id: opts.node_id.clone(),
@@ -407,6 +507,7 @@ async fn send_report(
         cache_misses: crate::metrics::hits_and_misses().1,
         last_error: last_error.lock().unwrap_or_else(|e| e.into_inner()).clone(),
         cache_degraded: store.is_degraded(),
+        verify: verifier.status(),
     };
     if let Err(s) = client.report(opts.request(report)).await {
         tracing::debug!(error = %s.message(), "report refused");

@@ -14,12 +14,17 @@ use wharf_core::{Digest, DigestHasher};
 use crate::store::{EntryKind, Store};
 
 /// What one pass found.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Pass {
     pub checked: u64,
     pub bytes: u64,
     pub removed: u64,
+    /// What was removed, as `blob sha256:...` or `manifest sha256:...`: the first [`MAX_LISTED`].
+    pub removed_entries: Vec<String>,
 }
+
+/// Removed entries a pass lists by name (the count goes on).
+pub const MAX_LISTED: usize = 100;
 
 /// Read per step, then the pace is kept by sleeping.
 const CHUNK: usize = 1 << 20;
@@ -34,7 +39,7 @@ pub async fn run(store: Arc<Store>, rate_bytes_per_sec: u64, interval: Duration,
         let started = Instant::now();
         let pass = tokio::select! {
             _ = cancel.cancelled() => return,
-            p = pass(&store, rate_bytes_per_sec) => p,
+            p = pass(&store, rate_bytes_per_sec, |_| {}) => p,
         };
         metrics::counter!("wharf_scrub_passes_total").increment(1);
         metrics::gauge!("wharf_scrub_last_pass_timestamp_seconds").set(crate::store::now_secs() as f64);
@@ -48,8 +53,9 @@ pub async fn run(store: Arc<Store>, rate_bytes_per_sec: u64, interval: Duration,
     }
 }
 
-/// One pass over everything cached now, reading at most `rate` bytes per second.
-pub async fn pass(store: &Arc<Store>, rate: u64) -> Pass {
+/// One pass over everything cached now, reading at most `rate` bytes per second (0: no limit);
+/// `progress` sees the figures after each entry.
+pub async fn pass(store: &Arc<Store>, rate: u64, mut progress: impl FnMut(&Pass)) -> Pass {
     let mut out = Pass::default();
     let started = Instant::now();
     for entry in store.candidates(&|_| None) {
@@ -110,8 +116,12 @@ pub async fn pass(store: &Arc<Store>, rate: u64) -> Pass {
                 };
                 store.corrupt(entry.kind, &entry.digest, &why);
                 out.removed += 1;
+                if out.removed_entries.len() < MAX_LISTED {
+                    out.removed_entries.push(format!("{kind} {}", entry.digest));
+                }
             }
         }
+        progress(&out);
     }
     out
 }
@@ -141,9 +151,13 @@ mod tests {
         std::fs::write(store.entry_path(EntryKind::Manifest, &md), b"{}").unwrap();
 
         let t = Instant::now();
-        let p = pass(&store, 2_000_000).await;
+        let mut seen = 0;
+        let p = pass(&store, 2_000_000, |_| seen += 1).await;
         let took = t.elapsed();
-        assert_eq!((p.checked, p.removed), (4, 2), "{p:?}");
+        assert_eq!((p.checked, p.removed, seen), (4, 2, 4), "{p:?}");
+        let mut listed = p.removed_entries.clone();
+        listed.sort();
+        assert_eq!(listed, [format!("blob {}", digests[1]), format!("manifest {md}")]);
         assert!(store.blob_size(&digests[1]).is_none() && store.blob_size(&digests[0]).is_some());
         assert!(store.get_manifest(&md).unwrap().is_none());
         // 900 kB of blobs (and a few bytes) at 2 MB/s: at least 0.45 s.

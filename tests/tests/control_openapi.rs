@@ -146,6 +146,14 @@ async fn control_openapi_document_matches_the_gateway() -> anyhow::Result<()> {
     check("post", "/api/tokens", &rest("POST", &tokens, &[], Some(&vec![b' '; 2 << 20])).await?);
     check("get", "/api/tokens", &rest("GET", &tokens, &as_reader, None).await?);
     check("get", "/api/tokens", &rest("GET", &tokens, &anonymous, None).await?);
+    // No node is connected here: a verification has nobody to ask (the 202 is in cache_verify.rs).
+    let verify = url("/api/nodes/verify");
+    let v = "/api/nodes/verify";
+    check("post", v, &rest_json("POST", &verify, &[], &json!({})).await?);
+    check("post", v, &rest_json("POST", &verify, &[], &json!({"nodes": ["n1"]})).await?);
+    check("post", v, &rest_json("POST", &verify, &[], &json!({"rate_bytes_per_sec": -1})).await?);
+    check("post", v, &rest_json("POST", &verify, &as_reader, &json!({})).await?);
+    check("post", v, &rest("POST", &verify, &[], Some(&vec![b' '; 2 << 20])).await?);
     let id = created.json()?["id"].as_str().unwrap_or_default().to_owned();
     let one_token = "/api/tokens/{id}";
     check("delete", one_token, &rest("DELETE", &url(&format!("/api/tokens/{id}")), &as_reader, None).await?);
