@@ -14,7 +14,7 @@ pub const DEFAULT_SERVER: &str = "http://127.0.0.1:7000";
 #[derive(Parser, Debug)]
 #[command(
     name = "regctl",
-    version,
+    version = wharf_core::VERSION,
     about = "The operator's CLI of Wharf: repos, nodes, cache warming, CDN checks",
     after_help = "\
 Examples:
@@ -123,6 +123,17 @@ Examples:
   regctl check-cdn http://node1:5000/v2/dockerhub/library/alpine/blobs/sha256:<hex>
   regctl check-cdn https://cdn.example/v2/ghcr/org/image/manifests/sha256:<hex> -o json")]
     CheckCdn(CheckCdnArgs),
+    /// Exit 0 if a health URL answers 2xx within --timeout: a container's HEALTHCHECK.
+    #[command(after_help = "\
+For images without a shell or curl (the Wharf image is one). Without URL: $WHARF_PROBE_URL, else
+the /readyz of the node on the port of $WHARF_LISTEN (5000 when unset) on 127.0.0.1, so the
+image's HEALTHCHECK follows the node's listen address. Prints nothing on success; on failure one
+line saying what answered.
+
+Examples:
+  regctl probe
+  regctl probe http://127.0.0.1:7000/readyz --timeout 2s")]
+    Probe(ProbeArgs),
     /// Print a shell completion script.
     #[command(after_help = "\
 Examples:
@@ -416,6 +427,13 @@ pub struct WarmArgs {
     /// Longest silence while reading from a node.
     #[arg(long, value_parser = parse_duration, default_value = "60s", value_name = "DURATION")]
     pub read_timeout: Duration,
+}
+
+#[derive(Args, Debug)]
+pub struct ProbeArgs {
+    /// The URL to GET, for example a node's or a control plane's /readyz.
+    #[arg(env = "WHARF_PROBE_URL")]
+    pub url: Option<String>,
 }
 
 #[derive(Args, Debug)]

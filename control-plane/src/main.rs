@@ -15,7 +15,7 @@ use wharf_runtime::ShutdownSignals;
 ///   wharf-control --data-dir /var/lib/wharf --listen 0.0.0.0:7000
 ///   wharf dev                                             # embedded store + one node on :5000
 #[derive(Parser)]
-#[command(version, about, verbatim_doc_comment)]
+#[command(version = wharf_core::VERSION, about, verbatim_doc_comment)]
 struct Args {
     #[command(flatten)]
     control: ControlArgs,

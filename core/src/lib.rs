@@ -8,6 +8,10 @@ mod reference;
 mod repo;
 pub mod token;
 
+/// What `--version` prints after the binary's name: the crate version and the git commit built from
+/// (`unknown` for debug builds and builds without git or `$WHARF_GIT_COMMIT`).
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("WHARF_GIT_COMMIT"), ")");
+
 pub use digest::{Digest, DigestError, DigestHasher};
 pub use reference::{NameError, Reference, normalize_name, validate_name};
 pub use repo::{

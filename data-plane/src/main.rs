@@ -22,7 +22,7 @@ use wharf_runtime::tls::{ClientTlsFiles, TlsArgs};
 /// `docker pull localhost:5000/dockerhub/library/alpine:3.20`.
 /// Its repos come from a TOML file (`--config`) or from control planes (`--control-plane`).
 #[derive(Parser)]
-#[command(version, about)]
+#[command(version = wharf_core::VERSION, about)]
 struct Args {
     /// Address to serve the registry API on.
     #[arg(long, default_value = "0.0.0.0:5000", env = "WHARF_LISTEN")]

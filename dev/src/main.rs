@@ -19,7 +19,7 @@ use wharf_runtime::ShutdownSignals;
 
 /// Wharf on one machine. For production, run `wharf-control` and `wharf-proxy` (see the README).
 #[derive(Parser)]
-#[command(version, about)]
+#[command(version = wharf_core::VERSION, about)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
