@@ -63,6 +63,10 @@ pub struct ControlArgs {
     /// token. The token is added to the store if missing. Further tokens: `regctl token create`.
     #[arg(long, env = "WHARF_BOOTSTRAP_TOKEN_FILE")]
     pub bootstrap_token_file: Option<PathBuf>,
+    /// Likewise a node token (role node) for the nodes' --control-plane-token-file: a deployment
+    /// can make both tokens up front (Kubernetes Secrets, files beside the units).
+    #[arg(long, env = "WHARF_BOOTSTRAP_NODE_TOKEN_FILE")]
+    pub bootstrap_node_token_file: Option<PathBuf>,
     /// Serve the management API and the node configuration stream without any token. Anyone who
     /// can reach the port can change the configuration and read upstream credentials.
     #[arg(long)]
@@ -136,7 +140,10 @@ pub async fn start(args: &ControlArgs, bootstrap: Option<PathBuf>) -> Result<Con
     }
     let bootstrap = args.bootstrap_token_file.clone().or(bootstrap);
     if let Some(path) = &bootstrap {
-        ensure_bootstrap(&state, path, args.store_timeout).await?;
+        ensure_bootstrap(&state, path, Role::Admin, args.store_timeout).await?;
+    }
+    if let Some(path) = &args.bootstrap_node_token_file {
+        ensure_bootstrap(&state, path, Role::Node, args.store_timeout).await?;
     }
     tokio::spawn(keys::run(state.store.clone(), args.token_key_rotation, cancel.clone()));
     tracing::info!(addr = %local, tls = tls_on, client_ca = args.client_ca.is_some(), "listening");
@@ -193,21 +200,27 @@ async fn open_store(args: &ControlArgs) -> Result<Arc<dyn ConfigStore>, StartErr
 
 /// Stores the admin token of `path` (written there first when missing): before listening when the
 /// store answers, so the token works from the first call; else in the background until it does.
-async fn ensure_bootstrap(state: &ApiState, path: &Path, store_timeout: Duration) -> Result<(), StartError> {
+async fn ensure_bootstrap(
+    state: &ApiState,
+    path: &Path,
+    role: Role,
+    store_timeout: Duration,
+) -> Result<(), StartError> {
+    let description = format!("bootstrap {role}");
     let token = token_file(path)?;
     let id = wharf_core::Presented::parse(&token)
         .ok_or_else(|| {
             StartError::Refused(format!("{} does not hold a Wharf token (wharf_<id>_<secret>)", path.display()))
         })?
         .id;
-    match state.tokens.ensure(&token, Role::Admin, "bootstrap").await {
+    match state.tokens.ensure(&token, role, &description).await {
         Ok(Ensured::Revoked) => tracing::warn!(
             path = %path.display(),
             token_id = %id,
             "the bootstrap token was revoked and stays so (to have a new one made, remove the file and restart)"
         ),
         Ok(found) => {
-            tracing::info!(path = %path.display(), ?found, "bootstrap admin token in place");
+            tracing::info!(path = %path.display(), %role, ?found, "bootstrap token in place");
             if !state.hub.wait_for(store_timeout, |p| p.tokens.contains_key(&id)).await {
                 tracing::warn!("the bootstrap token is stored but not loaded yet");
             }
@@ -219,8 +232,8 @@ async fn ensure_bootstrap(state: &ApiState, path: &Path, store_timeout: Duration
                 let mut backoff = Duration::from_millis(200);
                 loop {
                     tokio::time::sleep(backoff).await;
-                    match tokens.ensure(&token, Role::Admin, "bootstrap").await {
-                        Ok(found) => return tracing::info!(?found, "bootstrap admin token checked"),
+                    match tokens.ensure(&token, role, &description).await {
+                        Ok(found) => return tracing::info!(%role, ?found, "bootstrap token checked"),
                         Err(ApiError::Unavailable(_)) => backoff = (backoff * 2).min(Duration::from_secs(5)),
                         Err(e) => return tracing::error!(error = %e, "bootstrap token refused"),
                     }

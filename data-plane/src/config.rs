@@ -121,11 +121,18 @@ impl Snapshot {
 #[derive(Debug, Default)]
 pub struct Config {
     current: RwLock<Arc<Snapshot>>,
+    /// A configuration was put in force (a file, a stored snapshot or a control plane's): `/readyz`.
+    configured: std::sync::atomic::AtomicBool,
 }
 
 impl Config {
     pub fn new(snapshot: Snapshot) -> Self {
-        Self { current: RwLock::new(Arc::new(snapshot)) }
+        Self { current: RwLock::new(Arc::new(snapshot)), configured: true.into() }
+    }
+
+    /// Whether a configuration is in force (else the node waits for its first control plane).
+    pub fn is_configured(&self) -> bool {
+        self.configured.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
@@ -134,6 +141,7 @@ impl Config {
 
     pub fn replace(&self, snapshot: Snapshot) {
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(snapshot);
+        self.configured.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

@@ -1,4 +1,5 @@
-//! The node's HTTP server: the registry router and `run(listener, state, shutdown)` over the shared
+//! The node's HTTP server: the registry router, `/metrics`, `/healthz` (the process answers) and
+//! `/readyz` (a configuration is in force), and `run(listener, state, shutdown)` over the shared
 //! accept loop ([`wharf_runtime::serve`]).
 
 use std::future::Future;
@@ -20,6 +21,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v2/", any(registry::handle))
         .route("/v2/{*rest}", any(registry::handle))
         .route("/metrics", get(render_metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
         .fallback(registry::fallback)
         .with_state(state)
 }
@@ -43,6 +46,20 @@ pub async fn run_with(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     serve(listener, router(state), limits, None, shutdown).await
+}
+
+/// Ready once a configuration is in force: a file's, the stored snapshot's or a control plane's. A
+/// managed node that starts with neither a stored snapshot nor a control plane is not.
+async fn readyz(State(state): State<AppState>) -> Response {
+    if state.config.is_configured() {
+        "ok\n".into_response()
+    } else {
+        (
+            http::StatusCode::SERVICE_UNAVAILABLE,
+            "waiting for a configuration: no control plane answered yet and no stored snapshot\n",
+        )
+            .into_response()
+    }
 }
 
 async fn render_metrics(State(state): State<AppState>) -> Response {
