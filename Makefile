@@ -5,7 +5,7 @@ DATA_DIR ?= ./wharf-data
 LISTEN ?= 0.0.0.0:5000
 CONTROL_LISTEN ?= 0.0.0.0:7000
 
-.PHONY: run test build lint fuzz bench bench-control bench-startup clean
+.PHONY: run test test-deploy dist image build lint fuzz bench bench-control bench-startup clean
 
 run:
 	@scripts/ensure-deps.sh run
@@ -19,6 +19,21 @@ test:
 	@scripts/ensure-deps.sh test
 	cargo build --workspace --bins
 	cargo nextest run --workspace --no-fail-fast
+
+# The container image test (builds the dist binaries and the image with dockerd: slow).
+test-deploy:
+	@scripts/ensure-deps.sh test
+	cargo build --workspace --bins
+	cargo nextest run -p wharf-tests --test deploy_image --run-ignored all --no-capture
+
+# Release binaries: stripped, LTO, the git commit in --version (target/dist/).
+dist:
+	WHARF_GIT_COMMIT=$$(git rev-parse --short=12 HEAD) cargo build --profile dist -p wharf-proxy -p wharf-control -p wharf-cli --bins
+	@ls -l target/dist/wharf-proxy target/dist/wharf-control target/dist/regctl
+
+# The container image (deploy/image/), built from what is local; also saved to target/image/.
+image:
+	scripts/build-image.sh
 
 lint:
 	cargo fmt --all -- --check

