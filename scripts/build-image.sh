@@ -24,7 +24,7 @@ WHARF_GIT_COMMIT=$commit cargo build --profile dist -p wharf-proxy -p wharf-cont
 
 ctx=target/image/context
 rm -rf "$ctx"
-mkdir -p "$ctx/rootfs/usr/local/bin" "$ctx/rootfs/etc/ssl/certs" "$ctx/rootfs/var/cache/wharf" "$ctx/rootfs/var/lib/wharf"
+mkdir -p "$ctx/rootfs/usr/local/bin" "$ctx/rootfs/etc/ssl/certs" "$ctx/empty"
 bins=(wharf-proxy wharf-control regctl)
 for b in "${bins[@]}"; do
   cp "target/dist/$b" "$ctx/rootfs/usr/local/bin/"
@@ -37,10 +37,6 @@ done
 cp -L /etc/ssl/certs/ca-certificates.crt "$ctx/rootfs/etc/ssl/certs/"
 printf 'root:x:0:0:root:/nonexistent:/sbin/nologin\nwharf:x:65532:65532:Wharf:/nonexistent:/sbin/nologin\n' > "$ctx/rootfs/etc/passwd"
 printf 'root:x:0:\nwharf:x:65532:\n' > "$ctx/rootfs/etc/group"
-# The volumes belong to the user the image runs as (a fresh volume takes the image's ownership).
-chown -R 65532:65532 "$ctx/rootfs/var/cache/wharf" "$ctx/rootfs/var/lib/wharf" 2>/dev/null \
-  || echo "build-image: not root: the cache and data directories stay owned by $(id -u); run as root for 65532"
-chmod 0700 "$ctx/rootfs/var/cache/wharf" "$ctx/rootfs/var/lib/wharf"
 cp deploy/image/Dockerfile "$ctx/"
 
 started=""

@@ -239,9 +239,14 @@ async fn main() -> anyhow::Result<()> {
     };
     let mut signals = ShutdownSignals::new().context("listening for SIGTERM and SIGINT")?;
     let cancel = CancellationToken::new();
-    let node = tokio::spawn(run_node(listener, opts, cancel.clone()));
-    let signal = signals.recv().await;
-    tracing::info!(signal, "shutting down: no new connections, finishing in-flight responses");
+    let mut node = tokio::spawn(run_node(listener, opts, cancel.clone()));
+    tokio::select! {
+        signal = signals.recv() => {
+            tracing::info!(signal, "shutting down: no new connections, finishing in-flight responses");
+        }
+        // A node that cannot start (an unusable cache dir, a bad config file) exits at once with why.
+        r = &mut node => return r?.context("node"),
+    }
     cancel.cancel();
     tokio::select! {
         r = node => r?.context("node")?,
