@@ -47,6 +47,7 @@ fuzz:
 bench:
 	@scripts/ensure-deps.sh bench
 	python3 bench/bench.py
+	python3 bench/warm.py --wharf-bin target/release/wharf-proxy
 
 # Config propagation (write acked -> every node serving), control-plane RSS and idle CPU.
 bench-control:

@@ -57,6 +57,11 @@ pub struct TelemetryArgs {
     /// OTEL_EXPORTER_OTLP_ENDPOINT), no spans are exported. Other OTEL_* variables are honoured.
     #[arg(long)]
     pub otlp_endpoint: Option<String>,
+    /// Log lines queued for the writer thread at most; when it falls behind (a slow disk, a pipe
+    /// nobody reads), further lines are dropped and counted (wharf_log_lines_dropped_total), never
+    /// waited for.
+    #[arg(long, default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(1..), env = "WHARF_LOG_QUEUE_LINES")]
+    pub log_queue_lines: u32,
 }
 
 impl TelemetryArgs {
@@ -66,6 +71,7 @@ impl TelemetryArgs {
             log_level: self.log_level.clone(),
             otlp_endpoint: self.otlp_endpoint.clone(),
             service_name,
+            log_queue_lines: self.log_queue_lines as usize,
         }
     }
 }
@@ -80,6 +86,8 @@ pub struct TelemetryOptions {
     pub otlp_endpoint: Option<String>,
     /// `service.name` unless `OTEL_SERVICE_NAME` says otherwise.
     pub service_name: &'static str,
+    /// The log writer's queue, in lines.
+    pub log_queue_lines: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +103,8 @@ pub enum TelemetryError {
 /// Keeps the tracer provider; [`Telemetry::shutdown`] flushes what is queued.
 pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
+    /// Dropped last: writes out the log lines still queued.
+    _log_writer: tracing_appender::non_blocking::WorkerGuard,
 }
 
 impl Telemetry {
@@ -103,8 +113,9 @@ impl Telemetry {
         self.provider.is_some()
     }
 
-    /// Exports what is queued (bounded by the exporter's timeout) and stops the exporter. Blocking:
-    /// call it from `spawn_blocking` or outside the runtime.
+    /// Exports what is queued (bounded by the exporter's timeout) and stops the exporter, then
+    /// writes out the queued log lines. Blocking: call it from `spawn_blocking` or outside the
+    /// runtime.
     pub fn shutdown(self) {
         if let Some(p) = self.provider
             && let Err(e) = p.shutdown_with_timeout(Duration::from_secs(3))
@@ -198,7 +209,10 @@ const EXPORTED_TARGETS: &[&str] = &["wharf_proxy", "wharf_control", "wharf_runti
 pub fn init(opts: &TelemetryOptions) -> Result<Telemetry, TelemetryError> {
     let filter = tracing_subscriber::EnvFilter::try_new(&opts.log_level)
         .map_err(|e| TelemetryError::Filter { level: opts.log_level.clone(), message: e.to_string() })?;
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stdout);
+    // Colours only for a terminal: a log file or a container's log gets plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let (writer, log_writer) = log_writer(opts.log_queue_lines);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(writer).with_ansi(ansi);
     let fmt = match opts.log_format {
         // JSON lines carry no span context, so the layer sees events only: otherwise it would keep
         // every span's fields as JSON, parsed and written again at each `record` (a fifth of a
@@ -232,7 +246,43 @@ pub fn init(opts: &TelemetryOptions) -> Result<Telemetry, TelemetryError> {
         opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
         EXPORTING.store(true, Ordering::Relaxed);
     }
-    Ok(Telemetry { provider })
+    Ok(Telemetry { provider, _log_writer: log_writer })
+}
+
+/// Log lines are formatted on the thread that logs them and written to stdout by a thread of
+/// their own, through a queue of `queue_lines`: a request never waits on the write (a slow
+/// terminal, pipe or disk must not hold requests). Lines dropped because
+/// the queue was full are counted in `wharf_log_lines_dropped_total` and said once a second in the
+/// log itself.
+fn log_writer(
+    queue_lines: usize,
+) -> (tracing_appender::non_blocking::NonBlocking, tracing_appender::non_blocking::WorkerGuard) {
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(queue_lines)
+        .thread_name("wharf-log-writer")
+        .finish(std::io::stdout());
+    let dropped = writer.error_counter();
+    let watch = std::thread::Builder::new().name("wharf-log-drops".into()).spawn(move || {
+        let mut reported = 0;
+        loop {
+            std::thread::sleep(Duration::from_secs(1));
+            let now = dropped.dropped_lines();
+            if now > reported {
+                metrics::counter!("wharf_log_lines_dropped_total").increment((now - reported) as u64);
+                tracing::warn!(
+                    dropped = now - reported,
+                    total = now,
+                    "log lines dropped in the last second: the log writer fell behind"
+                );
+                reported = now;
+            }
+        }
+    });
+    if let Err(e) = watch {
+        eprintln!("could not start the thread that reports dropped log lines: {e}");
+    }
+    (writer, guard)
 }
 
 /// The collector to export to, if any: the flag, else the standard variables.
