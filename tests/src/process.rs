@@ -43,6 +43,23 @@ impl LogBuf {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).lines.len()
     }
 
+    /// Waits until no line came for 30 ms (at most 1 s in all, or until the stream ended). The
+    /// binaries write their log from a thread of their own, a moment after each event: a test
+    /// that reads the log right after a response lets what was logged by then arrive first.
+    pub fn settle(&self) {
+        let deadline = Instant::now() + Duration::from_secs(1);
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            let seen = st.lines.len();
+            let (next, timeout) =
+                self.cond.wait_timeout(st, Duration::from_millis(30)).unwrap_or_else(|e| e.into_inner());
+            st = next;
+            if st.eof || Instant::now() >= deadline || (timeout.timed_out() && st.lines.len() == seen) {
+                return;
+            }
+        }
+    }
+
     /// Whether no line arrived yet.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
@@ -122,13 +139,16 @@ impl ChildGuard {
         Ok(Self { child: Some(child), name: name.to_string(), stdout, stderr })
     }
 
-    /// Every stdout line that parses as JSON (the JSON log events).
+    /// Every stdout line that parses as JSON (the JSON log events), once the log settled
+    /// ([`LogBuf::settle`]).
     pub fn json_logs(&self) -> Vec<serde_json::Value> {
+        self.stdout.settle();
         self.stdout.lines().iter().filter_map(|l| serde_json::from_str(l).ok()).collect()
     }
 
     /// Everything the process printed (stdout and stderr), for searching for leaked secrets.
     pub fn all_output(&self) -> String {
+        self.stdout.settle();
         let mut s = self.stdout.lines().join("\n");
         s.push('\n');
         s.push_str(&self.stderr.lines().join("\n"));

@@ -179,6 +179,15 @@ impl Proxy {
         self.child.json_logs()
     }
 
+    /// Waits until a stdout line contains `text` (log lines are written by a thread of their own,
+    /// a moment after the event); returns it.
+    pub fn wait_log_line(&self, timeout: Duration, text: &str) -> anyhow::Result<String> {
+        self.child
+            .stdout
+            .wait_for(0, timeout, |l| l.contains(text))
+            .ok_or_else(|| anyhow::anyhow!("no log line with {text:?} within {timeout:?}:\n{}", self.log_tail(30)))
+    }
+
     /// The per-request log events (`fields.message == "request"`), as their `fields` objects.
     pub fn request_logs(&self) -> Vec<Value> {
         self.logs().iter().filter(|v| message(v) == Some("request")).map(|v| fields(v).clone()).collect()

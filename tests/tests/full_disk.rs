@@ -109,6 +109,7 @@ async fn full_disk_serves_manifests_and_tags_uncached_then_caches_again() -> any
     let lines = proxy.request_logs();
     assert!(lines.iter().any(|l| l["cache"] == "bypass" && l["kind"] == "manifest"), "{lines:#?}");
     assert!(lines.iter().all(|l| l["status"] != 500), "a 500 on a full disk: {lines:#?}");
+    proxy.wait_log_line(Duration::from_secs(5), "cache writes fail")?;
     let warned = proxy.logs().iter().filter(|v| v.to_string().contains("cache writes fail")).count();
     assert_eq!(warned, 1, "one warning per episode");
     let scrape = Scrape::parse(&get(&format!("{}/metrics", proxy.url()), &[]).await?.text())?;
@@ -125,7 +126,7 @@ async fn full_disk_serves_manifests_and_tags_uncached_then_caches_again() -> any
     assert_eq!(status, 200);
     assert!(proxy.cached_manifest(cold.digest()).is_some(), "not cached once there was room");
     proxy.wait_request_log(Duration::from_secs(5), |l| l["cache"] == "miss" && l["kind"] == "manifest")?;
-    assert!(proxy.logs().iter().any(|v| v.to_string().contains("cache writes succeed again")));
+    proxy.wait_log_line(Duration::from_secs(5), "cache writes succeed again")?;
     // No response ever named the cache's path.
     let cache_path = cache.display().to_string();
     assert!(proxy.request_logs().iter().all(|l| !l["error"].as_str().unwrap_or("").contains(&cache_path)));
