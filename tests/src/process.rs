@@ -203,8 +203,9 @@ impl ChildGuard {
         }
     }
 
-    /// The last `n` lines of stdout and stderr, for error messages.
+    /// The last `n` lines of stdout and stderr (once stdout settled), for error messages and checks.
     pub fn tail(&self, n: usize) -> String {
+        self.stdout.settle();
         let tail = |b: &LogBuf| {
             let l = b.lines();
             l[l.len().saturating_sub(n)..].join("\n")
