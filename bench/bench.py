@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import datetime as dt
 import hashlib
 import http.client
@@ -663,6 +664,26 @@ def push_layout(layout: Path, port: int) -> None:
                        capture_output=True, text=True, timeout=600)
     if p.returncode != 0:
         raise BenchError(f"skopeo copy failed: {p.stderr.strip()}")
+
+
+@contextlib.contextmanager
+def image_upstream(prefix: str, args: argparse.Namespace, big_bytes: int, small_bytes: int):
+    """For the scripts beside this one: a temp dir, a local registry upstream holding the test image
+    (a `big_bytes` and a `small_bytes` layer) and the Procs the caller starts its servers with; all
+    stopped and removed afterwards. Yields (ctx, upstream port)."""
+    procs = Procs()
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        storage = tmp / "storage"
+        storage.mkdir()
+        image = build_oci_layout(tmp / "layout", big_bytes, small_bytes)
+        ctx = Context(args, tmp, procs, image, storage)
+        _, up_port, _ = start_upstream(ctx, "u")
+        push_layout(tmp / "layout", up_port)
+        yield ctx, up_port
+    finally:
+        procs.stop_all()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def start_upstream(ctx: Context, name: str) -> tuple[subprocess.Popen, int, UpstreamLog]:

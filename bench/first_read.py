@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,15 +27,8 @@ def main() -> int:
     args = ap.parse_args()
     bargs = B.parse_args(["--only", "wharf", "--big-mb", str(max(args.mib, 2)), "--duration", "1"])
     bargs.wharf_bin = args.wharf_bin
-    procs = B.Procs()
-    tmp = Path(tempfile.mkdtemp(prefix="wharf-first-read-"))
-    try:
-        storage = tmp / "storage"
-        storage.mkdir()
-        image = B.build_oci_layout(tmp / "layout", args.mib * B.MiB, 1 * B.MiB)
-        ctx = B.Context(bargs, tmp, procs, image, storage)
-        _, up_port, _ = B.start_upstream(ctx, "u")
-        B.push_layout(tmp / "layout", up_port)
+    with B.image_upstream("wharf-first-read-", bargs, args.mib * B.MiB, 1 * B.MiB) as (ctx, up_port):
+        tmp, procs, image = ctx.tmp, ctx.procs, ctx.image
         digest = image["big_digest"]
 
         def timed_get(port: int, path: str) -> float:
@@ -71,9 +62,6 @@ def main() -> int:
               f"{statistics.median(ratios):.2f}x ({mb / statistics.median(firsts):.0f} MB/s vs "
               f"{mb / statistics.median(warms):.0f} MB/s)")
         return 0
-    finally:
-        procs.stop_all()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

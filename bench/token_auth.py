@@ -21,10 +21,8 @@ import base64
 import hashlib
 import json
 import secrets
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -64,15 +62,8 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=B.BENCH_DIR / "out")
     args = ap.parse_args()
     bargs = B.parse_args(["--only", "wharf", "--big-mb", "2", "--duration", str(args.duration)])
-    procs = B.Procs()
-    tmp = Path(tempfile.mkdtemp(prefix="wharf-token-bench-"))
-    try:
-        storage = tmp / "storage"
-        storage.mkdir()
-        image = B.build_oci_layout(tmp / "layout", 1 * B.MiB, 64 * 1024)
-        ctx = B.Context(bargs, tmp, procs, image, storage)
-        _, up_port, _ = B.start_upstream(ctx, "u")
-        B.push_layout(tmp / "layout", up_port)
+    with B.image_upstream("wharf-token-bench-", bargs, 1 * B.MiB, 64 * 1024) as (ctx, up_port):
+        image = ctx.image
         puller = ("00000000000000be", secrets.token_hex(24))
         _, port, log_path = start_node(ctx, args.wharf_bin, up_port, puller)
         basic = "Basic " + base64.b64encode(f"bench:wharf_{puller[0]}_{puller[1]}".encode()).decode()
@@ -125,9 +116,6 @@ def main() -> int:
                                    "token_puller_rps": with_puller["rps"]}, indent=2))
         B.log(f"results: {out}")
         return 0
-    finally:
-        procs.stop_all()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ import pwd
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -77,15 +76,8 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=B.BENCH_DIR / "out")
     args = ap.parse_args()
     bargs = B.parse_args(["--only", "wharf", "--big-mb", "2", "--duration", str(args.duration)])
-    procs = B.Procs()
-    tmp = Path(tempfile.mkdtemp(prefix="wharf-warm-bench-"))
-    try:
-        storage = tmp / "storage"
-        storage.mkdir()
-        image = B.build_oci_layout(tmp / "layout", 1 * B.MiB, 64 * 1024)
-        ctx = B.Context(bargs, tmp, procs, image, storage)
-        _, up_port, _ = B.start_upstream(ctx, "u")
-        B.push_layout(tmp / "layout", up_port)
+    with B.image_upstream("wharf-warm-bench-", bargs, 1 * B.MiB, 64 * 1024) as (ctx, up_port):
+        tmp, image = ctx.tmp, ctx.image
         wharf = {"logs on": start_wharf(ctx, args.wharf_bin, up_port, "wharf-logs", "info"),
                  "logs off": start_wharf(ctx, args.wharf_bin, up_port, "wharf-quiet", "warn")}
         accept = {"Accept": B.MANIFEST_ACCEPT}
@@ -150,9 +142,6 @@ def main() -> int:
         out.write_text(json.dumps({"rps": rps, "table": lines}, indent=2))
         B.log(f"results: {out}")
         return 0
-    finally:
-        procs.stop_all()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
