@@ -19,7 +19,9 @@ import json
 import os
 import pwd
 import shutil
+import signal
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,7 +34,7 @@ SERVERS = ("wharf", "nginx proxy_cache", "static sendfile")
 REQUESTS = ("1 MiB blob", "manifest by tag")
 
 
-def start_wharf(ctx: B.Context, binary: Path, upstream_port: int, name: str, level: str) -> int:
+def start_wharf(ctx: B.Context, binary: Path, upstream_port: int, name: str, level: str) -> tuple[int, int]:
     d = ctx.tmp / name
     d.mkdir()
     cfg = d / "wharf.toml"
@@ -43,7 +45,25 @@ def start_wharf(ctx: B.Context, binary: Path, upstream_port: int, name: str, lev
     p = ctx.procs.start(name, [str(binary), "--config", str(cfg), "--cache-dir", str(d / "cache"),
                                "--listen", f"127.0.0.1:{port}", "--log-level", level], log_path, cwd=d)
     B.wait_ready(name, port, p, log_path)
-    return port
+    return port, p.pid
+
+
+def profile(pid: int, port: int, path: str, hdrs: dict, duration: int, conns: int, out: Path) -> str:
+    """`perf record` of process `pid` while wrk runs one more round against it; the top entries of
+    the report (self time, by symbol) as text, the recording itself at `out`."""
+    rec = subprocess.Popen(["perf", "record", "-F", "999", "-g", "-p", str(pid), "-o", str(out)],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                           start_new_session=True)
+    try:
+        w = B.run_wrk(port, path, duration, [f"{k}: {v}" for k, v in hdrs.items()], conns=conns)
+    finally:
+        rec.send_signal(signal.SIGINT)
+        rec.wait(timeout=60)
+    rep = subprocess.run(["perf", "report", "-i", str(out), "--no-children", "--stdio", "-g", "none",
+                          "--percent-limit", "1.5", "--sort", "dso,symbol"],
+                         capture_output=True, text=True, timeout=300)
+    top = [ln for ln in rep.stdout.splitlines() if ln.strip() and not ln.startswith("#")]
+    return f"{w['rps']:,.0f} GETs/s while recording\n" + "\n".join(top[:25])
 
 
 def start_nginx(ctx: B.Context, upstream_port: int, blob_file: Path, manifest_size: int) -> dict:
@@ -74,12 +94,16 @@ def main() -> int:
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--wharf-bin", type=Path, default=B.REPO_ROOT / "target" / "release" / "wharf-proxy")
     ap.add_argument("--out", type=Path, default=B.BENCH_DIR / "out")
+    ap.add_argument("--profile", action="store_true",
+                    help="after the rounds, record Wharf (logs on) with perf during one more run per request "
+                         "and print the report's top entries")
     args = ap.parse_args()
     bargs = B.parse_args(["--only", "wharf", "--big-mb", "2", "--duration", str(args.duration)])
     with B.image_upstream("wharf-warm-bench-", bargs, 1 * B.MiB, 64 * 1024) as (ctx, up_port):
         tmp, image = ctx.tmp, ctx.image
-        wharf = {"logs on": start_wharf(ctx, args.wharf_bin, up_port, "wharf-logs", "info"),
-                 "logs off": start_wharf(ctx, args.wharf_bin, up_port, "wharf-quiet", "warn")}
+        started = {"logs on": start_wharf(ctx, args.wharf_bin, up_port, "wharf-logs", "info"),
+                   "logs off": start_wharf(ctx, args.wharf_bin, up_port, "wharf-quiet", "warn")}
+        wharf = {row: port for row, (port, _) in started.items()}
         accept = {"Accept": B.MANIFEST_ACCEPT}
         s, _, manifest = B.http_get(wharf["logs on"], f"/v2/{B.WHARF_REPO_KEY}/{B.IMAGE_NAME}/manifests/{B.IMAGE_TAG}", accept)
         if s != 200:
@@ -138,6 +162,12 @@ def main() -> int:
                              f"{ratio(row, req, 'static sendfile'):.2f}x |")
         print("\n".join(lines))
         args.out.mkdir(parents=True, exist_ok=True)
+        if args.profile:
+            for req in REQUESTS:
+                port, path, hdrs = targets["logs on"]["wharf"][req]
+                data = args.out / f"perf-{req.replace(' ', '-')}-{time.strftime('%Y%m%dT%H%M%S')}.data"
+                top = profile(started["logs on"][1], port, path, hdrs, args.duration, args.connections, data)
+                print(f"\nperf, wharf, {req}, logs on ({data}):\n{top}")
         out = args.out / f"warm-{time.strftime('%Y%m%dT%H%M%S')}.json"
         out.write_text(json.dumps({"rps": rps, "table": lines}, indent=2))
         B.log(f"results: {out}")

@@ -36,6 +36,7 @@ pub mod error;
 pub mod evict;
 pub mod flight;
 pub mod managed;
+pub mod mapped;
 pub mod metrics;
 pub mod node;
 pub mod node_token;

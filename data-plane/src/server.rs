@@ -69,5 +69,6 @@ async fn render_metrics(State(state): State<AppState>) -> Response {
     let (entries, bytes) = state.store.usage();
     metrics::gauge!("wharf_cache_entries").set(entries as f64);
     metrics::gauge!("wharf_cache_size_bytes").set(bytes as f64);
+    metrics::gauge!("wharf_cache_mapped_bytes").set(state.store.mapped_usage().1 as f64);
     ([(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], handle.render()).into_response()
 }

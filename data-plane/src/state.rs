@@ -74,6 +74,9 @@ pub struct Ctx {
     pub headers: HeaderMap,
     pub query: Option<String>,
     pub head: bool,
+    /// The request came over a plaintext connection: verified blobs may be served from memory
+    /// maps ([`crate::mapped`]), whose bytes only the kernel reads there.
+    pub plaintext: bool,
     /// Passthrough repos: the client's credentials, presented upstream (`None`: anonymous).
     pub client: Option<Arc<ClientCredentials>>,
 }

@@ -25,6 +25,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use wharf_core::{Digest, RepoKey};
 
+use crate::mapped::{MapCache, MappedFile};
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("cache I/O on {path}: {source}")]
@@ -173,6 +175,8 @@ pub struct Store {
     degraded: AtomicBool,
     /// Bytes that fetches in flight reserved and have not written yet ([`Store::reserve`]).
     reserved: AtomicU64,
+    /// Shared read-only maps of hot verified blob files ([`Store::mapped_blob`]).
+    maps: MapCache,
 }
 
 /// Room reserved in the cache for one fetch; given back on drop.
@@ -249,6 +253,7 @@ impl Store {
             evict: Arc::default(),
             degraded: AtomicBool::new(false),
             reserved: AtomicU64::new(0),
+            maps: MapCache::default(),
         })
     }
 
@@ -355,6 +360,8 @@ impl Store {
                 if self.index().blobs.remove(d).is_none() {
                     return Ok(false);
                 }
+                // After the index: a map made meanwhile is either forgotten here or never kept.
+                self.maps.forget(d);
                 self.blob_path(d)
             }
             EntryKind::Manifest => {
@@ -411,6 +418,35 @@ impl Store {
         let at = e.verified_at.load(Ordering::Relaxed);
         let fresh = self.limits.reverify_after.is_none_or(|age| now.saturating_sub(at) < age.as_millis() as u64);
         Some((e.size, at != 0 && fresh))
+    }
+
+    /// A shared read-only map of a cached blob's whole file, `size` bytes, for serving it verified
+    /// over plaintext ([`crate::mapped`]). `None` when the file is too large to keep mapped or
+    /// cannot be mapped: the caller maps it window by window or reads it.
+    pub fn mapped_blob(&self, d: &Digest, size: u64) -> Option<Arc<MappedFile>> {
+        use std::os::unix::fs::MetadataExt as _;
+        if let Some(m) = self.maps.get(d) {
+            return Some(m);
+        }
+        if !self.maps.fits(size) {
+            return None;
+        }
+        let path = self.blob_path(d);
+        let map = MappedFile::new(&std::fs::File::open(&path).ok()?, size)?;
+        // Kept only if it is of the file the index holds now: a blob removed (or removed and
+        // fetched again) while it was being mapped must not leave its old file mapped.
+        let idx = self.index();
+        if idx.blobs.get(d).is_some_and(|e| e.size == size)
+            && std::fs::metadata(&path).is_ok_and(|m| m.ino() == map.inode())
+        {
+            self.maps.insert(d, map.clone());
+        }
+        Some(map)
+    }
+
+    /// Shared maps kept, and the bytes of file they map.
+    pub fn mapped_usage(&self) -> (usize, u64) {
+        self.maps.usage()
     }
 
     /// The blob's bytes were just read whole and matched its digest.
@@ -739,6 +775,48 @@ mod tests {
         assert_eq!(s.get_tag(&repo, "a/b", "v1").unwrap().digest, d.to_string());
         assert!(s.is_linked(&repo, "a/b", &d));
         assert!(!s.is_linked(&repo, "a", &d));
+    }
+
+    fn commit(s: &Store, bytes: &[u8]) -> Digest {
+        use std::io::Write as _;
+        let d = Digest::of(bytes);
+        let (path, mut f) = s.staging_file(&d).unwrap();
+        f.write_all(bytes).unwrap();
+        s.commit_blob(&path, &f, &d, bytes.len() as u64).unwrap();
+        d
+    }
+
+    fn mapped_bytes(s: &Store, d: &Digest, size: u64) -> Vec<u8> {
+        let m = s.mapped_blob(d, size).expect("mapped");
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            use futures_util::TryStreamExt as _;
+            let chunks: Vec<Bytes> =
+                crate::mapped::stream(crate::mapped::Source::Shared(m), 0, size).try_collect().await.unwrap();
+            chunks.concat()
+        })
+    }
+
+    #[test]
+    fn a_removed_blob_leaves_no_shared_map_and_its_successor_is_mapped_afresh() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let d = commit(&s, b"first bytes");
+        assert_eq!(mapped_bytes(&s, &d, 11), b"first bytes");
+        assert_eq!(s.mapped_usage(), (1, 11));
+        assert!(s.remove_entry(EntryKind::Blob, &d).unwrap());
+        assert_eq!(s.mapped_usage(), (0, 0), "the map goes with the blob, so its disk space comes back");
+        // The same digest fetched again (a new file): its map is of the new file, not the old one.
+        commit(&s, b"first bytes");
+        std::fs::write(s.blob_path(&d), b"FIRST BYTES").unwrap();
+        assert_eq!(mapped_bytes(&s, &d, 11), b"FIRST BYTES");
+        // A size the index does not hold is mapped for the caller but never kept.
+        s.remove_entry(EntryKind::Blob, &d).unwrap();
+        let other = commit(&s, b"other");
+        std::fs::write(s.blob_path(&d), b"stray bytes").unwrap();
+        assert!(s.mapped_blob(&d, 11).is_some());
+        assert_eq!(s.mapped_usage(), (0, 0), "no index entry: not kept");
+        assert!(s.mapped_blob(&other, 6).is_none(), "a size that is not the file's");
     }
 
     #[test]

@@ -31,6 +31,14 @@ impl Default for ServerLimits {
     }
 }
 
+/// How a request reached the server, in every request's extensions: a handler that hands out bytes
+/// only the kernel should read (memory maps) does so on plaintext connections only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    Plain,
+    Tls,
+}
+
 /// Serves `router` on `listener` (both binaries' ports): HTTP/1.1 and HTTP/2 (h2c, or h2 by ALPN
 /// over TLS), with a connection cap, a header read timeout that also bounds the TLS handshake,
 /// and a head size limit, until `shutdown` resolves; then stops accepting and waits for the open
@@ -42,7 +50,8 @@ pub async fn serve(
     tls: Option<TlsAcceptor>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let service = TowerToHyperService::new(router);
+    let service = TowerToHyperService::new(router.clone().layer(axum::Extension(Transport::Plain)));
+    let tls_service = TowerToHyperService::new(router.layer(axum::Extension(Transport::Tls)));
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -87,7 +96,7 @@ pub async fn serve(
             });
             continue;
         };
-        let (acceptor, builder, service) = (acceptor.clone(), builder.clone(), service.clone());
+        let (acceptor, builder, service) = (acceptor.clone(), builder.clone(), tls_service.clone());
         let handshake_timeout = limits.header_read_timeout;
         tokio::spawn(async move {
             // The handshake happens here, not in the accept loop: a slow client delays nobody else.

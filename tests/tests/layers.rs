@@ -1,7 +1,8 @@
 //! The workspace's arrows point one way: neither plane's crate depends on the other (the shared
 //! runtime depends on neither), no crate has an import cycle between its modules, and the data
 //! plane's modules import only modules of their own layer or below (edge -> authorization -> cache
-//! logic -> store and upstream client).
+//! logic -> store and upstream client). Unsafe code is denied everywhere but in the one module
+//! that maps files (`data-plane/src/mapped.rs`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -101,7 +102,18 @@ const DATA_PLANE_LAYERS: &[(&str, &[&str])] = &[
     ("store and upstream", &["store", "evict", "scrub", "upstream"]),
     (
         "foundations",
-        &["config", "credentials", "node_token", "private_file", "error", "oci", "metrics", "range", "bufpool"],
+        &[
+            "config",
+            "credentials",
+            "node_token",
+            "private_file",
+            "error",
+            "oci",
+            "metrics",
+            "range",
+            "bufpool",
+            "mapped",
+        ],
     ),
 ];
 
@@ -130,4 +142,29 @@ fn layers_data_plane_reads_in_one_direction() {
     assert!(graph.refers("registry", "cache").is_some());
     assert!(graph.refers("cache::blobs", "flight").is_some());
     assert!(graph.refers("flight", "store").is_some() && graph.refers("flight", "upstream").is_some());
+}
+
+/// `unsafe_code` is denied for the workspace (not forbidden, so that one module may allow it):
+/// the memory maps of `data-plane/src/mapped.rs` are the only exception, and stay the only one.
+#[test]
+fn layers_only_the_memory_maps_allow_unsafe_code() {
+    let manifest = std::fs::read_to_string(root().join("Cargo.toml")).expect("the workspace manifest");
+    assert!(manifest.contains("unsafe_code = \"deny\""), "the workspace denies unsafe code");
+    let mut allowing = Vec::new();
+    let mut todo: Vec<PathBuf> = members();
+    todo.push(root().join("tests"));
+    while let Some(dir) = todo.pop() {
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() && p.file_name().is_some_and(|n| n != "target") {
+                todo.push(p);
+            } else if p.extension().is_some_and(|x| x == "rs")
+                && std::fs::read_to_string(&p).is_ok_and(|t| t.contains(concat!("allow(", "unsafe_code)")))
+            {
+                allowing.push(p.strip_prefix(root()).unwrap_or(&p).display().to_string());
+            }
+        }
+    }
+    allowing.sort();
+    assert_eq!(allowing, ["data-plane/src/mapped.rs"], "files that allow unsafe code");
 }

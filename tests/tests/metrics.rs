@@ -206,6 +206,8 @@ async fn node_metrics_count_every_outcome_per_repo_key() -> anyhow::Result<()> {
     // Cached: two manifests and two blobs (the config blob was never asked for).
     assert_family(&s, "wharf_cache_entries", &[(&[], 4.0)]);
     assert_family(&s, "wharf_cache_size_bytes", &[(&[], app_m + web_m + layer_n + slow_n)]);
+    // The one blob hit (plain HTTP, verified by its fetch) was served from a shared map, still kept.
+    assert_family(&s, "wharf_cache_mapped_bytes", &[(&[], layer_n)]);
     // Nothing evicted, nothing served uncached, no control plane: those series do not exist yet.
     for absent in ["wharf_evictions_total", "wharf_evicted_bytes_total", "wharf_uncached_bytes_total"] {
         assert_family(&s, absent, &[]);
