@@ -51,7 +51,7 @@ def start_wharf(ctx: B.Context, binary: Path, upstream_port: int, name: str, lev
 def profile(pid: int, port: int, path: str, hdrs: dict, duration: int, conns: int, out: Path) -> str:
     """`perf record` of process `pid` while wrk runs one more round against it; the top entries of
     the report (self time, by symbol) as text, the recording itself at `out`."""
-    rec = subprocess.Popen(["perf", "record", "-F", "299", "--call-graph", "dwarf,16384", "-p", str(pid), "-o", str(out)],
+    rec = subprocess.Popen(["perf", "record", "-F", "999", "-g", "-p", str(pid), "-o", str(out)],
                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
                            start_new_session=True)
     try:
