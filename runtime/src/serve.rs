@@ -31,8 +31,9 @@ impl Default for ServerLimits {
     }
 }
 
-/// How a request reached the server, in every request's extensions: a handler that hands out bytes
-/// only the kernel should read (memory maps) does so on plaintext connections only.
+/// How a request reached the server: requests over TLS carry `Transport::Tls` in their extensions
+/// (plaintext ones carry nothing). A handler that hands out bytes only the kernel should read
+/// (memory maps) does so on plaintext connections only.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Transport {
     Plain,
@@ -50,7 +51,8 @@ pub async fn serve(
     tls: Option<TlsAcceptor>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let service = TowerToHyperService::new(router.clone().layer(axum::Extension(Transport::Plain)));
+    // Plaintext requests carry no extension: inserting one costs an allocation per request.
+    let service = TowerToHyperService::new(router.clone());
     let tls_service = TowerToHyperService::new(router.layer(axum::Extension(Transport::Tls)));
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
