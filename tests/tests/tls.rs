@@ -165,6 +165,11 @@ async fn node_serves_https_with_h2_and_reloads_its_certificate_without_dropping_
     get_on(&mut old, "/v2/").await?;
     get_on(&mut new, "/v2/").await?;
     pull(&http, &base, &image).await?;
+    // Those were hits, over TLS: read into buffers, never served from memory maps (rustls reads
+    // the bytes in user space, where a truncated mapped file would raise SIGBUS).
+    let metrics = http.get(format!("https://{}/metrics", proxy.addr())).send().await?.text().await?;
+    let mapped: Vec<&str> = metrics.lines().filter(|l| l.starts_with("wharf_cache_mapped_bytes")).collect();
+    ensure!(mapped == ["wharf_cache_mapped_bytes 0"], "blobs mapped for TLS clients: {mapped:?}");
 
     // A bad file is refused and logged; the current certificate stays.
     let mark = proxy.stdout().len();
