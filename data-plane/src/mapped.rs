@@ -43,7 +43,7 @@ pub const WINDOW: usize = 4 * 1024 * 1024;
 pub const CACHE_BYTES: u64 = 512 * 1024 * 1024;
 /// Blobs larger than this are served through per-response windows, never kept mapped.
 pub const CACHE_MAX_FILE: u64 = 64 * 1024 * 1024;
-/// Shared maps kept at most (each holds its file open).
+/// Shared maps kept at most (each keeps its file's inode alive).
 const CACHE_MAX_ENTRIES: usize = 4096;
 
 /// A whole blob file, mapped once and shared by the responses that read it.
@@ -96,27 +96,23 @@ pub fn stream(
     start: u64,
     end: u64,
 ) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
-    let source = Arc::new(source);
-    futures_util::stream::try_unfold(start, move |pos| {
-        let source = source.clone();
-        async move {
-            if pos >= end {
-                return Ok(None);
-            }
-            let len = (end - pos).min(WINDOW as u64) as usize;
-            let window = match &*source {
-                Source::Shared(m) => Window::shared(m.clone(), pos, len)?,
-                Source::Windows(file) => Window::map(file, pos, len)?,
-            };
-            let window = if window.resident() {
-                window
-            } else {
-                tokio::task::spawn_blocking(move || window.populate().map(|()| window))
-                    .await
-                    .map_err(std::io::Error::other)??
-            };
-            Ok(Some((window.into_bytes(), pos + len as u64)))
+    futures_util::stream::try_unfold((source, start), move |(source, pos)| async move {
+        if pos >= end {
+            return Ok(None);
         }
+        let len = (end - pos).min(WINDOW as u64) as usize;
+        let window = match &source {
+            Source::Shared(m) => Window::shared(m.clone(), pos, len)?,
+            Source::Windows(file) => Window::map(file, pos, len)?,
+        };
+        let window = if window.resident() {
+            window
+        } else {
+            tokio::task::spawn_blocking(move || window.populate().map(|()| window))
+                .await
+                .map_err(std::io::Error::other)??
+        };
+        Ok(Some((window.into_bytes(), (source, pos + len as u64))))
     })
 }
 
@@ -213,6 +209,14 @@ struct Maps {
     tick: u64,
 }
 
+impl Maps {
+    fn remove(&mut self, d: &Digest) {
+        if let Some((old, _)) = self.entries.remove(d) {
+            self.bytes -= old.len();
+        }
+    }
+}
+
 impl MapCache {
     /// At most `budget` bytes mapped, no file over `max_file`.
     pub fn new(budget: u64, max_file: u64) -> Self {
@@ -240,16 +244,12 @@ impl MapCache {
             return;
         }
         let mut m = self.lock();
-        if let Some((old, _)) = m.entries.remove(d) {
-            m.bytes -= old.len();
-        }
-        while !m.entries.is_empty() && (m.bytes + map.len() > self.budget || m.entries.len() >= CACHE_MAX_ENTRIES) {
+        m.remove(d);
+        while m.bytes + map.len() > self.budget || m.entries.len() >= CACHE_MAX_ENTRIES {
             let Some(oldest) = m.entries.iter().min_by_key(|(_, (_, used))| *used).map(|(k, _)| k.clone()) else {
                 break;
             };
-            if let Some((old, _)) = m.entries.remove(&oldest) {
-                m.bytes -= old.len();
-            }
+            m.remove(&oldest);
         }
         m.tick += 1;
         let tick = m.tick;
@@ -259,10 +259,7 @@ impl MapCache {
 
     /// Drops `d`'s shared map (the blob left the cache).
     pub fn forget(&self, d: &Digest) {
-        let mut m = self.lock();
-        if let Some((old, _)) = m.entries.remove(d) {
-            m.bytes -= old.len();
-        }
+        self.lock().remove(d);
     }
 
     /// Shared maps kept, and the bytes of file they map.

@@ -122,7 +122,7 @@ async fn route(state: &AppState, req: &Parts, log: &mut RequestLog) -> Result<Re
         headers: req.headers.clone(),
         query: req.uri.query().map(str::to_owned),
         head,
-        plaintext: req.extensions.get::<wharf_runtime::Transport>() != Some(&wharf_runtime::Transport::Tls),
+        plaintext: req.extensions.get::<wharf_runtime::OverTls>().is_none(),
         state: state.clone(),
         client,
     };

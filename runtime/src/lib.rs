@@ -16,5 +16,5 @@ pub mod signals;
 pub mod telemetry;
 pub mod tls;
 
-pub use serve::{ServerLimits, Transport, serve};
+pub use serve::{OverTls, ServerLimits, serve};
 pub use signals::ShutdownSignals;

@@ -31,14 +31,10 @@ impl Default for ServerLimits {
     }
 }
 
-/// How a request reached the server: requests over TLS carry `Transport::Tls` in their extensions
-/// (plaintext ones carry nothing). A handler that hands out bytes only the kernel should read
-/// (memory maps) does so on plaintext connections only.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Transport {
-    Plain,
-    Tls,
-}
+/// In the extensions of every request that came over TLS (plaintext ones carry nothing): a handler
+/// that hands out bytes only the kernel should read (memory maps) does so on plaintext only.
+#[derive(Clone, Copy, Debug)]
+pub struct OverTls;
 
 /// Serves `router` on `listener` (both binaries' ports): HTTP/1.1 and HTTP/2 (h2c, or h2 by ALPN
 /// over TLS), with a connection cap, a header read timeout that also bounds the TLS handshake,
@@ -53,7 +49,7 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     // Plaintext requests carry no extension: inserting one costs an allocation per request.
     let service = TowerToHyperService::new(router.clone());
-    let tls_service = TowerToHyperService::new(router.layer(axum::Extension(Transport::Tls)));
+    let tls_service = TowerToHyperService::new(router.layer(axum::Extension(OverTls)));
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()

@@ -150,21 +150,12 @@ fn layers_data_plane_reads_in_one_direction() {
 fn layers_only_the_memory_maps_allow_unsafe_code() {
     let manifest = std::fs::read_to_string(root().join("Cargo.toml")).expect("the workspace manifest");
     assert!(manifest.contains("unsafe_code = \"deny\""), "the workspace denies unsafe code");
-    let mut allowing = Vec::new();
-    let mut todo: Vec<PathBuf> = members();
-    todo.push(root().join("tests"));
-    while let Some(dir) = todo.pop() {
-        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-            let p = e.path();
-            if p.is_dir() && p.file_name().is_some_and(|n| n != "target") {
-                todo.push(p);
-            } else if p.extension().is_some_and(|x| x == "rs")
-                && std::fs::read_to_string(&p).is_ok_and(|t| t.contains(concat!("allow(", "unsafe_code)")))
-            {
-                allowing.push(p.strip_prefix(root()).unwrap_or(&p).display().to_string());
-            }
-        }
-    }
-    allowing.sort();
+    let allowing: Vec<String> = members()
+        .iter()
+        .flat_map(|m| wharf_tests::files_under(m))
+        .filter(|p| p.extension().is_some_and(|x| x == "rs"))
+        .filter(|p| std::fs::read_to_string(p).is_ok_and(|t| t.contains(concat!("allow(", "unsafe_code)"))))
+        .map(|p| p.strip_prefix(root()).unwrap_or(&p).display().to_string())
+        .collect();
     assert_eq!(allowing, ["data-plane/src/mapped.rs"], "files that allow unsafe code");
 }
