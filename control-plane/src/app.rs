@@ -71,6 +71,10 @@ pub struct ControlArgs {
     /// can reach the port can change the configuration and read upstream credentials.
     #[arg(long)]
     pub insecure_no_auth: bool,
+    /// Turn peer fetch off: nodes no longer ask each blob's owner among them and each fetches from
+    /// upstream itself. Set it alike on every replica of a cluster.
+    #[arg(long, env = "WHARF_NO_PEER_FETCH")]
+    pub no_peer_fetch: bool,
     #[command(flatten)]
     pub tls: TlsArgs,
     /// mTLS: require every client (nodes, regctl, REST) to present a certificate signed by this CA
@@ -138,6 +142,7 @@ pub async fn start(args: &ControlArgs, bootstrap: Option<PathBuf>) -> Result<Con
     if args.insecure_no_auth {
         state = state.insecure_no_auth();
     }
+    state.peer_fetch = !args.no_peer_fetch;
     let bootstrap = args.bootstrap_token_file.clone().or(bootstrap);
     if let Some(path) = &bootstrap {
         ensure_bootstrap(&state, path, Role::Admin, args.store_timeout).await?;

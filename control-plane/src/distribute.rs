@@ -13,7 +13,9 @@ use wharf_core::token::Role;
 use wharf_proto::v1 as pb;
 
 use crate::error::ApiError;
-use crate::grpc::{repo_to_proto, timestamp, verify_request_to_proto, verify_status_from_proto};
+use crate::grpc::{
+    peer_status_from_proto, repo_to_proto, timestamp, verify_request_to_proto, verify_status_from_proto,
+};
 use crate::hub::Published;
 use crate::nodes::{NodeInfo, now_ms, validate_id};
 use crate::state::ApiState;
@@ -30,7 +32,8 @@ fn puller(t: &TokenRecord) -> pb::PullerToken {
     }
 }
 
-pub fn update(p: &Published) -> pb::ConfigUpdate {
+/// The snapshot of `p`; `peer_fetch` off (`--no-peer-fetch`): no members, so no node asks another.
+pub fn update(p: &Published, peer_fetch: bool) -> pb::ConfigUpdate {
     pb::ConfigUpdate {
         revision: p.revision,
         snapshot: Some(pb::Snapshot {
@@ -46,6 +49,18 @@ pub fn update(p: &Published) -> pb::ConfigUpdate {
                 })
                 .collect(),
             verify: p.verify.as_ref().map(verify_request_to_proto),
+            members: if peer_fetch {
+                p.members
+                    .iter()
+                    .map(|m| pb::Member {
+                        node_id: m.id.clone(),
+                        peer_url: m.peer_url.clone(),
+                        generation: m.generation,
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            },
         }),
     }
 }
@@ -67,6 +82,8 @@ impl pb::config_service_server::ConfigService for ConfigApi {
             applied_revision: req.revision,
             control_plane: state.replica.clone(),
             last_seen_ms: now_ms(),
+            peer_url: req.peer_url,
+            generation: req.generation,
             ..Default::default()
         };
         register(&state, &info).await.map_err(|e| ApiError::from_store(e, &info.id, None))?;
@@ -98,6 +115,7 @@ impl pb::config_service_server::ConfigService for ConfigApi {
             if let Some(v) = r.verify {
                 info.verify = Some(verify_status_from_proto(v));
             }
+            info.peers = r.peers.into_iter().take(MAX_PEERS_REPORTED).map(peer_status_from_proto).collect();
             info.last_seen_ms = now_ms();
             info.clone()
         };
@@ -105,6 +123,9 @@ impl pb::config_service_server::ConfigService for ConfigApi {
         Ok(Response::new(pb::ReportResponse {}))
     }
 }
+
+/// More peers than a cluster has nodes: a report's list is cut there.
+const MAX_PEERS_REPORTED: usize = 1000;
 
 async fn register(state: &ApiState, info: &NodeInfo) -> Result<(), StoreError> {
     let lease = state.connected.lease(&*state.store).await?;
@@ -132,7 +153,7 @@ async fn stream_to_node(
                 Some(l) => !Arc::ptr_eq(l, &p),
             };
             if fresh {
-                if tx.send(Ok(update(&p))).await.is_err() {
+                if tx.send(Ok(update(&p, state.peer_fetch))).await.is_err() {
                     break;
                 }
                 tracing::debug!(%node_id, revision = p.revision, "configuration sent");

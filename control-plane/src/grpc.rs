@@ -8,7 +8,7 @@ use wharf_proto::v1 as pb;
 
 use crate::commands::{self, VerifyRequest};
 use crate::error::ApiError;
-use crate::nodes::{NodeInfo, VerifyStatus};
+use crate::nodes::{NodeInfo, PeerStatus, VerifyStatus};
 use crate::repos::{RepoRecord, RepoSpec};
 use crate::state::ApiState;
 use crate::tokens::{TokenRecord, TokenSpec};
@@ -147,6 +147,34 @@ pub fn node_to_proto(n: &NodeInfo) -> pb::Node {
         last_error: n.last_error.clone().unwrap_or_default(),
         cache_degraded: n.cache_degraded,
         verify: n.verify.as_ref().map(verify_status_to_proto),
+        peer_url: n.peer_url.clone(),
+        peers: n
+            .peers
+            .iter()
+            .map(|p| pb::PeerStatus {
+                id: p.id.clone(),
+                state: p.state.clone(),
+                suspect_until: p.suspect_until_ms.map(timestamp_ms),
+                errors: p.errors,
+                bytes: p.bytes,
+            })
+            .collect(),
+    }
+}
+
+/// A node's report of one peer.
+pub fn peer_status_from_proto(p: pb::PeerStatus) -> PeerStatus {
+    let mut id = p.id;
+    id.truncate(128);
+    PeerStatus {
+        id,
+        state: if p.state == "suspect" { "suspect".into() } else { "ok".into() },
+        suspect_until_ms: p
+            .suspect_until
+            .as_ref()
+            .map(|t| (t.seconds.max(0) as u64) * 1000 + (t.nanos.max(0) as u64) / 1_000_000),
+        errors: p.errors,
+        bytes: p.bytes,
     }
 }
 

@@ -14,6 +14,7 @@ use wharf_core::SigningKey;
 
 use crate::commands::{self, VerifyRequest};
 use crate::keys;
+use crate::nodes::{self, Member, NodeInfo};
 use crate::repos::{self, RepoRecord};
 use crate::store::{ConfigStore, EventKind, Revision};
 use crate::tokens::{self, TokenRecord};
@@ -29,6 +30,8 @@ pub struct Published {
     pub keys: Vec<SigningKey>,
     /// The live cache verification request.
     pub verify: Option<VerifyRequest>,
+    /// The live nodes that take part in peer fetch, by id.
+    pub members: Vec<Member>,
 }
 
 /// What the hub holds, by store key.
@@ -38,11 +41,26 @@ struct Current {
     tokens: BTreeMap<String, TokenRecord>,
     keys: BTreeMap<String, SigningKey>,
     verify: Option<VerifyRequest>,
+    /// By store key: only what peer fetch needs of a node entry, so that the reports that
+    /// rewrite the entry every few seconds change nothing here.
+    members: BTreeMap<String, Member>,
 }
 
 impl Current {
-    fn apply(&mut self, kind: EventKind, kv: &crate::store::KeyValue) {
+    /// Applies one store event; returns whether what is published changed.
+    fn apply(&mut self, kind: EventKind, kv: &crate::store::KeyValue) -> bool {
         let key = kv.key.clone();
+        if kv.key.starts_with(nodes::PREFIX) {
+            let member = match kind {
+                EventKind::Put => serde_json::from_slice::<NodeInfo>(&kv.value).ok().and_then(|n| n.member()),
+                _ => None,
+            };
+            let before = match member {
+                Some(m) => self.members.insert(key, m.clone()).filter(|old| *old == m),
+                None => return self.members.remove(&key).is_some(),
+            };
+            return before.is_none();
+        }
         if kv.key.starts_with(commands::PREFIX) {
             self.verify = match kind {
                 EventKind::Put => commands::decode(kv),
@@ -64,6 +82,7 @@ impl Current {
                 _ => self.repos.remove(&key),
             };
         }
+        true
     }
 }
 
@@ -117,7 +136,7 @@ async fn follow_once(store: &dyn ConfigStore, tx: &watch::Sender<Option<Arc<Publ
     let mut current = Current::default();
     let mut watches = Vec::new();
     let mut revision = 0;
-    for prefix in [repos::PREFIX, tokens::PREFIX, keys::PREFIX, commands::PREFIX] {
+    for prefix in [repos::PREFIX, tokens::PREFIX, keys::PREFIX, commands::PREFIX, nodes::PREFIX] {
         let (kvs, rev) = match store.list(prefix).await {
             Ok(x) => x,
             Err(e) => return e.to_string(),
@@ -142,9 +161,10 @@ async fn follow_once(store: &dyn ConfigStore, tx: &watch::Sender<Option<Arc<Publ
             Ok(e) => e,
             Err(e) => return e.to_string(),
         };
-        current.apply(event.kind, &event.kv);
-        revision = revision.max(event.revision);
-        publish(tx, revision, &current);
+        if current.apply(event.kind, &event.kv) {
+            revision = revision.max(event.revision);
+            publish(tx, revision, &current);
+        }
     }
     "watch stream ended".into()
 }
@@ -156,6 +176,7 @@ fn publish(tx: &watch::Sender<Option<Arc<Published>>>, revision: Revision, curre
         tokens: current.tokens.values().map(|t| (t.grant.id.clone(), t.clone())).collect(),
         keys: current.keys.values().cloned().collect(),
         verify: current.verify.clone(),
+        members: current.members.values().cloned().collect(),
     };
     tracing::debug!(revision, repos = p.repos.len(), tokens = p.tokens.len(), "configuration published");
     tx.send_replace(Some(Arc::new(p)));

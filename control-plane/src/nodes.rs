@@ -36,6 +36,48 @@ pub struct NodeInfo {
     /// The node's last on-demand verification pass, running or done.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verify: Option<VerifyStatus>,
+    /// Where the other nodes fetch blobs from this one; empty: it takes no part in peer fetch.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub peer_url: String,
+    /// Changes at each start of the node's process.
+    #[serde(default)]
+    pub generation: u64,
+    /// The node's view of its peers, from its last report.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<PeerStatus>,
+}
+
+/// What one node's last report says of another (peer fetch).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct PeerStatus {
+    pub id: String,
+    /// `ok`, or `suspect` (it failed lately; skipped until `suspect_until_ms`).
+    pub state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suspect_until_ms: Option<u64>,
+    /// Peer fetches from it that failed, since the reporting node started.
+    pub errors: u64,
+    /// Bytes received from it, since the reporting node started.
+    pub bytes: u64,
+}
+
+/// A node taking part in peer fetch, as the snapshot streams it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Member {
+    pub id: String,
+    pub peer_url: String,
+    pub generation: u64,
+}
+
+impl NodeInfo {
+    /// The node as a member of the peer-fetch set, if it takes part.
+    pub fn member(&self) -> Option<Member> {
+        (!self.peer_url.is_empty()).then(|| Member {
+            id: self.id.clone(),
+            peer_url: self.peer_url.clone(),
+            generation: self.generation,
+        })
+    }
 }
 
 /// What a node's verification pass found so far.

@@ -29,6 +29,8 @@ pub struct ApiState {
     pub metrics: Option<PrometheusHandle>,
     /// `--insecure-no-auth`: every call is allowed without a token.
     pub insecure_no_auth: bool,
+    /// Nodes fetch a blob from its owner among them (off: `--no-peer-fetch`, no members streamed).
+    pub peer_fetch: bool,
 }
 
 impl ApiState {
@@ -47,6 +49,7 @@ impl ApiState {
             store,
             metrics: None,
             insecure_no_auth: false,
+            peer_fetch: true,
         }
     }
 

@@ -59,6 +59,28 @@ pub fn check_node_token(
     }
 }
 
+/// A request on the peer endpoint: it needs another node's peer token for this node, sealed with a
+/// key of the cluster's set (only nodes the control plane authenticated hold it). Anything else,
+/// a client's registry token included, is refused.
+pub fn check_peer(
+    tokens: &NodeTokens,
+    snapshot: &Snapshot,
+    headers: &HeaderMap,
+    now: SystemTime,
+) -> Result<Arc<Claims>, RegistryError> {
+    let refused = |m: String| RegistryError::new(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", m);
+    if snapshot.keys.is_empty() {
+        return Err(refused("this node is in no cluster: it serves no peers".into()));
+    }
+    let token = node_token(headers).ok_or_else(|| refused("the peer endpoint needs a node's peer token".into()))?;
+    let claims = tokens.open(&snapshot.keys, token, now).map_err(|e| refused(e.to_string()))?;
+    match &claims.peer {
+        Some(to) if *to == tokens.service => Ok(claims),
+        Some(to) => Err(refused(format!("this peer token is for node {to:?}, not this one"))),
+        None => Err(refused("a client's token does not open the peer endpoint".into())),
+    }
+}
+
 /// Opens a node token: sealed by a key this node holds, not expired, and issued for no puller
 /// token that has since been revoked or has expired (revocation reaches tokens at once).
 pub fn open_node_token(
@@ -69,6 +91,9 @@ pub fn open_node_token(
 ) -> Result<Arc<Claims>, RegistryError> {
     let invalid = |m: String| RegistryError::unauthorized(m).with_challenge_of(Challenge::InvalidToken);
     let claims = tokens.open(&snapshot.keys, token, now).map_err(|e| invalid(e.to_string()))?;
+    if claims.peer.is_some() {
+        return Err(invalid("a node's peer token opens no pull of a client".into()));
+    }
     if let Some(id) = &claims.puller
         && snapshot.pullers.get(id).is_none_or(|g| g.expires_at.is_some_and(|e| now >= e))
     {

@@ -79,6 +79,18 @@ pub struct Snapshot {
     pub default_mirror: Option<RepoKey>,
     /// The cluster's token keys (managed mode); empty: the node seals with its own.
     pub keys: Vec<SigningKey>,
+    /// The live nodes that take part in peer fetch (managed mode; empty: off). Not stored.
+    pub members: Vec<Member>,
+}
+
+/// A node of the cluster, as peer fetch knows it ([`crate::peers`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    pub id: String,
+    /// Its registry port as the other nodes reach it: `http://10.0.0.5:5000`.
+    pub url: String,
+    /// Changes at each start of its process.
+    pub generation: u64,
 }
 
 impl Snapshot {
@@ -88,6 +100,7 @@ impl Snapshot {
             pullers: HashMap::new(),
             default_mirror: None,
             keys: Vec::new(),
+            members: Vec::new(),
         }
     }
 

@@ -11,10 +11,12 @@
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use bytes::Bytes;
+use futures_util::stream::BoxStream;
 use futures_util::{Stream, StreamExt};
 use http::{Method, StatusCode};
 use serde_json::Value;
@@ -23,7 +25,9 @@ use tracing::Instrument as _;
 use wharf_core::{Digest, DigestHasher, Repo, RepoKey};
 
 use crate::bufpool;
+use crate::config::Member;
 use crate::credentials::ClientCredentials;
+use crate::peers::{PeerBody, PeerFailure, Peers};
 use crate::store::Store;
 use crate::upstream::{Upstream, UpstreamError, UpstreamRequest};
 
@@ -85,6 +89,8 @@ pub struct Flight {
     progress: watch::Receiver<Progress>,
     /// The fetch's `blob.fetch` span: coalesced clients link to it.
     pub span: tracing::Span,
+    /// The bytes come from a peer (set before the first byte is written).
+    from_peer: Arc<AtomicBool>,
 }
 
 impl Flight {
@@ -93,6 +99,11 @@ impl Flight {
         let mut rx = self.progress.clone();
         let result = rx.wait_for(|p| !matches!(p, Progress::Connecting)).await.map(|p| p.clone());
         result.unwrap_or_else(|_| Progress::Failed(FetchFailure::Io("fetch task ended".into())))
+    }
+
+    /// Whether the bytes came from a peer (known once [`Flight::head`] returned).
+    pub fn from_peer(&self) -> bool {
+        self.from_peer.load(Ordering::Relaxed)
     }
 
     /// Whether the fetch ran out of room in the cache (its readers may go on from upstream).
@@ -149,6 +160,15 @@ pub struct FetchContext {
     pub parent: tracing::Span,
     /// Passthrough repos: the credentials of the client who starts the fetch (memory only).
     pub client: Option<Arc<ClientCredentials>>,
+    /// Peer fetch: the blob's owner among the nodes, asked before upstream.
+    pub peer: Option<PeerAsk>,
+}
+
+/// The peer a fetch asks first, and the token it shows.
+pub struct PeerAsk {
+    pub peers: Arc<Peers>,
+    pub member: Member,
+    pub token: String,
 }
 
 /// The fetches in progress on this node, by digest.
@@ -197,6 +217,7 @@ impl Flights {
         let (path, file) = ctx.store.staging_file(&ctx.digest).map_err(FetchFailure::store)?;
         let file = Arc::new(file);
         let (tx, rx) = watch::channel(Progress::Connecting);
+        let from_peer = Arc::new(AtomicBool::new(false));
         let dest = ctx.store.blob_path(&ctx.digest);
         // One fetch serves many clients; its span is a child of the first one's request (so a
         // cold pull's trace shows the fetch it waited for); later clients link to it.
@@ -207,6 +228,7 @@ impl Flights {
             name = %ctx.name,
             digest = %ctx.digest,
             bytes = tracing::field::Empty,
+            source = tracing::field::Empty,
             outcome = tracing::field::Empty,
             error = tracing::field::Empty,
         );
@@ -217,12 +239,15 @@ impl Flights {
             dest,
             progress: rx,
             span: span.clone(),
+            from_peer: from_peer.clone(),
         });
         map.insert(ctx.digest.clone(), flight.clone());
         metrics::gauge!("wharf_inflight_fetches").set(map.len() as f64);
         drop(map);
         // Sampled or not like the request that started it (its spans would be roots otherwise).
-        tokio::spawn(wharf_runtime::telemetry::same_sampling(self.clone().run(ctx, path, file, tx).instrument(span)));
+        tokio::spawn(wharf_runtime::telemetry::same_sampling(
+            self.clone().run(ctx, path, file, tx, from_peer).instrument(span),
+        ));
         Ok(Joined::Flight { flight, coalesced: false })
     }
 
@@ -232,10 +257,11 @@ impl Flights {
         path: PathBuf,
         file: Arc<std::fs::File>,
         tx: watch::Sender<Progress>,
+        from_peer: Arc<AtomicBool>,
     ) {
         let _slot = self.slots.acquire().await;
         let started = Instant::now();
-        let result = match fetch_into(&ctx, &file, &tx).await {
+        let result = match fetch_into(&ctx, &file, &tx, &from_peer).await {
             Ok(size) => {
                 let (store, f, p, d) = (ctx.store.clone(), file.clone(), path.clone(), ctx.digest.clone());
                 // Linked first: once in the index, the blob is served to this repo without asking upstream.
@@ -278,38 +304,40 @@ impl Flights {
     }
 }
 
+/// Where a fetch's bytes come from.
+enum From<'a> {
+    Peer(&'a PeerAsk),
+    Upstream,
+}
+
 async fn fetch_into(
     ctx: &FetchContext,
     file: &Arc<std::fs::File>,
     tx: &watch::Sender<Progress>,
+    from_peer: &AtomicBool,
 ) -> Result<u64, FetchFailure> {
-    let req = UpstreamRequest {
-        repo: &ctx.repo,
-        name: &ctx.name,
-        method: Method::GET,
-        path: format!("blobs/{}", ctx.digest),
-        query: None,
-        headers: Default::default(),
-        retry: true,
-        follow_redirects: true,
-        client: ctx.client.as_deref(),
+    let (mut from, total, body) = match ask_peer(ctx).await {
+        Some((ask, p)) => (From::Peer(ask), p.total, p.body),
+        None => {
+            let (total, body) = from_upstream(ctx, None).await?;
+            (From::Upstream, total, body)
+        }
     };
-    let resp = ctx.upstream.send(&req).await.map_err(FetchFailure::Upstream)?;
-    if resp.status != StatusCode::OK {
-        let status = resp.status;
-        let retry_after = resp.header_str(http::header::RETRY_AFTER).map(str::to_owned);
-        return Err(FetchFailure::Status { status, retry_after, detail: resp.error_detail().await });
-    }
-    let total = resp.content_length();
+    tracing::Span::current().record("source", if matches!(from, From::Peer(_)) { "peer" } else { "upstream" });
+    from_peer.store(matches!(from, From::Peer(_)), Ordering::Relaxed);
     // Held until the bytes are written: concurrent fetches cannot all count the same free space.
     let Some(_room) = ctx.store.reserve(total.unwrap_or(0)) else {
         return Err(FetchFailure::NoSpace);
     };
     tx.send_replace(Progress::Streaming { written: 0, total });
+    let upstream_bytes =
+        metrics::counter!("wharf_upstream_fetched_bytes_total", "repo_key" => ctx.repo.key.to_string());
+    let peer_bytes = metrics::counter!("wharf_peer_fetched_bytes_total", "repo_key" => ctx.repo.key.to_string());
     let mut hasher = DigestHasher::new();
     let mut written = 0u64;
-    let mut chunks = std::pin::pin!(resp.into_stream().ready_chunks(WRITE_BATCH));
-    while let Some(batch) = chunks.next().await {
+    let mut chunks = body.ready_chunks(WRITE_BATCH);
+    let result = loop {
+        let Some(batch) = chunks.next().await else { break Ok(()) };
         let mut bufs = Vec::with_capacity(batch.len());
         let mut failed = None;
         for c in batch {
@@ -325,7 +353,7 @@ async fn fetch_into(
         if let Some(expected) = total
             && written + n > expected
         {
-            return Err(FetchFailure::Length { got: written + n, expected });
+            break Err(FetchFailure::Length { got: written + n, expected });
         }
         let f = file.clone();
         let offset = written;
@@ -345,22 +373,99 @@ async fn fetch_into(
             _ => FetchFailure::Io(e.to_string()),
         })?;
         written += n;
-        metrics::counter!("wharf_upstream_fetched_bytes_total", "repo_key" => ctx.repo.key.to_string()).increment(n);
+        match from {
+            From::Peer(ask) => {
+                peer_bytes.increment(n);
+                ask.peers.received(&ask.member, n);
+            }
+            From::Upstream => upstream_bytes.increment(n),
+        }
         tx.send_replace(Progress::Streaming { written, total });
-        if let Some(source) = failed {
-            return Err(FetchFailure::Body { after: written, source });
+        let Some(source) = failed else { continue };
+        // A peer that broke off (killed, cut off): the rest from upstream, where it stopped, so
+        // the clients already streaming get their whole body.
+        if let From::Peer(ask) = from {
+            ask.peers.failed(&ask.member, PeerFailure::Body, &source);
+            if let Some(t) = total
+                && let Ok((Some(rest), body)) = from_upstream(ctx, Some(written)).await
+                && rest == t - written
+            {
+                tracing::info!(peer = %ask.member.id, after = written, "going on from upstream");
+                tracing::Span::current().record("source", "peer+upstream");
+                from = From::Upstream;
+                chunks = body.ready_chunks(WRITE_BATCH);
+                continue;
+            }
+        }
+        break Err(FetchFailure::Body { after: written, source });
+    };
+    let checked = result.and_then(|()| match total {
+        Some(expected) if written != expected => Err(FetchFailure::Length { got: written, expected }),
+        _ => {
+            let actual = hasher.finish();
+            if actual == ctx.digest {
+                Ok(written)
+            } else {
+                Err(FetchFailure::Mismatch { expected: ctx.digest.clone(), actual })
+            }
+        }
+    });
+    if let (From::Peer(ask), Err(e @ (FetchFailure::Length { .. } | FetchFailure::Mismatch { .. }))) = (&from, &checked)
+    {
+        ask.peers.failed(&ask.member, PeerFailure::WrongBytes, e);
+    }
+    checked
+}
+
+/// The owner's body, when the fetch asks a peer and the peer answers; else `None` (a peer to
+/// blame is marked suspect): the fetch goes to upstream.
+async fn ask_peer(ctx: &FetchContext) -> Option<(&PeerAsk, PeerBody)> {
+    let ask = ctx.peer.as_ref()?;
+    match ask.peers.get(&ask.member, &ask.token, ctx.repo.key.as_str(), &ctx.name, &ctx.digest).await {
+        Ok(body) => Some((ask, body)),
+        Err(skipped) => {
+            match skipped.failure {
+                Some(f) => ask.peers.failed(&ask.member, f, &skipped.error),
+                None => {
+                    tracing::debug!(peer = %ask.member.id, error = %skipped.error, "peer has not the blob; asking upstream")
+                }
+            }
+            None
         }
     }
-    if let Some(expected) = total
-        && written != expected
+}
+
+/// The blob from upstream, from byte `from` on when given (a `Range` request, which must get a
+/// 206); the length of what comes, when the upstream says.
+async fn from_upstream(
+    ctx: &FetchContext,
+    from: Option<u64>,
+) -> Result<(Option<u64>, BoxStream<'static, Result<Bytes, UpstreamError>>), FetchFailure> {
+    let mut headers = http::HeaderMap::new();
+    if let Some(start) = from
+        && let Ok(v) = http::HeaderValue::from_str(&format!("bytes={start}-"))
     {
-        return Err(FetchFailure::Length { got: written, expected });
+        headers.insert(http::header::RANGE, v);
     }
-    let actual = hasher.finish();
-    if actual != ctx.digest {
-        return Err(FetchFailure::Mismatch { expected: ctx.digest.clone(), actual });
+    let req = UpstreamRequest {
+        repo: &ctx.repo,
+        name: &ctx.name,
+        method: Method::GET,
+        path: format!("blobs/{}", ctx.digest),
+        query: None,
+        headers,
+        retry: true,
+        follow_redirects: true,
+        client: ctx.client.as_deref(),
+    };
+    let resp = ctx.upstream.send(&req).await.map_err(FetchFailure::Upstream)?;
+    let expected = if from.is_some() { StatusCode::PARTIAL_CONTENT } else { StatusCode::OK };
+    if resp.status != expected {
+        let status = resp.status;
+        let retry_after = resp.header_str(http::header::RETRY_AFTER).map(str::to_owned);
+        return Err(FetchFailure::Status { status, retry_after, detail: resp.error_detail().await });
     }
-    Ok(written)
+    Ok((resp.content_length(), resp.into_stream().boxed()))
 }
 
 /// Streams `file[start..end]`. With `progress`, the file is still being written: reads stop at what

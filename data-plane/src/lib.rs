@@ -17,8 +17,8 @@
 //!    [`decisions`] (the upstream's recent acceptances of clients' credentials).
 //! 7. Store and upstream: [`store`] (the content-addressed disk cache and its in-memory index),
 //!    [`evict`] (what leaves it), [`scrub`] (re-hashing what is cached), [`upstream`] (the registry
-//!    client: auth, redirects, timeouts,
-//!    retries).
+//!    client: auth, redirects, timeouts, retries), [`peers`] (the other nodes: who owns a digest,
+//!    asking them).
 //! 8. Foundations: [`config`] (the repos served, swapped atomically), [`credentials`] (a client's
 //!    `Authorization`), [`node_token`] (the node's sealed registry tokens), [`private_file`] (files
 //!    of mode 0600 written whole), [`error`] (OCI error JSON), [`oci`] (manifest types and references), [`metrics`], [`range`], [`bufpool`].
@@ -41,6 +41,7 @@ pub mod metrics;
 pub mod node;
 pub mod node_token;
 pub mod oci;
+pub mod peers;
 pub mod private_file;
 pub mod range;
 pub mod registry;

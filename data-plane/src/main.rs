@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use wharf_proxy::evict::SizeSpec;
 use wharf_proxy::node::{ConfigSource, EvictionOptions, NodeOptions, TokenOptions, run_node};
+use wharf_proxy::peers::PeerOptions;
 use wharf_proxy::upstream::UpstreamOptions;
 use wharf_runtime::ServerLimits;
 use wharf_runtime::ShutdownSignals;
@@ -76,6 +77,23 @@ struct Args {
     /// Where clients reach this node, as shown in the node list (default: the listen address).
     #[arg(long, env = "WHARF_ADVERTISE")]
     advertise: Option<String>,
+    /// Peer fetch (managed mode): the URL of this node's registry port as the other nodes reach
+    /// it; each blob is then fetched from upstream by its owner among the nodes only (default:
+    /// from --advertise, else the listen address with the host name for 0.0.0.0). "off": this
+    /// node neither asks nor serves peers.
+    #[arg(long, env = "WHARF_PEER_URL")]
+    peer_url: Option<String>,
+    /// Peer fetch: longest wait for a peer to connect and answer; past it, the node fetches from
+    /// upstream itself and skips that peer for --peer-suspect-for.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration, env = "WHARF_PEER_TIMEOUT")]
+    peer_timeout: Duration,
+    /// Peer fetch: how long a peer that failed (unreachable, refused, cut off, wrong bytes) is skipped.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, env = "WHARF_PEER_SUSPECT_FOR")]
+    peer_suspect_for: Duration,
+    /// Peer fetch with https:// peers: the CA (PEM) that signed their registry certificates,
+    /// besides the system's roots.
+    #[arg(long, env = "WHARF_PEER_CA", value_name = "PEM")]
+    peer_ca: Option<PathBuf>,
     /// Managed mode, https:// endpoints: the CA (PEM) that signed the control planes' certificates
     /// (default: the system's roots).
     #[arg(long, env = "WHARF_CONTROL_PLANE_CA", value_name = "PEM")]
@@ -170,16 +188,26 @@ async fn main() -> anyhow::Result<()> {
         None => None,
     };
     let local = listener.local_addr()?;
+    // A node serving HTTPS says so, for `regctl cache warm` and the node list.
+    let address = args.advertise.clone().unwrap_or_else(|| match &tls {
+        Some(_) => format!("https://{local}"),
+        None => local.to_string(),
+    });
+    let peer_url = match args.peer_url.as_deref() {
+        Some("off") => String::new(),
+        Some(url) => {
+            anyhow::ensure!(reqwest_like_url(url), "--peer-url {url:?} is not an http(s)://host:port URL (or \"off\")");
+            url.to_owned()
+        }
+        None => default_peer_url(&address, local, tls.is_some()),
+    };
     let source = match args.config {
         Some(path) => ConfigSource::File(path),
         None => ConfigSource::ControlPlanes {
             endpoints: args.control_plane,
             node_id: args.node_id.unwrap_or_else(|| default_node_id(local)),
-            // A node serving HTTPS says so, for `regctl cache warm` and the node list.
-            address: args.advertise.unwrap_or_else(|| match &tls {
-                Some(_) => format!("https://{local}"),
-                None => local.to_string(),
-            }),
+            address,
+            peer_url,
             token: match &args.control_plane_token_file {
                 Some(path) => Some(read_token(path)?),
                 None => {
@@ -205,6 +233,12 @@ async fn main() -> anyhow::Result<()> {
         blob_reverify_after: args.blob_reverify_after,
         scrub_rate: (args.scrub_rate.max(0.0) * 1e6) as u64,
         scrub_interval: args.scrub_interval,
+        peers: PeerOptions {
+            timeout: args.peer_timeout,
+            idle_timeout: args.idle_timeout,
+            suspect_for: args.peer_suspect_for,
+            ca: args.peer_ca,
+        },
         source,
         upstream: UpstreamOptions {
             connect_timeout: args.connect_timeout,
@@ -257,10 +291,35 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+fn reqwest_like_url(url: &str) -> bool {
+    let Some((scheme, rest)) = url.split_once("://") else { return false };
+    matches!(scheme, "http" | "https") && rest.trim_end_matches('/').parse::<http::uri::Authority>().is_ok()
+}
+
+/// The peer URL from the advertised address (`host:port` or a URL), else the listen address;
+/// an unspecified listen address (0.0.0.0) becomes the host name, which peers resolve.
+fn default_peer_url(address: &str, local: SocketAddr, https: bool) -> String {
+    let scheme = if https { "https" } else { "http" };
+    if address.contains("://") {
+        return address.trim_end_matches('/').to_owned();
+    }
+    match address.parse::<SocketAddr>() {
+        Ok(a) if a.ip().is_unspecified() => {
+            format!("{scheme}://{}:{}", host_name().unwrap_or_else(|| "localhost".into()), local.port())
+        }
+        _ => format!("{scheme}://{address}"),
+    }
+}
+
 fn default_node_id(local: SocketAddr) -> String {
+    format!("{}-{}", host_name().unwrap_or_else(|| "node".into()), local.port())
+}
+
+/// The machine's host name (`/etc/hostname`), reduced to `[A-Za-z0-9._-]`.
+fn host_name() -> Option<String> {
     let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
     let host: String = host.trim().chars().filter(|c| c.is_ascii_alphanumeric() || ".-_".contains(*c)).collect();
-    format!("{}-{}", if host.is_empty() { "node" } else { &host }, local.port())
+    (!host.is_empty()).then_some(host)
 }
 
 /// A token file's content, trimmed; an empty or unreadable file is an error.

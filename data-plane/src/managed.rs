@@ -19,7 +19,8 @@ use wharf_proto::v1 as pb;
 use wharf_proto::v1::config_service_client::ConfigServiceClient;
 use wharf_runtime::tls::ClientTlsFiles;
 
-use crate::config::{Config, Snapshot};
+use crate::config::{Config, Member, Snapshot};
+use crate::peers::Peers;
 use crate::store::Store;
 use crate::upstream::error_chain;
 
@@ -44,6 +45,12 @@ pub struct ManagedOptions {
     pub tls: ClientTlsFiles,
     /// The node token (role `node`) sent to the control plane as `authorization: Bearer`.
     pub token: Option<Secret>,
+    /// Where the other nodes reach this one for peer fetch (empty: it takes no part).
+    pub peer_url: String,
+    /// This process's generation (its start time): peers forget what they held against the last.
+    pub generation: u64,
+    /// Peer fetch: what the node's reports say of its peers.
+    pub peers: Arc<Peers>,
 }
 
 impl ManagedOptions {
@@ -358,8 +365,31 @@ fn progress(s: &mut pb::VerifyStatus, p: &crate::scrub::Pass) {
 }
 
 fn now_timestamp() -> prost_types::Timestamp {
-    let d = std::time::SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    timestamp_of(std::time::SystemTime::now())
+}
+
+fn timestamp_of(t: std::time::SystemTime) -> prost_types::Timestamp {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
     prost_types::Timestamp { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 }
+}
+
+/// The snapshot's peer-fetch members; one whose id or URL is unusable is left out (and said).
+fn members_from(members: &[pb::Member]) -> Vec<Member> {
+    let mut out: Vec<Member> = members
+        .iter()
+        .filter(|m| {
+            let ok = !m.node_id.is_empty()
+                && reqwest::Url::parse(&m.peer_url).is_ok_and(|u| matches!(u.scheme(), "http" | "https"));
+            if !ok {
+                tracing::warn!(node_id = %m.node_id, peer_url = %m.peer_url, "peer left out: no id or no http(s) URL");
+            }
+            ok
+        })
+        .map(|m| Member { id: m.node_id.clone(), url: m.peer_url.clone(), generation: m.generation })
+        .collect();
+    out.sort_by(|a, b| a.id.cmp(&b.id));
+    out.dedup_by(|a, b| a.id == b.id);
+    out
 }
 
 /// Follows the control planes until `cancel`, from `held`, the revision of the configuration
@@ -427,6 +457,8 @@ async fn follow(opts: &ManagedOptions, endpoint: &str, node: &Following, backoff
         address: opts.address.clone(),
         version: env!("CARGO_PKG_VERSION").into(),
         revision: applied.load(Ordering::Relaxed),
+        peer_url: opts.peer_url.clone(),
+        generation: opts.generation,
     };
     let mut stream = client
         .watch(opts.request(req))
@@ -471,10 +503,13 @@ async fn follow(opts: &ManagedOptions, endpoint: &str, node: &Following, backoff
 
 fn apply(opts: &ManagedOptions, update: pb::ConfigUpdate, node: &Following) {
     let Following { config, applied, last_error, .. } = node;
+    let members = update.snapshot.as_ref().map(|s| members_from(&s.members)).unwrap_or_default();
     let stored = from_update(update);
     match validate(&stored) {
-        Ok(snapshot) => {
+        Ok(mut snapshot) => {
             let repos = snapshot.repos.len();
+            metrics::gauge!("wharf_peer_members").set(members.len() as f64);
+            snapshot.members = members;
             config.replace(snapshot);
             applied.store(stored.revision, Ordering::Relaxed);
             metrics::gauge!("wharf_config_revision").set(stored.revision as f64);
@@ -508,6 +543,18 @@ async fn send_report(
         last_error: last_error.lock().unwrap_or_else(|e| e.into_inner()).clone(),
         cache_degraded: store.is_degraded(),
         verify: verifier.status(),
+        peers: opts
+            .peers
+            .views()
+            .into_iter()
+            .map(|p| pb::PeerStatus {
+                id: p.id,
+                state: if p.suspect_until.is_some() { "suspect" } else { "ok" }.into(),
+                suspect_until: p.suspect_until.map(timestamp_of),
+                errors: p.errors,
+                bytes: p.bytes,
+            })
+            .collect(),
     };
     if let Err(s) = client.report(opts.request(report)).await {
         tracing::debug!(error = %s.message(), "report refused");

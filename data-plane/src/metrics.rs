@@ -50,6 +50,7 @@ fn series(repo_key: &str, kind: &'static str, cache: &'static str, status: u16) 
     let source = match cache {
         "hit" | "stale" | "revalidated" => Some(("cache", &HITS)),
         "miss" | "coalesced" | "bypass" => Some(("upstream", &MISSES)),
+        "peer" => Some(("peer", &MISSES)),
         _ => None,
     };
     RequestSeries {

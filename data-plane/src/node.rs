@@ -17,6 +17,7 @@ use crate::evict::{self, LruWatermarks, SizeSpec};
 use crate::flight::Flights;
 use crate::managed::{self, ManagedOptions};
 use crate::node_token::{self, NodeTokens};
+use crate::peers::{PeerOptions, PeerSetupError, Peers};
 use crate::scrub;
 use crate::server::router;
 use crate::state::{AppState, MirrorRouting};
@@ -35,6 +36,8 @@ pub enum NodeError {
     Io(#[from] std::io::Error),
     #[error("token key: {0}")]
     TokenKey(std::io::Error),
+    #[error(transparent)]
+    Peers(#[from] PeerSetupError),
 }
 
 /// Where the node's repos come from.
@@ -43,7 +46,14 @@ pub enum ConfigSource {
     /// A standalone TOML file.
     File(PathBuf),
     /// Control planes (`config.snapshot` in the cache dir keeps the last one).
-    ControlPlanes { endpoints: Vec<String>, node_id: String, address: String, token: Option<Secret> },
+    ControlPlanes {
+        endpoints: Vec<String>,
+        node_id: String,
+        address: String,
+        token: Option<Secret>,
+        /// Where the other nodes reach this one for peer fetch (empty: it takes no part).
+        peer_url: String,
+    },
 }
 
 #[derive(Debug)]
@@ -75,6 +85,8 @@ pub struct NodeOptions {
     /// The scrubber: bytes per second (`--scrub-rate`; 0: off) and the time between passes.
     pub scrub_rate: u64,
     pub scrub_interval: Duration,
+    /// Peer fetch (managed nodes): timeouts, how long a failed peer is skipped, its CA.
+    pub peers: PeerOptions,
 }
 
 /// How the node's registry tokens are issued.
@@ -110,6 +122,12 @@ impl Default for EvictionOptions {
     fn default() -> Self {
         Self { max_size: None, high: 0.9, low: 0.8, ttl: None, interval: Duration::from_secs(60) }
     }
+}
+
+/// This process's generation: its start in microseconds since the epoch (never 0).
+fn generation() -> u64 {
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    (since.as_micros() as u64).max(1)
 }
 
 /// Runs a node on `listener` until `cancel`, then lets in-flight responses finish within the grace.
@@ -149,7 +167,13 @@ pub async fn run_node(
         tokio::spawn(scrub::run(store.clone(), opts.scrub_rate, opts.scrub_interval, cancel.clone()));
     }
     let upstream = Arc::new(Upstream::new(opts.upstream.clone())?);
-    if let ConfigSource::ControlPlanes { endpoints, node_id, address, token } = &opts.source {
+    let peers = Arc::new(match &opts.source {
+        ConfigSource::ControlPlanes { node_id, peer_url, .. } if !peer_url.is_empty() => {
+            Peers::new(Some(node_id.clone()), opts.peers.clone())?
+        }
+        _ => Peers::off(),
+    });
+    if let ConfigSource::ControlPlanes { endpoints, node_id, address, token, peer_url } = &opts.source {
         let managed = ManagedOptions {
             endpoints: endpoints.clone(),
             node_id: node_id.clone(),
@@ -158,7 +182,13 @@ pub async fn run_node(
             report_interval: Duration::from_secs(10),
             tls: opts.control_plane_tls.clone(),
             token: token.clone(),
+            peer_url: peer_url.clone(),
+            generation: generation(),
+            peers: peers.clone(),
         };
+        if !peer_url.is_empty() {
+            tracing::info!(%peer_url, "peer fetch: other nodes reach this one at this URL");
+        }
         // Before serving: a restarted node answers its first request with its last configuration.
         let held = match managed::load_stored(&managed.snapshot_path, &config) {
             Ok(rev) => rev,
@@ -180,6 +210,7 @@ pub async fn run_node(
     tokens.https = opts.tls.is_some();
     let mut state = AppState::new(config, store.clone(), upstream);
     state.tokens = Arc::new(tokens);
+    state.peers = peers;
     state.flights = Arc::new(Flights::new(opts.max_upstream_fetches));
     state.metrics = opts.metrics.clone();
     state.mirror = MirrorRouting { default: opts.default_mirror.clone(), only: false };

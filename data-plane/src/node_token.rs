@@ -50,6 +50,9 @@ pub struct Claims {
     pub access: Vec<(String, String)>,
     /// Passthrough repos: the client's upstream credentials, for no longer than the token lives.
     pub credentials: Option<ClientCredentials>,
+    /// A node's token for another node's peer endpoint: the node it is for. Such a token opens
+    /// no pull of a client ([`crate::authz`] refuses it there) and only it opens the peer endpoint.
+    pub peer: Option<String>,
 }
 
 impl std::fmt::Debug for Claims {
@@ -60,6 +63,7 @@ impl std::fmt::Debug for Claims {
             .field("expires_at", &self.expires_at)
             .field("access", &self.access)
             .field("credentials", &self.credentials.as_ref().map(|_| "<sealed>"))
+            .field("peer", &self.peer)
             .finish()
     }
 }
@@ -83,6 +87,9 @@ struct Wire {
     /// Basic: `[user, password]`; Bearer: `[token]`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     cred: Option<Vec<String>>,
+    /// The node a peer token is for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    peer: Option<String>,
 }
 
 /// Why a presented token was refused (no part of the token is quoted but its key id).
@@ -154,6 +161,7 @@ impl NodeTokens {
                 ClientCredentials::Basic { username, password } => vec![username.clone(), password.expose().to_owned()],
                 ClientCredentials::Bearer(t) => vec![t.expose().to_owned()],
             }),
+            peer: claims.peer.clone(),
         };
         let mut buf = serde_json::to_vec(&wire).expect("claims serialize");
         let sealing = RandomizedNonceKey::new(&AES_256_GCM, &key.secret).expect("a 32-byte key");
@@ -227,6 +235,7 @@ fn open_with(key: &SigningKey, sealed: &str) -> Result<Claims, Rejected> {
         expires_at: wire.exp,
         access: wire.acc,
         credentials,
+        peer: wire.peer,
     })
 }
 
@@ -299,6 +308,7 @@ mod tests {
             expires_at: exp,
             access: vec![("hub".into(), "library/alpine".into())],
             credentials: Some(ClientCredentials::Basic { username: "alice".into(), password: Secret::new("pw") }),
+            peer: None,
         }
     }
 

@@ -4,6 +4,8 @@
 //! every request gets one log line ([`crate::request_log`]).
 
 mod path;
+#[cfg(test)]
+mod peer_tests;
 mod resolve;
 mod token;
 
@@ -21,6 +23,7 @@ use crate::authz::{self, passthrough as gate};
 use crate::cache;
 use crate::credentials::ClientCredentials;
 use crate::error::RegistryError;
+use crate::peers;
 use crate::request_log::{self, RequestLog};
 use crate::state::{AppState, Ctx};
 
@@ -80,6 +83,9 @@ async fn route(state: &AppState, req: &Parts, log: &mut RequestLog) -> Result<Re
     if path == token::PATH {
         return token::issue(state, req, log).await;
     }
+    if let Some(rest) = path.strip_prefix(peers::PATH) {
+        return peer(state, req, rest, head, log).await;
+    }
     let Some(rest) = path.strip_prefix("/v2/") else {
         return Err(path::not_found_path());
     };
@@ -114,10 +120,31 @@ async fn route(state: &AppState, req: &Parts, log: &mut RequestLog) -> Result<Re
         }
     };
     drop(snapshot);
-    let ctx = Ctx {
+    let prefix = if routed.route == "key" { format!("{}/", repo.key) } else { String::new() };
+    let ctx = request_ctx(state, req, repo, name, client_name, prefix, head, client);
+    let result = cache::serve(&ctx, parsed.target, log).await;
+    if ctx.passthrough() {
+        return result.map_err(|e| gate::client_error(&ctx, e, log));
+    }
+    result.map_err(own_credentials_refused)
+}
+
+/// The request as the cache logic sees it.
+#[allow(clippy::too_many_arguments)]
+fn request_ctx(
+    state: &AppState,
+    req: &Parts,
+    repo: Arc<wharf_core::Repo>,
+    name: String,
+    client_name: String,
+    path_prefix: String,
+    head: bool,
+    client: Option<Arc<ClientCredentials>>,
+) -> Ctx {
+    Ctx {
         name,
         client_name,
-        path_prefix: if routed.route == "key" { format!("{}/", repo.key) } else { String::new() },
+        path_prefix,
         repo,
         headers: req.headers.clone(),
         query: req.uri.query().map(str::to_owned),
@@ -125,12 +152,52 @@ async fn route(state: &AppState, req: &Parts, log: &mut RequestLog) -> Result<Re
         plaintext: req.extensions.get::<wharf_runtime::OverTls>().is_none(),
         state: state.clone(),
         client,
-    };
-    let result = cache::serve(&ctx, parsed.target, log).await;
-    if ctx.passthrough() {
-        return result.map_err(|e| gate::client_error(&ctx, e, log));
+        from_peer: false,
     }
-    result.map_err(own_credentials_refused)
+}
+
+/// Another node's request on the peer endpoint, `/_wharf/peer/<repoKey>/<name>/blobs/<digest>`
+/// (see [`crate::peers`]): it needs a peer token for this node; the blob is served from this
+/// node's cache or its own single flight, never asked of a third node. The asking node authorized
+/// its client; passthrough repos' content never goes to a peer (their fetches need the client's
+/// own credentials, which stay on the node the client asked).
+async fn peer(
+    state: &AppState,
+    req: &Parts,
+    rest: &str,
+    head: bool,
+    log: &mut RequestLog,
+) -> Result<Response, RegistryError> {
+    log.route = "peer";
+    let snapshot = state.config.snapshot();
+    let claims = authz::check_peer(&state.tokens, &snapshot, &req.headers, SystemTime::now())
+        .inspect_err(|_| log.authz = "refused")?;
+    log.authz = "peer";
+    log.token_id = claims.issuer.clone();
+    let parsed = parse_path(rest)?;
+    log.kind = parsed.target.kind();
+    if !matches!(parsed.target, cache::Target::Blob(_)) {
+        return Err(RegistryError::not_found("UNSUPPORTED", "the peer endpoint serves blobs only"));
+    }
+    let repo = parsed
+        .keyed()
+        .and_then(|(key, _)| snapshot.repos.get(&key).cloned())
+        .ok_or_else(|| RegistryError::not_found("NAME_UNKNOWN", "no such repo on this node"))?;
+    if repo.auth == AuthMode::Passthrough {
+        return Err(RegistryError::new(
+            StatusCode::FORBIDDEN,
+            "DENIED",
+            "a passthrough repo's content is never served to a peer",
+        ));
+    }
+    drop(snapshot);
+    let client_name = parsed.keyed().map(|(_, n)| n.to_owned()).unwrap_or_default();
+    log.repo_key = repo.key.to_string();
+    log.name = client_name.clone();
+    let name = normalize_name(&client_name, repo.kind.implicit_library());
+    let mut ctx = request_ctx(state, req, repo, name, client_name, String::new(), head, None);
+    ctx.from_peer = true;
+    cache::serve(&ctx, parsed.target, log).await.map_err(own_credentials_refused)
 }
 
 /// The upstream refused what a repo presents of its own (its static credentials, or none): nothing

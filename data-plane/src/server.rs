@@ -20,6 +20,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v2", any(registry::handle))
         .route("/v2/", any(registry::handle))
         .route("/v2/{*rest}", any(registry::handle))
+        .route("/_wharf/peer/{*rest}", any(registry::handle))
         .route("/metrics", get(render_metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))

@@ -12,6 +12,7 @@ use crate::credentials::ClientCredentials;
 use crate::decisions::Decisions;
 use crate::flight::Flights;
 use crate::node_token::NodeTokens;
+use crate::peers::Peers;
 use crate::store::Store;
 use crate::upstream::Upstream;
 
@@ -30,6 +31,8 @@ pub struct AppState {
     pub mirror: MirrorRouting,
     /// The node's token service (`/v2/token`) and the keys its tokens are opened with.
     pub tokens: Arc<NodeTokens>,
+    /// Peer fetch: this node's side of it (off for standalone nodes).
+    pub peers: Arc<Peers>,
 }
 
 /// The node as a registry mirror: how a request whose path does not start with one of its
@@ -57,6 +60,7 @@ impl AppState {
             metrics: None,
             mirror: MirrorRouting::default(),
             tokens: Arc::new(NodeTokens::ephemeral("wharf")),
+            peers: Arc::new(Peers::off()),
         }
     }
 }
@@ -79,6 +83,9 @@ pub struct Ctx {
     pub plaintext: bool,
     /// Passthrough repos: the client's credentials, presented upstream (`None`: anonymous).
     pub client: Option<Arc<ClientCredentials>>,
+    /// Another node asks, on the peer endpoint: served from this node's cache or upstream, never
+    /// from a third node.
+    pub from_peer: bool,
 }
 
 impl Ctx {

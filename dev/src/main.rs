@@ -146,6 +146,8 @@ async fn start_node(
             node_id: format!("dev-{}", node_addr.port()),
             address: node_addr.to_string(),
             token: Some(token),
+            // One node: nobody to fetch from.
+            peer_url: String::new(),
         },
         upstream: Default::default(),
         shutdown_grace: args.control.shutdown_grace,
@@ -156,6 +158,7 @@ async fn start_node(
         max_upstream_fetches: wharf_proxy::flight::Flights::DEFAULT_MAX_FETCHES,
         tls: None,
         control_plane_tls: Default::default(),
+        peers: Default::default(),
     };
     tracing::info!(node = %node_addr, cache_dir = %args.dev_cache_dir.display(), "dev mode: starting a node in-process");
     Ok(tokio::spawn(run_node(listener, opts, cancel)))

@@ -115,6 +115,7 @@ async fn open_streams(url: &str, from: usize, n: usize, seen: Option<&Streams>) 
             address: "load".into(),
             version: "bench".into(),
             revision: 0,
+            ..Default::default()
         };
         let mut stream = client.watch(req).await.with_context(|| format!("watch {i}"))?.into_inner();
         let (seen_map, notify) = (seen_map.clone(), notify.clone());

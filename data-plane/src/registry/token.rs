@@ -115,6 +115,7 @@ pub async fn issue(state: &AppState, req: &Parts, log: &mut RequestLog) -> Resul
         expires_at: node_token::unix(expires),
         access,
         credentials: if sealed { upstream_creds } else { None },
+        peer: None,
     };
     let token = state.tokens.seal(&snapshot.keys, &claims, now);
     let body = json!({

@@ -177,6 +177,7 @@ async fn forged_expired_and_foreign_tokens_are_refused() {
         expires_at: exp,
         access: vec![("private".into(), "team/app".into())],
         credentials: None,
+        peer: None,
     };
     let expired = node.state.tokens.seal(&[], &claims(node_token::unix(now) - 1), now);
     let foreign = NodeTokens::ephemeral("other").seal(&[], &claims(node_token::unix(now) + 300), now);
