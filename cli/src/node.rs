@@ -30,8 +30,26 @@ pub struct NodeView {
     /// The node's cache cannot be written (a full disk).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub cache_degraded: bool,
+    /// Where the other nodes fetch from this one (peer fetch); absent: it takes no part.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub peer_url: String,
+    /// The peers this node asked, as its last report says.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<PeerView>,
     #[serde(skip)]
     last_seen_secs: i64,
+}
+
+/// One peer as a node sees it.
+#[derive(Serialize, Debug)]
+pub struct PeerView {
+    pub id: String,
+    /// `ok` or `suspect`.
+    pub state: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub suspect_until: Option<String>,
+    pub errors: u64,
+    pub bytes: u64,
 }
 
 impl From<&pb::Node> for NodeView {
@@ -51,6 +69,18 @@ impl From<&pb::Node> for NodeView {
             hit_ratio: (total > 0).then(|| n.cache_hits as f64 / total as f64),
             last_error: (!n.last_error.is_empty()).then(|| n.last_error.clone()),
             cache_degraded: n.cache_degraded,
+            peer_url: n.peer_url.clone(),
+            peers: n
+                .peers
+                .iter()
+                .map(|p| PeerView {
+                    id: p.id.clone(),
+                    state: p.state.clone(),
+                    suspect_until: p.suspect_until.as_ref().map(|t| output::timestamp(Some(t))),
+                    errors: p.errors,
+                    bytes: p.bytes,
+                })
+                .collect(),
             last_seen_secs: n.last_seen.as_ref().map_or(0, |t| t.seconds),
         }
     }
@@ -90,12 +120,25 @@ fn ago(now: SystemTime, secs: i64) -> String {
     }
 }
 
+/// `-` (no peer fetch), `ok`, or the peers the node holds suspect.
+fn peer_state(n: &NodeView) -> String {
+    if n.peer_url.is_empty() {
+        return "-".into();
+    }
+    let suspect: Vec<&str> = n.peers.iter().filter(|p| p.state == "suspect").map(|p| p.id.as_str()).collect();
+    if suspect.is_empty() { "ok".into() } else { format!("suspect: {}", suspect.join(",")) }
+}
+
 fn table(nodes: &[NodeView], now: SystemTime) -> String {
     if nodes.is_empty() {
         return "no nodes connected (start wharf-proxy with --control-plane)\n".into();
     }
     let errors = nodes.iter().any(|n| n.last_error.is_some());
+    let peering = nodes.iter().any(|n| !n.peer_url.is_empty());
     let mut header = vec!["ID", "ADDRESS", "APPLIED", "CACHE", "ENTRIES", "HIT RATIO", "LAST SEEN"];
+    if peering {
+        header.push("PEERS");
+    }
     if errors {
         header.push("LAST ERROR");
     }
@@ -114,6 +157,9 @@ fn table(nodes: &[NodeView], now: SystemTime) -> String {
             n.hit_ratio.map_or_else(|| "-".into(), |r| format!("{:.1}%", r * 100.0)),
             ago(now, n.last_seen_secs),
         ];
+        if peering {
+            row.push(peer_state(n));
+        }
         if errors {
             row.push(n.last_error.clone().unwrap_or_else(|| "-".into()));
         }
@@ -153,5 +199,22 @@ mod tests {
             "ID   ADDRESS         APPLIED   CACHE     ENTRIES   HIT RATIO   LAST SEEN\n\
              n1   10.0.0.1:5000   7         2.0 KiB   3         75.0%       10s ago\n"
         );
+    }
+
+    #[test]
+    fn the_table_shows_suspect_peers() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let peer = |id: &str, state: &str| pb::PeerStatus { id: id.into(), state: state.into(), ..Default::default() };
+        let n1 = pb::Node {
+            id: "n1".into(),
+            peer_url: "http://10.0.0.1:5000".into(),
+            peers: vec![peer("n2", "ok"), peer("n3", "suspect")],
+            ..Default::default()
+        };
+        let n2 = pb::Node { id: "n2".into(), peer_url: "http://10.0.0.2:5000".into(), ..Default::default() };
+        let out = table(&[NodeView::from(&n1), NodeView::from(&n2)], now);
+        let rows: Vec<&str> = out.lines().collect();
+        assert!(rows[0].ends_with("PEERS"), "{out}");
+        assert!(rows[1].ends_with("suspect: n3") && rows[2].ends_with("ok"), "{out}");
     }
 }

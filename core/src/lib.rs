@@ -5,6 +5,7 @@
 
 mod digest;
 mod reference;
+pub mod rendezvous;
 mod repo;
 pub mod token;
 

@@ -169,7 +169,7 @@ pub async fn run_node(
     let upstream = Arc::new(Upstream::new(opts.upstream.clone())?);
     let peers = Arc::new(match &opts.source {
         ConfigSource::ControlPlanes { node_id, peer_url, .. } if !peer_url.is_empty() => {
-            Peers::new(Some(node_id.clone()), opts.peers.clone())?
+            Peers::new(node_id.clone(), opts.peers.clone())?
         }
         _ => Peers::off(),
     });

@@ -29,8 +29,7 @@ use wharf_core::{Digest, SigningKey};
 
 use crate::config::Member;
 use crate::node_token::{self, Claims, NodeTokens};
-use crate::upstream::UpstreamError;
-use crate::upstream::error_chain;
+use crate::upstream::{UpstreamError, error_chain, with_roots};
 
 /// How peers are asked.
 #[derive(Debug, Clone)]
@@ -65,17 +64,9 @@ const TOKEN_REUSE: Duration = Duration::from_secs(60);
 /// The path prefix of the peer endpoint.
 pub const PATH: &str = "/_wharf/peer/";
 
-/// The member that owns `digest`: the highest weight of (member, digest), ties by id.
+/// The member that owns `digest` ([`wharf_core::rendezvous`]).
 pub fn owner<'a>(members: &'a [Member], digest: &Digest) -> Option<&'a Member> {
-    members.iter().max_by(|a, b| weight(&a.id, digest).cmp(&weight(&b.id, digest)).then_with(|| b.id.cmp(&a.id)))
-}
-
-fn weight(id: &str, digest: &Digest) -> u64 {
-    let mut key = Vec::with_capacity(id.len() + 1 + 64);
-    key.extend_from_slice(id.as_bytes());
-    key.push(0);
-    key.extend_from_slice(digest.hex().as_bytes());
-    u64::from_str_radix(&Digest::of(&key).hex()[..16], 16).expect("hex")
+    wharf_core::rendezvous::owner(members, |m| m.id.as_str(), digest)
 }
 
 /// Why a peer fetch did not go through: the label of `wharf_peer_errors_total`.
@@ -140,9 +131,8 @@ pub struct Skipped {
 /// This node's side of peer fetch: who it is, the client it asks peers with, what it holds
 /// against each peer.
 pub struct Peers {
-    /// This node's id; `None`: standalone, no peer fetch.
-    self_id: Option<String>,
-    client: reqwest::Client,
+    /// This node's id and the client it asks peers with; `None`: standalone, no peer fetch.
+    me: Option<(String, reqwest::Client)>,
     opts: PeerOptions,
     records: Mutex<HashMap<String, Record>>,
     /// Peer tokens by the node they are for, with when they were made.
@@ -150,28 +140,31 @@ pub struct Peers {
 }
 
 impl Peers {
-    /// Peer fetch for node `self_id` (`None`: off).
-    pub fn new(self_id: Option<String>, opts: PeerOptions) -> Result<Self, PeerSetupError> {
-        let mut builder = reqwest::Client::builder()
+    /// Peer fetch for node `self_id`.
+    pub fn new(self_id: String, opts: PeerOptions) -> Result<Self, PeerSetupError> {
+        let builder = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
             .connect_timeout(opts.timeout)
             .tcp_nodelay(true)
             .pool_idle_timeout(Duration::from_secs(90))
             .user_agent(concat!("wharf-peer/", env!("CARGO_PKG_VERSION")));
-        if let Some(path) = &opts.ca {
-            let pem = std::fs::read(path).map_err(|e| PeerSetupError(format!("reading {}: {e}", path.display())))?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem)
-                .map_err(|e| PeerSetupError(format!("{}: {}", path.display(), error_chain(&e))))?;
-            builder = builder.tls_certs_merge(certs);
-        }
-        let client = builder.build().map_err(|e| PeerSetupError(error_chain(&e)))?;
-        Ok(Self { self_id, client, opts, records: Mutex::default(), tokens: Mutex::default() })
+        let extra = match &opts.ca {
+            None => Vec::new(),
+            Some(path) => {
+                let pem =
+                    std::fs::read(path).map_err(|e| PeerSetupError(format!("reading {}: {e}", path.display())))?;
+                reqwest::Certificate::from_pem_bundle(&pem)
+                    .map_err(|e| PeerSetupError(format!("{}: {}", path.display(), error_chain(&e))))?
+            }
+        };
+        let client = with_roots(builder, extra).build().map_err(|e| PeerSetupError(error_chain(&e)))?;
+        Ok(Self { me: Some((self_id, client)), opts, records: Mutex::default(), tokens: Mutex::default() })
     }
 
-    /// No peer fetch (standalone nodes, tests).
+    /// No peer fetch (standalone nodes, a node with `--peer-url off`).
     pub fn off() -> Self {
-        Self::new(None, PeerOptions::default()).expect("a client without extra roots builds")
+        Self { me: None, opts: PeerOptions::default(), records: Mutex::default(), tokens: Mutex::default() }
     }
 
     fn records(&self) -> std::sync::MutexGuard<'_, HashMap<String, Record>> {
@@ -181,9 +174,9 @@ impl Peers {
     /// The peer to ask for `digest`: its owner among `members`, unless that is this node, or it
     /// is suspect (then the node fetches from upstream itself). `None` with no members or keys.
     pub fn choose(&self, members: &[Member], digest: &Digest) -> Option<Member> {
-        let me = self.self_id.as_deref()?;
+        let (me, _) = self.me.as_ref()?;
         let owner = owner(members, digest)?;
-        if owner.id == me {
+        if owner.id == *me {
             return None;
         }
         let now = Instant::now();
@@ -240,7 +233,10 @@ impl Peers {
             error: UpstreamError::Unreachable { url: format!("peer {} ({url})", peer.id), message },
             failure,
         };
-        let sent = self.client.get(&url).bearer_auth(token).send();
+        let Some((_, client)) = &self.me else {
+            return Err(skipped(None, "peer fetch is off on this node".into()));
+        };
+        let sent = client.get(&url).bearer_auth(token).send();
         let resp = match tokio::time::timeout(self.opts.timeout, sent).await {
             Err(_) => {
                 let waited = humantime::format_duration(self.opts.timeout);
@@ -321,7 +317,8 @@ impl Peers {
 
 impl std::fmt::Debug for Peers {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Peers").field("self_id", &self.self_id).field("opts", &self.opts).finish_non_exhaustive()
+        let id = self.me.as_ref().map(|(id, _)| id);
+        f.debug_struct("Peers").field("self_id", &id).field("opts", &self.opts).finish_non_exhaustive()
     }
 }
 
@@ -378,7 +375,7 @@ mod tests {
     #[test]
     fn a_node_asks_no_one_for_its_own_digests_and_skips_a_suspect_until_it_restarts() {
         let members: Vec<Member> = ["n1", "n2"].into_iter().map(member).collect();
-        let peers = Peers::new(Some("n1".into()), PeerOptions::default()).unwrap();
+        let peers = Peers::new("n1".into(), PeerOptions::default()).unwrap();
         let all = digests(200);
         let theirs = all.iter().find(|d| owner(&members, d).unwrap().id == "n2").unwrap();
         let mine = all.iter().find(|d| owner(&members, d).unwrap().id == "n1").unwrap();

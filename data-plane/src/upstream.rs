@@ -401,7 +401,7 @@ impl Upstream {
 /// A client for upstreams with `tls`: the system roots (the Mozilla roots built in when the system
 /// has none) plus the repo's CA bundle, or no verification at all.
 fn build_client(opts: &UpstreamOptions, tls: &UpstreamTls) -> Result<reqwest::Client, reqwest::Error> {
-    let mut builder = reqwest::Client::builder()
+    let builder = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(opts.connect_timeout)
         .tcp_nodelay(true)
@@ -414,17 +414,20 @@ fn build_client(opts: &UpstreamOptions, tls: &UpstreamTls) -> Result<reqwest::Cl
         Some(pem) => reqwest::Certificate::from_pem_bundle(pem.as_bytes())?,
         None => Vec::new(),
     };
+    with_roots(builder, extra).build()
+}
+
+/// `builder` trusting the system roots (the Mozilla roots built in when the system has none) and
+/// `extra`.
+pub fn with_roots(builder: reqwest::ClientBuilder, extra: Vec<reqwest::Certificate>) -> reqwest::ClientBuilder {
     if wharf_runtime::tls::system_roots_available() {
         // reqwest's platform verifier: the system's roots, re-read for each client built.
-        if !extra.is_empty() {
-            builder = builder.tls_certs_merge(extra);
-        }
+        if extra.is_empty() { builder } else { builder.tls_certs_merge(extra) }
     } else {
         let builtin =
             wharf_runtime::tls::builtin_roots().iter().filter_map(|der| reqwest::Certificate::from_der(der).ok());
-        builder = builder.tls_certs_only(builtin.chain(extra));
+        builder.tls_certs_only(builtin.chain(extra))
     }
-    builder.build()
 }
 
 /// What to do about a certificate the node does not trust, appended to the connection error.

@@ -99,7 +99,7 @@ const DATA_PLANE_LAYERS: &[(&str, &[&str])] = &[
     ("authorization", &["authz"]),
     ("request", &["state", "request_log", "respond"]),
     ("fetch", &["flight", "decisions"]),
-    ("store and upstream", &["store", "evict", "scrub", "upstream"]),
+    ("store and upstream", &["store", "evict", "scrub", "upstream", "peers"]),
     (
         "foundations",
         &[
