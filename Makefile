@@ -5,7 +5,7 @@ DATA_DIR ?= ./wharf-data
 LISTEN ?= 0.0.0.0:5000
 CONTROL_LISTEN ?= 0.0.0.0:7000
 
-.PHONY: run test test-deploy dist image build lint fuzz bench bench-control bench-startup clean
+.PHONY: run test test-deploy dist image build lint fuzz bench bench-cluster bench-control bench-startup clean
 
 run:
 	@scripts/ensure-deps.sh run
@@ -48,6 +48,11 @@ bench:
 	@scripts/ensure-deps.sh bench
 	python3 bench/bench.py
 	python3 bench/warm.py --wharf-bin target/release/wharf-proxy
+
+# Peer fetch: three nodes on one control plane against three that each fetch alone, one throttled upstream.
+bench-cluster:
+	@scripts/ensure-deps.sh bench
+	python3 bench/cluster.py
 
 # Config propagation (write acked -> every node serving), control-plane RSS and idle CPU.
 bench-control:
