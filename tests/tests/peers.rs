@@ -181,11 +181,13 @@ async fn membership_follows_nodes_joining_and_leaving_and_ownership_moves() -> a
     Ok(())
 }
 
-/// What the fake peer received: the `Authorization` of each request.
+/// What the fake peer received (the `Authorization` of each request), and how it answers.
 #[derive(Clone, Default)]
 struct FakePeer {
     seen: Arc<Mutex<Vec<String>>>,
     size: usize,
+    /// Never answer (a peer that accepts connections and hangs).
+    hang: bool,
 }
 
 impl FakePeer {
@@ -198,7 +200,43 @@ impl FakePeer {
 async fn wrong_bytes(State(peer): State<FakePeer>, req: axum::extract::Request) -> impl IntoResponse {
     let auth = req.headers().get("authorization").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
     peer.seen().push(auth);
+    if peer.hang {
+        std::future::pending::<()>().await;
+    }
     vec![b'x'; peer.size]
+}
+
+/// Starts `peer` and registers it with the control plane at `cp_url` as node `id`, as a node
+/// would (a Watch stream with its peer URL); both end with the returned guard.
+async fn join_fake_peer(cp_url: &str, id: &str, peer: FakePeer) -> anyhow::Result<Aborting> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let app = axum::Router::new().fallback(wrong_bytes).with_state(peer);
+    let server = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let mut config = ConfigServiceClient::new(grpc(cp_url).await?);
+    let req = pb::WatchRequest {
+        node_id: id.into(),
+        address: url.clone(),
+        peer_url: url,
+        generation: 1,
+        ..Default::default()
+    };
+    let mut stream = config.watch(req).await?.into_inner();
+    let watch = tokio::spawn(async move { while let Some(Ok(_)) = stream.next().await {} });
+    Ok(Aborting(vec![server, watch]))
+}
+
+/// Aborts its tasks when dropped (the test's fake peer, when the test ends or fails).
+struct Aborting(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for Aborting {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -215,20 +253,7 @@ async fn a_peer_that_sends_wrong_bytes_is_never_trusted_and_its_token_opens_no_o
 
     // The fake peer joins like a node: a Watch stream with its peer URL.
     let fake = FakePeer { size: layer.size(), ..Default::default() };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let fake_url = format!("http://{}", listener.local_addr()?);
-    let app = axum::Router::new().fallback(wrong_bytes).with_state(fake.clone());
-    let server = tokio::spawn(async move { axum::serve(listener, app).await });
-    let mut config = ConfigServiceClient::new(grpc(&cp.url()).await?);
-    let req = pb::WatchRequest {
-        node_id: "evil".into(),
-        address: fake_url.clone(),
-        peer_url: fake_url,
-        generation: 1,
-        ..Default::default()
-    };
-    let mut stream = config.watch(req).await?.into_inner();
-    let watch = tokio::spawn(async move { while let Some(Ok(_)) = stream.next().await {} });
+    let _fake = join_fake_peer(&cp.url(), "evil", fake.clone()).await?;
     wait_members(&[&n1], 2).await?;
 
     let url = n1.v2(&format!("lab/team/app/blobs/{}", layer.digest));
@@ -254,8 +279,53 @@ async fn a_peer_that_sends_wrong_bytes_is_never_trusted_and_its_token_opens_no_o
     let issued = http::get(&format!("http://{}/v2/token?scope=repository:lab/team/app:pull", n1.addr()), &[]).await?;
     let client_token = format!("Bearer {}", issued.json()?["token"].as_str().unwrap_or_default());
     assert_eq!(http::get(&peer_path, &[("authorization", &client_token)]).await?.status, 401);
-    watch.abort();
-    server.abort();
+
+    // A passthrough repo's blobs are never asked of a peer, even of their owner: the client's
+    // credentials stay on the node it asked.
+    let mut pass = repo_json("pass", &registry.url());
+    pass["auth"] = "passthrough".into();
+    let rev = create_repo(&cp.url(), &pass).await?;
+    n1.wait_applied(rev, Duration::from_secs(30))?;
+    let other = blob_owned_by("evil", &["n1", "evil"], 50_000);
+    let image = TestImage::from_layers("v2", vec![other])?;
+    image.push(&registry.host(), "team/app")?;
+    let got = http::get(&n1.v2(&format!("pass/team/app/blobs/{}", image.layers[0].digest)), &[]).await?;
+    assert_eq!((got.status, got.digest()), (200, image.layers[0].digest.clone()));
+    assert_eq!(fake.seen().len(), 1, "a passthrough blob was asked of a peer");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_that_does_not_answer_costs_a_client_no_more_than_the_peer_timeout() -> anyhow::Result<()> {
+    let registry = Registry::start()?;
+    let cp = ControlPlane::embedded()?;
+    let rev = create_repo(&cp.url(), &repo_json("lab", &registry.url())).await?;
+    let n1 = Node::spawn_with("n1", &[cp.url()], None, &["--peer-timeout", "1s"])?;
+    n1.wait_applied(rev, Duration::from_secs(30))?;
+    let fake = FakePeer { hang: true, ..Default::default() };
+    let _fake = join_fake_peer(&cp.url(), "stuck", fake.clone()).await?;
+    wait_members(&[&n1], 2).await?;
+    let blob = blob_owned_by("stuck", &["n1", "stuck"], 100_000);
+    let image = TestImage::from_layers("v1", vec![blob])?;
+    image.push(&registry.host(), "team/app")?;
+    let layer = &image.layers[0];
+    let started = Instant::now();
+    let got = http::get(&n1.v2(&format!("lab/team/app/blobs/{}", layer.digest)), &[]).await?;
+    let took = started.elapsed();
+    assert_eq!((got.status, got.digest()), (200, layer.digest.clone()));
+    assert_eq!(fake.seen().len(), 1, "the owner was asked");
+    assert!(took >= Duration::from_secs(1) && took < Duration::from_secs(5), "took {took:?}");
+    let s = scrape(&n1).await?;
+    assert_eq!(s.get("wharf_peer_errors_total", &[("peer", "stuck"), ("reason", "timeout")]), Some(1.0));
+    // Suspect now: the next miss it owns goes straight upstream.
+    let next = blob_owned_by("stuck", &["n1", "stuck"], 10_000);
+    let image = TestImage::from_layers("v2", vec![next])?;
+    image.push(&registry.host(), "team/app")?;
+    let started = Instant::now();
+    let got = http::get(&n1.v2(&format!("lab/team/app/blobs/{}", image.layers[0].digest)), &[]).await?;
+    assert_eq!(got.status, 200);
+    assert!(started.elapsed() < Duration::from_secs(1), "a suspect peer was waited on");
+    assert_eq!(fake.seen().len(), 1);
     Ok(())
 }
 
