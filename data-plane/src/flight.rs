@@ -421,7 +421,8 @@ async fn fetch_into(
 /// blame is marked suspect): the fetch goes to upstream.
 async fn ask_peer(ctx: &FetchContext) -> Option<(&PeerAsk, PeerBody)> {
     let ask = ctx.peer.as_ref()?;
-    match ask.peers.get(&ask.member, &ask.token, ctx.repo.key.as_str(), &ctx.name, &ctx.digest).await {
+    let what = format!("blobs/{}", ctx.digest);
+    match ask.peers.get(&ask.member, &ask.token, ctx.repo.key.as_str(), &ctx.name, &what, None).await {
         Ok(body) => Some((ask, body)),
         Err(skipped) => {
             match skipped.failure {

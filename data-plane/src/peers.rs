@@ -114,9 +114,10 @@ pub struct PeerView {
     pub bytes: u64,
 }
 
-/// A peer's answer: the blob's length when it said, and its body.
+/// A peer's answer: its length when it said, its media type, and its body.
 pub struct PeerBody {
     pub total: Option<u64>,
+    pub content_type: Option<String>,
     pub body: BoxStream<'static, Result<Bytes, UpstreamError>>,
 }
 
@@ -218,17 +219,18 @@ impl Peers {
         t
     }
 
-    /// Asks `peer` for blob `digest` of `repo_key`/`name`: its body once the head came, within
-    /// the timeout.
+    /// Asks `peer` for `what` (`blobs/<digest>`, `manifests/<digest>`) of `repo_key`/`name`,
+    /// sending `accept` (manifests): its body once the head came, within the timeout.
     pub async fn get(
         &self,
         peer: &Member,
         token: &str,
         repo_key: &str,
         name: &str,
-        digest: &Digest,
+        what: &str,
+        accept: Option<&http::HeaderValue>,
     ) -> Result<PeerBody, Skipped> {
-        let url = format!("{}{}{repo_key}/{name}/blobs/{digest}", peer.url.trim_end_matches('/'), PATH);
+        let url = format!("{}{}{repo_key}/{name}/{what}", peer.url.trim_end_matches('/'), PATH);
         let skipped = |failure, message: String| Skipped {
             error: UpstreamError::Unreachable { url: format!("peer {} ({url})", peer.id), message },
             failure,
@@ -236,7 +238,11 @@ impl Peers {
         let Some((_, client)) = &self.me else {
             return Err(skipped(None, "peer fetch is off on this node".into()));
         };
-        let sent = client.get(&url).bearer_auth(token).send();
+        let mut req = client.get(&url).bearer_auth(token);
+        if let Some(a) = accept {
+            req = req.header(http::header::ACCEPT, a);
+        }
+        let sent = req.send();
         let resp = match tokio::time::timeout(self.opts.timeout, sent).await {
             Err(_) => {
                 let waited = humantime::format_duration(self.opts.timeout);
@@ -252,6 +258,8 @@ impl Peers {
             return Err(skipped(blame, format!("answered {status}")));
         }
         let total = resp.content_length();
+        let content_type =
+            resp.headers().get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
         let idle = self.opts.idle_timeout;
         let id = peer.id.clone();
         let body = futures_util::stream::unfold(Some(resp.bytes_stream()), move |state| {
@@ -270,7 +278,7 @@ impl Peers {
             }
         })
         .boxed();
-        Ok(PeerBody { total, body })
+        Ok(PeerBody { total, content_type, body })
     }
 
     /// `peer` failed: skipped for a while, counted.

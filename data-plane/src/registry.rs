@@ -157,8 +157,8 @@ fn request_ctx(
 }
 
 /// Another node's request on the peer endpoint, `/_wharf/peer/<repoKey>/<name>/blobs/<digest>`
-/// (see [`crate::peers`]): it needs a peer token for this node; the blob is served from this
-/// node's cache or its own single flight, never asked of a third node. The asking node authorized
+/// or `.../manifests/<digest>` (see [`crate::peers`]): it needs a peer token for this node; the
+/// content is served from this node's cache or fetched by it, never asked of a third node. The asking node authorized
 /// its client; passthrough repos' content never goes to a peer (their fetches need the client's
 /// own credentials, which stay on the node the client asked).
 async fn peer(
@@ -176,8 +176,11 @@ async fn peer(
     log.token_id = claims.issuer.clone();
     let parsed = parse_path(rest)?;
     log.kind = parsed.target.kind();
-    if !matches!(parsed.target, cache::Target::Blob(_)) {
-        return Err(RegistryError::not_found("UNSUPPORTED", "the peer endpoint serves blobs only"));
+    if !matches!(parsed.target, cache::Target::Blob(_) | cache::Target::Manifest(wharf_core::Reference::Digest(_))) {
+        return Err(RegistryError::not_found(
+            "UNSUPPORTED",
+            "the peer endpoint serves blobs and manifests by digest only",
+        ));
     }
     let repo = parsed
         .keyed()

@@ -5,12 +5,12 @@ use std::sync::Arc;
 
 use http::HeaderMap;
 use metrics_exporter_prometheus::PrometheusHandle;
-use wharf_core::{AuthMode, Repo, RepoKey};
+use wharf_core::{AuthMode, Digest, Repo, RepoKey};
 
 use crate::config::Config;
 use crate::credentials::ClientCredentials;
 use crate::decisions::Decisions;
-use crate::flight::Flights;
+use crate::flight::{Flights, PeerAsk};
 use crate::node_token::NodeTokens;
 use crate::peers::Peers;
 use crate::store::Store;
@@ -92,5 +92,22 @@ impl Ctx {
     /// Whether cached content needs the upstream's decision for this client first.
     pub fn passthrough(&self) -> bool {
         self.repo.auth == AuthMode::Passthrough
+    }
+
+    /// The owner of `digest` among the cluster's nodes, when this miss asks it first: not for a
+    /// peer's request (the owner never forwards), nor for a passthrough repo (its fetches go
+    /// upstream with the client's own credentials, which never leave this node), nor outside a
+    /// cluster.
+    pub fn peer_ask(&self, digest: &Digest) -> Option<PeerAsk> {
+        if self.from_peer || self.passthrough() {
+            return None;
+        }
+        let snapshot = self.state.config.snapshot();
+        if snapshot.keys.is_empty() {
+            return None;
+        }
+        let member = self.state.peers.choose(&snapshot.members, digest)?;
+        let token = self.state.peers.token(&self.state.tokens, &snapshot.keys, &member.id);
+        Some(PeerAsk { peers: self.state.peers.clone(), member, token })
     }
 }

@@ -118,6 +118,17 @@ async fn three_nodes_on_etcd_fetch_each_blob_from_upstream_once() -> anyhow::Res
     );
     assert!(request_lines(&nodes[1], &[("route", "peer")]) >= 2, "n2 served its peers:\n{}", nodes[1].log_tail(30));
 
+    // The manifest by digest, through every node: one upstream GET too.
+    let by_digest = format!("/manifests/{}", image.digest());
+    let before = registry.count("GET", &by_digest);
+    for n in &nodes {
+        let m = http::get(&n.v2(&format!("lab/team/app{by_digest}")), &[("accept", OCI_MANIFEST)]).await?;
+        assert_eq!((m.status, sha256_digest(&m.body)), (200, image.digest().to_owned()), "{}", n.id());
+        assert_eq!(m.header("content-type"), Some(OCI_MANIFEST));
+    }
+    registry.sync_log()?;
+    assert_eq!(registry.count("GET", &by_digest) - before, 1, "the manifest by digest from upstream once");
+
     // Every node pulls the whole image once: each blob came from upstream once in all.
     for n in &nodes {
         pull(n, "lab", &image).await?;

@@ -12,7 +12,7 @@ use wharf_core::{Digest, DigestHasher};
 
 use crate::authz::passthrough as gate;
 use crate::error::RegistryError;
-use crate::flight::{FetchContext, FetchFailure, Flight, Joined, PeerAsk, Progress, read_file};
+use crate::flight::{FetchContext, FetchFailure, Flight, Joined, Progress, read_file};
 use crate::mapped;
 use crate::range::{self, Resolved};
 use crate::request_log::RequestLog;
@@ -62,7 +62,7 @@ pub async fn get(ctx: &Ctx, digest: Digest, log: &mut RequestLog) -> Result<Resp
             digest: digest.clone(),
             parent: tracing::Span::current(),
             client: ctx.client.clone(),
-            peer: peer_ask(ctx, &digest),
+            peer: ctx.peer_ask(&digest),
         };
         let joined = match ctx.state.flights.join_or_start(fetch) {
             Ok(j) => j,
@@ -138,22 +138,6 @@ pub async fn get(ctx: &Ctx, digest: Digest, log: &mut RequestLog) -> Result<Resp
     };
     blob_headers(r.headers_mut(), &digest);
     Ok(r)
-}
-
-/// The blob's owner among the cluster's nodes, when this miss asks it first: not for a peer's
-/// request (the owner never forwards), nor for a passthrough repo (its fetches go upstream with
-/// the client's own credentials, which never leave this node), nor outside a cluster.
-fn peer_ask(ctx: &Ctx, digest: &Digest) -> Option<PeerAsk> {
-    if ctx.from_peer || ctx.passthrough() {
-        return None;
-    }
-    let snapshot = ctx.state.config.snapshot();
-    if snapshot.keys.is_empty() {
-        return None;
-    }
-    let member = ctx.state.peers.choose(&snapshot.members, digest)?;
-    let token = ctx.state.peers.token(&ctx.state.tokens, &snapshot.keys, &member.id);
-    Some(PeerAsk { peers: ctx.state.peers.clone(), member, token })
 }
 
 /// A fetch's body for one client that, when the cache runs out of room in the middle of the fetch

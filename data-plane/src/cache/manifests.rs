@@ -4,13 +4,16 @@
 use axum::body::Body;
 use axum::response::Response;
 use bytes::Bytes;
+use futures_util::StreamExt as _;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use serde_json::Value;
 use wharf_core::{Digest, Reference};
 
 use crate::authz::passthrough as gate;
 use crate::error::RegistryError;
+use crate::flight::PeerAsk;
 use crate::oci::{DEFAULT_ACCEPT, MAX_MANIFEST, referenced};
+use crate::peers::PeerFailure;
 use crate::request_log::RequestLog;
 use crate::respond::{content_headers, not_modified, not_modified_response, upstream_error, upstream_status};
 use crate::state::Ctx;
@@ -212,8 +215,19 @@ async fn revalidate(ctx: &Ctx, tag: &str, cached: &Digest, log: &mut RequestLog)
 }
 
 /// GETs a manifest upstream, checks its bytes, caches it and links what it references (`miss`), or
-/// serves it uncached when it cannot be written (`bypass`).
+/// serves it uncached when it cannot be written (`bypass`). A manifest by digest is asked of its
+/// owner among the cluster's nodes first (`peer`), and of upstream when the owner is skipped.
 async fn fetch(ctx: &Ctx, reference: &Reference, log: &mut RequestLog) -> Result<Manifest, RegistryError> {
+    if let Reference::Digest(d) = reference
+        && let Some(ask) = ctx.peer_ask(d)
+        && let Some((media_type, bytes)) = from_peer(ctx, &ask, d).await
+    {
+        let m = keep(ctx, reference, d.clone(), media_type, bytes, log).await?;
+        if log.cache == "miss" {
+            log.cache = "peer";
+        }
+        return Ok(m);
+    }
     let req = UpstreamRequest {
         repo: &ctx.repo,
         name: &ctx.name,
@@ -234,8 +248,7 @@ async fn fetch(ctx: &Ctx, reference: &Reference, log: &mut RequestLog) -> Result
     }
     gate::note_authorized(ctx, log);
     let url = resp.url.clone();
-    let header_type =
-        resp.header_str(header::CONTENT_TYPE).map(|t| t.split(';').next().unwrap_or("").trim().to_owned());
+    let header_type = resp.header_str(header::CONTENT_TYPE).map(str::to_owned);
     let header_digest = resp.header_str("docker-content-digest").map(str::to_owned);
     let bytes = resp.bytes_limited(MAX_MANIFEST).await.map_err(|e| upstream_error(&e))?;
     let digest = Digest::of(&bytes);
@@ -257,6 +270,60 @@ async fn fetch(ctx: &Ctx, reference: &Reference, log: &mut RequestLog) -> Result
     {
         return Err(wrong(h));
     }
+    keep(ctx, reference, digest, header_type, bytes, log).await
+}
+
+/// The manifest `d` from the peer `ask` names, its bytes checked against `d`; `None` when the
+/// peer is skipped (marked suspect when at fault: wrong bytes too, which never reach a client).
+async fn from_peer(ctx: &Ctx, ask: &PeerAsk, d: &Digest) -> Option<(Option<String>, Bytes)> {
+    let accept = forward_accept(&ctx.headers).get(header::ACCEPT).cloned();
+    let what = format!("manifests/{d}");
+    let got = ask.peers.get(&ask.member, &ask.token, ctx.repo.key.as_str(), &ctx.name, &what, accept.as_ref()).await;
+    let got = match got {
+        Ok(g) => g,
+        Err(skipped) => {
+            if let Some(f) = skipped.failure {
+                ask.peers.failed(&ask.member, f, &skipped.error);
+            }
+            return None;
+        }
+    };
+    let mut buf = bytes::BytesMut::new();
+    let mut body = got.body;
+    while let Some(chunk) = body.next().await {
+        match chunk {
+            Ok(c) if buf.len() + c.len() <= MAX_MANIFEST => buf.extend_from_slice(&c),
+            Ok(_) => {
+                ask.peers.failed(&ask.member, PeerFailure::WrongBytes, &"a manifest over the size limit");
+                return None;
+            }
+            Err(e) => {
+                ask.peers.failed(&ask.member, PeerFailure::Body, &e);
+                return None;
+            }
+        }
+    }
+    let bytes = buf.freeze();
+    let actual = Digest::of(&bytes);
+    if actual != *d {
+        ask.peers.failed(&ask.member, PeerFailure::WrongBytes, &format_args!("manifest digest {actual}, not {d}"));
+        return None;
+    }
+    ask.peers.received(&ask.member, bytes.len() as u64);
+    Some((got.content_type, bytes))
+}
+
+/// A manifest whose bytes were checked: cached (with the tag, for one asked by tag) and linked
+/// with what it references (`miss`), or served uncached when it cannot be written (`bypass`).
+async fn keep(
+    ctx: &Ctx,
+    reference: &Reference,
+    digest: Digest,
+    content_type: Option<String>,
+    bytes: Bytes,
+    log: &mut RequestLog,
+) -> Result<Manifest, RegistryError> {
+    let header_type = content_type.map(|t| t.split(';').next().unwrap_or("").trim().to_owned());
     let json: Option<Value> = serde_json::from_slice(&bytes).ok();
     let media_type = header_type
         .filter(|t| !t.is_empty() && t != "application/json" && t != "text/plain")

@@ -84,6 +84,8 @@ async fn the_peer_endpoint_opens_only_to_a_peer_token_for_this_node() {
     // Past the gate: the blob is fetched from this node's upstream (nothing listens there: 502).
     assert_eq!(get(blob("open"), Some(for_me.clone())).await, 502);
     assert_eq!(get(blob("private"), Some(for_me.clone())).await, 502, "the asking node authorized its client");
+    let manifest = format!("/_wharf/peer/open/team/app/manifests/{digest}");
+    assert_eq!(get(manifest, Some(for_me.clone())).await, 502, "manifests by digest too");
     // A peer token opens no client pull of an `access = "token"` repo.
     assert_eq!(get(format!("/v2/private/team/app/blobs/{digest}"), Some(for_me)).await, 401);
     stop.cancel();
