@@ -12,7 +12,7 @@ use axum::response::IntoResponse;
 use futures_util::StreamExt as _;
 use wharf_proto::v1 as pb;
 use wharf_proto::v1::config_service_client::ConfigServiceClient;
-use wharf_tests::control::{ControlPlane, Node, create_repo, grpc, poll, repo_json};
+use wharf_tests::control::{ControlOptions, ControlPlane, Node, create_repo, grpc, poll, repo_json};
 use wharf_tests::etcd::EtcdCluster;
 use wharf_tests::fake::{FakeUpstream, Fault, FaultRule};
 use wharf_tests::image::{Blob, OCI_MANIFEST};
@@ -390,5 +390,31 @@ async fn an_owner_killed_mid_transfer_leaves_whole_bodies_finished_from_upstream
     assert_eq!((again.status, again.digest()), (200, blob.digest.clone()));
     assert!(request_lines(&n1, &[("cache", "hit"), ("reference", &blob.digest)]) >= 1);
     upstream.release();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_peer_fetch_on_the_control_plane_turns_it_off_for_the_cluster() -> anyhow::Result<()> {
+    let registry = Registry::start()?;
+    let cp = ControlPlane::spawn(ControlOptions { args: vec!["--no-peer-fetch".into()], ..Default::default() })?;
+    let rev = create_repo(&cp.url(), &repo_json("lab", &registry.url())).await?;
+    let n1 = Node::spawn("n1", &[cp.url()])?;
+    let n2 = Node::spawn("n2", &[cp.url()])?;
+    for n in [&n1, &n2] {
+        n.wait_applied(rev, Duration::from_secs(30))?;
+    }
+    wait_members(&[&n1, &n2], 0).await?;
+    let image = TestImage::random("v1", &[100_000])?;
+    image.push(&registry.host(), "team/app")?;
+    registry.sync_log()?;
+    let layer = &image.layers[0];
+    let before = registry.count("GET", &format!("/blobs/{}", layer.digest));
+    for n in [&n1, &n2] {
+        let got = http::get(&n.v2(&format!("lab/team/app/blobs/{}", layer.digest)), &[]).await?;
+        assert_eq!((got.status, got.digest()), (200, layer.digest.clone()));
+        assert_eq!(request_lines(n, &[("route", "peer")]), 0, "{} served a peer", n.id());
+    }
+    registry.sync_log()?;
+    assert_eq!(registry.count("GET", &format!("/blobs/{}", layer.digest)) - before, 2, "each node fetched alone");
     Ok(())
 }
