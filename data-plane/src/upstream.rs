@@ -139,6 +139,8 @@ pub struct Upstream {
     /// Clients of repos with their own TLS settings (a CA bundle, or no verification), by repo
     /// key, with the settings each was built for: rebuilt only when those change.
     custom: std::sync::Mutex<std::collections::HashMap<String, (UpstreamTls, reqwest::Client)>>,
+    /// When each repo's refused credentials were last said in the log (once a minute at most).
+    refused_said: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
 }
 
 const MAX_REDIRECTS: usize = 5;
@@ -147,7 +149,13 @@ impl Upstream {
     pub fn new(opts: UpstreamOptions) -> Result<Self, UpstreamError> {
         let http = build_client(&opts, &UpstreamTls::default())
             .map_err(|e| UpstreamError::Protocol { url: String::new(), message: format!("HTTP client: {e}") })?;
-        Ok(Self { http, opts, tokens: TokenCache::default(), custom: Default::default() })
+        Ok(Self {
+            http,
+            opts,
+            tokens: TokenCache::default(),
+            custom: Default::default(),
+            refused_said: Default::default(),
+        })
     }
 
     /// The HTTP client for `repo`'s upstream (and its token endpoint): the shared one, or one
@@ -197,11 +205,32 @@ impl Upstream {
         let retries = if req.retry { self.opts.retries } else { 0 };
         let mut attempt = 0;
         let mut reauthenticated = false;
-        let who = Presenting::of(req.repo, req.client);
+        let mut who = Presenting::of(req.repo, req.client);
+        // The answer to the repo's own credentials, when they were refused and the request is
+        // tried again anonymously (stale credentials on a public image: GHCR answers 403).
+        let mut refused: Option<Result<UpstreamResponse, UpstreamError>> = None;
         let http = self.client(req.repo)?;
         loop {
-            let authorization = self.tokens.authorization(&http, &self.opts, req.repo, &who, &scope).await?;
+            let authorization = match self.tokens.authorization(&http, &self.opts, req.repo, &who, &scope).await {
+                Ok(a) => a,
+                Err(e @ UpstreamError::Token { status: 401 | 403, .. }) if who.is_own() => {
+                    refused = Some(Err(e));
+                    who = Presenting::Anonymous;
+                    continue;
+                }
+                Err(e) => return self.settle(req, refused, Err(e)),
+            };
             let result = self.send_following(&http, req, &url, authorization.as_ref()).await;
+            if let Ok(r) = &result
+                && who.is_own()
+                && authorization.is_some()
+                && (r.status == StatusCode::FORBIDDEN || (r.status == StatusCode::UNAUTHORIZED && reauthenticated))
+            {
+                refused = Some(result);
+                who = Presenting::Anonymous;
+                reauthenticated = false;
+                continue;
+            }
             let wait = match &result {
                 Ok(r) if r.status == StatusCode::UNAUTHORIZED && !reauthenticated => {
                     reauthenticated = true;
@@ -235,8 +264,41 @@ impl Upstream {
                     tracing::info!(%url, attempt, ?status, ?error, wait_ms = wait.as_millis() as u64, "retrying upstream request");
                     tokio::time::sleep(wait).await;
                 }
-                _ => return result,
+                _ => return self.settle(req, refused, result),
             }
+        }
+    }
+
+    /// What a request ends with: when the repo's own credentials were `refused` and the request
+    /// went on anonymously, the anonymous answer if it is a success (said in the log and counted:
+    /// the credentials want renewing), else the answer the credentials got.
+    fn settle(
+        &self,
+        req: &UpstreamRequest<'_>,
+        refused: Option<Result<UpstreamResponse, UpstreamError>>,
+        anonymous: Result<UpstreamResponse, UpstreamError>,
+    ) -> Result<UpstreamResponse, UpstreamError> {
+        let Some(refused) = refused else { return anonymous };
+        match anonymous {
+            Ok(r) if r.status.is_success() || r.status.is_redirection() => {
+                let status = match &refused {
+                    Ok(r) => r.status.to_string(),
+                    Err(e) => e.to_string(),
+                };
+                metrics::counter!("wharf_upstream_credentials_refused_total", "repo_key" => req.repo.key.to_string())
+                    .increment(1);
+                let now = std::time::Instant::now();
+                let mut said = self.refused_said.lock().unwrap_or_else(|e| e.into_inner());
+                let due =
+                    said.get(req.repo.key.as_str()).is_none_or(|t| now.duration_since(*t) >= Duration::from_secs(60));
+                if due {
+                    said.insert(req.repo.key.to_string(), now);
+                    tracing::warn!(repo_key = %req.repo.key, name = %req.name, refused = %status,
+                        "the upstream refused the repo's credentials; public content is served anonymously (renew the repo's password; said once a minute, counted in wharf_upstream_credentials_refused_total)");
+                }
+                Ok(r)
+            }
+            _ => refused,
         }
     }
 

@@ -160,7 +160,14 @@ struct Inner {
     /// The repositories a blob was put in by [`FakeUpstream::put_image`]: a blob of a private
     /// repository is unknown (404) in every other repository, as distribution's links make it.
     blob_repos: HashMap<String, Vec<String>>,
+    /// The token endpoint's status for a refused login (401; GHCR answers stale credentials 403).
+    refusal_status: Option<u16>,
+    /// The token endpoint has no POST route (404, as GCR's).
+    no_token_post: bool,
 }
+
+/// The username ACR gives its refresh tokens (the OAuth2 refresh-token grant, by POST).
+pub const ACR_REFRESH_TOKEN_USER: &str = "00000000-0000-0000-0000-000000000000";
 
 impl Inner {
     /// Whether `user:password` is a known login (the [`AuthMode`]'s or an added user).
@@ -390,6 +397,16 @@ impl FakeUpstream {
     /// `ratelimit-remaining: 100;w=21600` with every answer).
     pub fn set_response_header(&self, name: &str, value: &str) {
         self.shared.lock().response_headers.push((name.to_string(), value.to_string()));
+    }
+
+    /// The token endpoint answers a refused login with `status` (GHCR: 403 to stale credentials).
+    pub fn set_refusal_status(&self, status: u16) {
+        self.shared.lock().refusal_status = Some(status);
+    }
+
+    /// The token endpoint takes no POST (404, as GCR's): clients must ask by GET.
+    pub fn refuse_token_post(&self) {
+        self.shared.lock().no_token_post = true;
     }
 
     /// Makes every issued token invalid (as if expired or revoked).
@@ -939,16 +956,22 @@ fn token_endpoint(shared: &Arc<Shared>, req: &RecordedRequest) -> Response {
         return oci_error(StatusCode::NOT_FOUND, "UNSUPPORTED", "no token service");
     };
     let (scopes, user_pass) = if req.method == Method::POST {
-        let grant = req.form_values("grant_type");
-        if grant.first().map(String::as_str) != Some("password") {
-            return (StatusCode::BAD_REQUEST, "unsupported grant_type").into_response();
+        if shared.lock().no_token_post {
+            return StatusCode::NOT_FOUND.into_response();
         }
+        let grant = req.form_values("grant_type");
+        let first = |k: &str| req.form_values(k).first().cloned();
+        let up = match grant.first().map(String::as_str) {
+            Some("password") => first("username").zip(first("password")),
+            // ACR: a refresh token stands for the user that owns it.
+            Some("refresh_token") => first("refresh_token").map(|t| (ACR_REFRESH_TOKEN_USER.to_owned(), t)),
+            _ => return (StatusCode::BAD_REQUEST, "unsupported grant_type").into_response(),
+        };
         let scopes: Vec<String> = req
             .form_values("scope")
             .iter()
             .flat_map(|s| s.split(' ').map(str::to_string).collect::<Vec<_>>())
             .collect();
-        let up = req.form_values("username").first().cloned().zip(req.form_values("password").first().cloned());
         (scopes, up)
     } else if req.method == Method::GET {
         (req.query_values("scope"), req.basic_auth())
@@ -965,8 +988,9 @@ fn token_endpoint(shared: &Arc<Shared>, req: &RecordedRequest) -> Response {
         }
     };
     if refused {
+        let status = shared.lock().refusal_status.and_then(|s| StatusCode::from_u16(s).ok());
         return (
-            StatusCode::UNAUTHORIZED,
+            status.unwrap_or(StatusCode::UNAUTHORIZED),
             [(header::CONTENT_TYPE, "application/json")],
             r#"{"details":"incorrect username or password"}"#,
         )

@@ -2,7 +2,7 @@
 //! credentials, tokens reused, refreshed after a 401), Basic-auth upstreams, and blob redirects that
 //! never carry `Authorization` to another host.
 
-use wharf_tests::fake::{Listener, RecordedRequest, RedirectMode};
+use wharf_tests::fake::{ACR_REFRESH_TOKEN_USER, Listener, RecordedRequest, RedirectMode};
 use wharf_tests::http::get;
 use wharf_tests::image::OCI_MANIFEST;
 use wharf_tests::proxy::repo_config;
@@ -322,5 +322,92 @@ async fn an_upstream_refusing_the_repos_own_credentials_is_a_403() -> anyhow::Re
     assert_eq!((r.status, r.oci_code()), (403, "DENIED".to_owned()), "{}", r.text());
     assert_eq!(r.header("www-authenticate"), None);
     assert!(r.text().contains("answered 401"), "{}", r.text());
+    Ok(())
+}
+
+/// Stale credentials on a public image (GHCR answers them 403): the node asks again anonymously,
+/// serves the image, says so in its log (once a minute) and counts it; a private image still gets
+/// the refusal, never anonymous content it cannot have.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stale_credentials_on_a_public_image_are_retried_anonymously() -> anyhow::Result<()> {
+    let fake = FakeUpstream::start_with(AuthMode::Bearer { credentials: None, expires_in: None }).await?;
+    fake.add_user("bot", "current");
+    fake.set_refusal_status(403);
+    let public = TestImage::random("v1", &[5_000])?;
+    fake.put_image("org/public", &public);
+    let private = TestImage::random("v1", &[5_000])?;
+    fake.put_image("org/secret", &private);
+    fake.make_private("org/secret", &["bot"]);
+    let config = format!(
+        "{}username = \"bot\"\npassword_env = \"WHARF_TEST_STALE_PW\"\n",
+        repo_config("gh", &fake.url(), "ghcr", "5m")
+    );
+    let proxy = Proxy::spawn_with(ProxyOptions {
+        env: vec![("WHARF_TEST_STALE_PW".into(), "expired".into())],
+        ..ProxyOptions::new(&config, &[])
+    })?;
+    pull(&proxy, "gh", "org/public", &public).await?;
+    let anonymous = fake.token_requests().iter().filter(|t| token_user(t).is_none()).count();
+    assert!(anonymous >= 1, "no anonymous token request:\n{}", fake.describe_requests());
+    let warned = proxy.all_output().matches("refused the repo's credentials").count();
+    assert_eq!(warned, 1, "said once, not per request:\n{}", proxy.all_output());
+    assert!(!proxy.all_output().contains("expired\""), "the password is in the log");
+    let metrics = get(&format!("http://{}/metrics", proxy.addr()), &[]).await?.text();
+    assert!(
+        metrics.lines().any(|l| l.starts_with("wharf_upstream_credentials_refused_total{repo_key=\"gh\"}")),
+        "{metrics}"
+    );
+    let r = get(&proxy.v2("gh/org/secret/manifests/v1"), &[("accept", OCI_MANIFEST)]).await?;
+    assert_eq!((r.status, r.oci_code()), (403, "DENIED".to_owned()), "{}", r.text());
+    assert!(r.text().contains("refused the credentials"), "the refusal is named: {}", r.text());
+    Ok(())
+}
+
+/// ACR's static form: username 00000000-0000-0000-0000-000000000000 and an ACR refresh token as
+/// the password go to the token endpoint as the OAuth2 refresh-token grant (POST); an endpoint
+/// without a POST route is asked by GET with Basic instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn acr_refresh_tokens_go_by_post_and_fall_back_to_get() -> anyhow::Result<()> {
+    let refresh = format!("refresh-{}", wharf_tests::random_name(""));
+    for post_route in [true, false] {
+        let fake = FakeUpstream::start_with(AuthMode::Bearer {
+            credentials: Some((ACR_REFRESH_TOKEN_USER.into(), refresh.clone())),
+            expires_in: Some(300),
+        })
+        .await?;
+        if !post_route {
+            fake.refuse_token_post();
+        }
+        let image = TestImage::random("v1", &[5_000])?;
+        fake.put_image("team/app", &image);
+        let config = format!(
+            "{}username = \"{ACR_REFRESH_TOKEN_USER}\"\npassword_env = \"WHARF_TEST_ACR\"\n",
+            repo_config("acr", &fake.url(), "acr", "5m")
+        );
+        let proxy = Proxy::spawn_with(ProxyOptions {
+            env: vec![("WHARF_TEST_ACR".into(), refresh.clone())],
+            ..ProxyOptions::new(&config, &[])
+        })?;
+        pull(&proxy, "acr", "team/app", &image).await?;
+        let tokens = fake.token_requests();
+        let posts: Vec<&RecordedRequest> = tokens.iter().filter(|t| t.method == reqwest::Method::POST).collect();
+        assert!(!posts.is_empty(), "no POST to the token endpoint:\n{}", fake.describe_requests());
+        for p in &posts {
+            assert_eq!(p.form_values("grant_type"), vec!["refresh_token".to_owned()]);
+            assert_eq!(p.form_values("refresh_token"), vec![refresh.clone()]);
+            assert_eq!(token_scopes(p), vec!["repository:team/app:pull".to_owned()]);
+        }
+        let gets: Vec<&RecordedRequest> = tokens.iter().filter(|t| t.method == reqwest::Method::GET).collect();
+        if post_route {
+            assert!(gets.is_empty(), "a GET although the POST worked:\n{}", fake.describe_requests());
+        } else {
+            assert!(
+                gets.iter().any(|g| token_user(g) == Some((ACR_REFRESH_TOKEN_USER.into(), refresh.clone()))),
+                "no GET fallback with Basic:\n{}",
+                fake.describe_requests()
+            );
+        }
+        assert!(!proxy.all_output().contains(&refresh), "the refresh token is in the node's output");
+    }
     Ok(())
 }

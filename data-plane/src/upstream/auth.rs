@@ -133,6 +133,11 @@ impl<'a> Presenting<'a> {
         }
     }
 
+    /// The repo's own static credentials (not a client's).
+    pub(super) fn is_own(&self) -> bool {
+        matches!(self, Presenting::Basic { identity: Identity::Static(_), .. })
+    }
+
     fn identity(&self) -> Identity {
         match self {
             Presenting::Basic { identity, .. } => identity.clone(),
@@ -256,7 +261,13 @@ struct TokenResponse {
     expires_in: Option<u64>,
 }
 
-/// A token from `realm`; without `scope`, a login check (what `docker login` asks).
+/// The username ACR gives its refresh tokens: such a password is exchanged by the OAuth2
+/// refresh-token grant (POST), not by Basic.
+pub const ACR_REFRESH_TOKEN_USER: &str = "00000000-0000-0000-0000-000000000000";
+
+/// A token from `realm`; without `scope`, a login check (what `docker login` asks). An ACR refresh
+/// token (username [`ACR_REFRESH_TOKEN_USER`]) goes by POST (`grant_type=refresh_token`); an
+/// endpoint that refuses the POST (400, 401, 404, 405) is asked again by GET, as for everyone else.
 pub(super) async fn fetch_token(
     http: &reqwest::Client,
     opts: &UpstreamOptions,
@@ -267,8 +278,33 @@ pub(super) async fn fetch_token(
     scope: Option<&str>,
 ) -> Result<(HeaderValue, Duration), UpstreamError> {
     let shown = redact(realm);
-    let mut url = reqwest::Url::parse(realm)
+    let url = reqwest::Url::parse(realm)
         .map_err(|e| UpstreamError::Protocol { url: shown.clone(), message: e.to_string() })?;
+    if let Some((ACR_REFRESH_TOKEN_USER, refresh_token)) = credentials {
+        let body = {
+            let mut form = url::form_urlencoded::Serializer::new(String::new());
+            form.append_pair("grant_type", "refresh_token");
+            if let Some(s) = service {
+                form.append_pair("service", s);
+            }
+            if let Some(scope) = scope {
+                form.append_pair("scope", scope);
+            }
+            form.append_pair("refresh_token", refresh_token);
+            form.finish()
+        };
+        let post = |headers| {
+            http.post(url.clone())
+                .headers(headers)
+                .header(http::header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+                .body(body.clone())
+        };
+        match exchange(http, opts, repo, &http::Method::POST, url.as_str(), &shown, post).await {
+            Err(UpstreamError::Token { status: 400 | 401 | 404 | 405, .. }) => {}
+            other => return other,
+        }
+    }
+    let mut url = url;
     {
         let mut q = url.query_pairs_mut();
         if let Some(s) = service {
@@ -281,16 +317,35 @@ pub(super) async fn fetch_token(
             q.append_pair("account", username);
         }
     }
+    let get = |mut headers: http::HeaderMap| {
+        if let Some((username, password)) = credentials {
+            headers.insert(http::header::AUTHORIZATION, basic(username, password));
+        }
+        http.get(url.clone()).headers(headers)
+    };
+    exchange(http, opts, repo, &http::Method::GET, url.as_str(), &shown, get).await
+}
+
+/// One token request (`build` given the trace headers), traced; the token and how long it lives.
+async fn exchange(
+    http: &reqwest::Client,
+    opts: &UpstreamOptions,
+    repo: &Repo,
+    method: &http::Method,
+    url: &str,
+    shown: &str,
+    build: impl FnOnce(http::HeaderMap) -> reqwest::RequestBuilder,
+) -> Result<(HeaderValue, Duration), UpstreamError> {
+    let shown = shown.to_owned();
     // The round-tripper records the exchange (credentials redacted, the token body never).
-    let mut rt = RoundTrip::start(repo.key.as_str(), &http::Method::GET, url.as_str());
+    let mut rt = RoundTrip::start(repo.key.as_str(), method, url);
     let mut headers = http::HeaderMap::new();
-    if let Some((username, password)) = credentials {
-        headers.insert(http::header::AUTHORIZATION, basic(username, password));
-    }
     wharf_runtime::telemetry::inject(rt.span(), &mut headers);
-    rt.sent(&headers);
-    let req = http.get(url).headers(headers);
-    let resp = match tokio::time::timeout(opts.first_byte_timeout, req.send()).instrument(rt.span().clone()).await {
+    let request =
+        build(headers).build().map_err(|e| UpstreamError::Protocol { url: shown.clone(), message: error_chain(&e) })?;
+    rt.sent(request.headers());
+    let sent = http.execute(request);
+    let resp = match tokio::time::timeout(opts.first_byte_timeout, sent).instrument(rt.span().clone()).await {
         Err(_) => {
             rt.failed("timeout waiting for the token response");
             return Err(UpstreamError::Timeout { url: shown, phase: "token request" });
