@@ -269,13 +269,17 @@ pub struct RepoAddArgs {
     /// (dockerhub: docker.io, ...) and the upstream's own.
     #[arg(long, value_delimiter = ',', value_name = "HOST")]
     pub mirror_of: Vec<String>,
+    /// Credentials from the nodes' cloud identity instead of a password: gcp (Application Default
+    /// Credentials: GOOGLE_APPLICATION_CREDENTIALS, or the metadata server on GCE/GKE).
+    #[arg(long, value_parser = ["gcp"], conflicts_with_all = ["username", "password_stdin", "password_env", "password_file"])]
+    pub credential_provider: Option<String>,
 }
 
 #[derive(Args, Debug)]
 #[command(group = clap::ArgGroup::new("change").multiple(true).required(true).args([
     "kind", "upstream", "tag_ttl", "username", "password_stdin", "password_env", "password_file", "clear_credentials",
     "cache_ttl", "auth", "access", "ca_bundle_file", "clear_ca_bundle", "insecure_skip_tls_verify", "mirror_of",
-    "default_mirror_of",
+    "default_mirror_of", "credential_provider",
 ]))]
 pub struct RepoUpdateArgs {
     /// The repoKey.
@@ -322,6 +326,9 @@ pub struct RepoUpdateArgs {
     /// Mirror the kind's and the upstream's hosts again (an empty mirror_of).
     #[arg(long)]
     pub default_mirror_of: bool,
+    /// Credentials from the nodes' cloud identity (gcp), or none (an empty string).
+    #[arg(long, value_parser = ["gcp", ""])]
+    pub credential_provider: Option<String>,
     /// Write only if the repo is still at this revision (default: the revision just read).
     #[arg(long, value_name = "N")]
     pub revision: Option<i64>,

@@ -33,6 +33,8 @@ pub struct RepoView {
     pub insecure_skip_tls_verify: bool,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub mirror_of: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credential_provider: Option<String>,
 }
 
 impl From<&pb::Repo> for RepoView {
@@ -53,6 +55,7 @@ impl From<&pb::Repo> for RepoView {
             ca_bundle: (!r.ca_bundle.is_empty()).then(|| r.ca_bundle.clone()),
             insecure_skip_tls_verify: r.insecure_skip_tls_verify,
             mirror_of: r.mirror_of.clone(),
+            credential_provider: (!r.credential_provider.is_empty()).then(|| r.credential_provider.clone()),
         }
     }
 }
@@ -121,6 +124,7 @@ async fn add(global: &Global, cp: &ControlPlane, a: RepoAddArgs, password: Optio
         ca_bundle: a.ca_bundle_file.as_deref().map(read_ca_bundle).transpose()?.unwrap_or_default(),
         insecure_skip_tls_verify: a.insecure_skip_tls_verify,
         mirror_of: a.mirror_of,
+        credential_provider: a.credential_provider.unwrap_or_default(),
         ..Default::default()
     };
     let r = cp.call(&key, cp.repos().create_repo(pb::CreateRepoRequest { repo: Some(repo) })).await?;
@@ -172,6 +176,9 @@ async fn update(
     }
     if a.default_mirror_of {
         repo.mirror_of.clear();
+    }
+    if let Some(p) = a.credential_provider {
+        repo.credential_provider = p;
     }
     if a.clear_credentials {
         repo.username.clear();
@@ -298,6 +305,7 @@ fn repo_fields(r: &RepoView) -> String {
         ("auth", r.auth.clone()),
         ("access", r.access.clone()),
         ("ca bundle", if r.ca_bundle.is_some() { "set" } else { "-" }.into()),
+        ("credential provider", r.credential_provider.clone().unwrap_or_else(|| "-".into())),
         ("created", r.created_at.clone()),
         ("updated", r.updated_at.clone()),
         ("revision", r.revision.to_string()),

@@ -60,6 +60,7 @@ pub fn repo_to_proto(r: &RepoRecord, with_secret: bool) -> pb::Repo {
         ca_bundle: r.repo.tls.ca_bundle.clone().unwrap_or_default(),
         insecure_skip_tls_verify: r.repo.tls.insecure_skip_verify,
         mirror_of: r.repo.mirror_of.clone(),
+        credential_provider: r.repo.credential_provider.map(|p| p.to_string()).unwrap_or_default(),
     }
 }
 
@@ -82,6 +83,7 @@ fn spec_from_proto(r: pb::Repo) -> Result<RepoSpec, ApiError> {
         ca_bundle: none_if_empty(r.ca_bundle),
         insecure_skip_tls_verify: r.insecure_skip_tls_verify,
         mirror_of: r.mirror_of,
+        credential_provider: none_if_empty(r.credential_provider),
     })
 }
 

@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
-use wharf_core::{Access, AuthMode, Credentials, Repo, RepoError, RepoKey, RepoKind, Secret, UpstreamTls};
+use wharf_core::{
+    Access, AuthMode, CredentialProvider, Credentials, Repo, RepoError, RepoKey, RepoKind, Secret, UpstreamTls,
+};
 
 use crate::error::ApiError;
 use crate::store::{ConfigStore, KeyValue};
@@ -33,6 +35,8 @@ pub struct RepoSpec {
     pub insecure_skip_tls_verify: bool,
     /// The registry hosts the repo mirrors (empty: the kind's and the upstream's).
     pub mirror_of: Vec<String>,
+    /// Where the credentials come from instead of a password (`gcp`); `None` or empty: none.
+    pub credential_provider: Option<String>,
 }
 
 /// A stored repo with its bookkeeping.
@@ -71,6 +75,8 @@ struct Stored {
     insecure_skip_tls_verify: bool,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     mirror_of: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    credential_provider: Option<CredentialProvider>,
 }
 
 fn is_default<T: Default + PartialEq>(t: &T) -> bool {
@@ -106,6 +112,7 @@ pub fn decode(kv: &KeyValue) -> Option<RepoRecord> {
                 })
             })
             .and_then(|r| r.with_mirror_of(s.mirror_of))
+            .and_then(|r| r.with_credential_provider(s.credential_provider))
             .map_err(|e| e.to_string())?;
         Ok(RepoRecord {
             repo,
@@ -138,6 +145,7 @@ fn encode(repo: &Repo, created_at: SystemTime, updated_at: SystemTime) -> Vec<u8
         ca_bundle: repo.tls.ca_bundle.clone(),
         insecure_skip_tls_verify: repo.tls.insecure_skip_verify,
         mirror_of: repo.mirror_of.clone(),
+        credential_provider: repo.credential_provider,
     };
     serde_json::to_vec(&s).unwrap_or_default()
 }
@@ -172,6 +180,10 @@ pub fn validate(spec: &RepoSpec, stored: Option<&Credentials>) -> Result<Repo, A
         None | Some("") => Access::default(),
         Some(a) => a.parse().map_err(|e| word("access", e))?,
     };
+    let provider: Option<CredentialProvider> = match spec.credential_provider.as_deref() {
+        None | Some("") => None,
+        Some(p) => Some(p.parse().map_err(|e| word("credential_provider", e))?),
+    };
     let tls = UpstreamTls {
         ca_bundle: spec.ca_bundle.clone().filter(|c| !c.is_empty()),
         insecure_skip_verify: spec.insecure_skip_tls_verify,
@@ -181,6 +193,7 @@ pub fn validate(spec: &RepoSpec, stored: Option<&Credentials>) -> Result<Repo, A
         .and_then(|r| r.with_access(auth, access))
         .and_then(|r| r.with_upstream_tls(tls))
         .and_then(|r| r.with_mirror_of(spec.mirror_of.clone()))
+        .and_then(|r| r.with_credential_provider(provider))
         .map_err(|e| {
             let field = match &e {
                 RepoError::Key(_) => "key",
@@ -193,6 +206,7 @@ pub fn validate(spec: &RepoSpec, stored: Option<&Credentials>) -> Result<Repo, A
                 RepoError::Policy { field, .. } => field,
                 RepoError::CaBundle { .. } => "ca_bundle",
                 RepoError::MirrorOf { .. } => "mirror_of",
+                RepoError::CredentialProvider(_) => "credential_provider",
             };
             ApiError::invalid(field, e.to_string())
         })
@@ -296,6 +310,7 @@ pub fn spec_of(r: &RepoRecord) -> RepoSpec {
         ca_bundle: r.repo.tls.ca_bundle.clone(),
         insecure_skip_tls_verify: r.repo.tls.insecure_skip_verify,
         mirror_of: r.repo.mirror_of.clone(),
+        credential_provider: r.repo.credential_provider.map(|p| p.to_string()),
     }
 }
 

@@ -62,6 +62,8 @@ pub struct RepoView {
     pub insecure_skip_tls_verify: bool,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mirror_of: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential_provider: Option<String>,
 }
 
 fn rfc3339(t: SystemTime) -> String {
@@ -86,6 +88,7 @@ impl From<&RepoRecord> for RepoView {
             ca_bundle: r.repo.tls.ca_bundle.clone(),
             insecure_skip_tls_verify: r.repo.tls.insecure_skip_verify,
             mirror_of: r.repo.mirror_of.clone(),
+            credential_provider: r.repo.credential_provider.map(|p| p.to_string()),
         }
     }
 }
@@ -124,6 +127,9 @@ pub struct RepoInput {
     /// Registry hosts the repo mirrors (`["docker.io"]`); empty or absent: the kind's and the upstream's.
     #[serde(default)]
     pub mirror_of: Option<Vec<String>>,
+    /// `gcp`: credentials from the node's cloud identity instead of a password.
+    #[serde(default)]
+    pub credential_provider: Option<String>,
 }
 
 fn parse_duration(field: &str, value: Option<&str>) -> Result<Option<Duration>, ApiError> {
@@ -150,6 +156,7 @@ impl RepoInput {
             ca_bundle: self.ca_bundle,
             insecure_skip_tls_verify: self.insecure_skip_tls_verify.unwrap_or(false),
             mirror_of: self.mirror_of.unwrap_or_default(),
+            credential_provider: self.credential_provider,
         })
     }
 }
@@ -338,6 +345,7 @@ async fn patch_repo(State(s): State<ApiState>, Path(key): Path<String>, headers:
         "ca_bundle": spec.ca_bundle,
         "insecure_skip_tls_verify": spec.insecure_skip_tls_verify,
         "mirror_of": spec.mirror_of,
+        "credential_provider": spec.credential_provider,
     });
     merge_patch(&mut doc, &patch);
     let input: RepoInput = parse_json(doc.to_string().as_bytes())?;

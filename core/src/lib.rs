@@ -16,6 +16,7 @@ pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("
 pub use digest::{Digest, DigestError, DigestHasher};
 pub use reference::{NameError, Reference, normalize_name, validate_name};
 pub use repo::{
-    Access, AuthMode, Credentials, Repo, RepoError, RepoKey, RepoKind, Secret, UpstreamTls, registry_host_error,
+    Access, AuthMode, CredentialProvider, Credentials, Repo, RepoError, RepoKey, RepoKind, Secret, UpstreamTls,
+    registry_host_error,
 };
 pub use token::{Grant, Presented, RepoPattern, Role, SigningKey, TokenError};

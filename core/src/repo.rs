@@ -29,6 +29,8 @@ pub enum RepoError {
     AuthMode(String),
     #[error("unknown access {0:?}: expected public or token")]
     Access(String),
+    #[error("unknown credential provider {0:?}: expected gcp")]
+    CredentialProvider(String),
     #[error("repo {key}: {why}")]
     Policy { key: String, field: &'static str, why: &'static str },
     #[error("repo {key}: the CA bundle is not usable: {why}")]
@@ -191,6 +193,18 @@ macro_rules! word_enum {
 }
 word_enum!(AuthMode, AuthMode, Static => "static", Passthrough => "passthrough");
 word_enum!(Access, Access, Public => "public", Token => "token");
+word_enum!(CredentialProvider, CredentialProvider, Gcp => "gcp");
+
+/// Where a repo's upstream credentials come from instead of a static password: the node's own
+/// cloud identity, exchanged for short-lived tokens that the node refreshes before they expire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CredentialProvider {
+    /// Google Application Default Credentials (a service-account key file, or the metadata
+    /// server on GCE/GKE): an access token presented as `oauth2accesstoken` (GCR, Artifact
+    /// Registry).
+    Gcp,
+}
 
 /// How the node's TLS client trusts this repo's upstream (beyond the system roots).
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
@@ -246,6 +260,8 @@ pub struct Repo {
     /// The registry hosts (`docker.io`, `registry.corp.example:5000`) whose images this repo serves
     /// to clients that use the node as a mirror; empty: the kind's hosts and the upstream's own.
     pub mirror_of: Vec<String>,
+    /// Credentials from the node's cloud identity instead of `credentials`.
+    pub credential_provider: Option<CredentialProvider>,
 }
 
 /// Whether `s` is a registry host as image references and containerd's `?ns=` name it:
@@ -328,6 +344,21 @@ impl Repo {
         Ok(self)
     }
 
+    /// Sets where the credentials come from: a provider supplies them, so it takes no static ones,
+    /// and presents the node's identity, so not a passthrough repo's clients' (call after
+    /// [`Repo::with_access`]).
+    pub fn with_credential_provider(mut self, provider: Option<CredentialProvider>) -> Result<Self, RepoError> {
+        let policy = |why| Err(RepoError::Policy { key: self.key.to_string(), field: "credential_provider", why });
+        if provider.is_some() && self.credentials.is_some() {
+            return policy("a credential provider supplies the credentials: remove the static username/password");
+        }
+        if provider.is_some() && self.auth == AuthMode::Passthrough {
+            return policy("a passthrough repo presents each client's own credentials, not a provider's");
+        }
+        self.credential_provider = provider;
+        Ok(self)
+    }
+
     /// Sets the registry hosts this repo mirrors (empty: the kind's and the upstream's).
     pub fn with_mirror_of(mut self, hosts: Vec<String>) -> Result<Self, RepoError> {
         if hosts.len() > 32 {
@@ -393,6 +424,7 @@ impl Repo {
             access: Access::default(),
             tls: UpstreamTls::default(),
             mirror_of: Vec::new(),
+            credential_provider: None,
         })
     }
 }

@@ -67,6 +67,9 @@ struct RepoToml {
     /// Registry hosts this repo mirrors (default: the kind's and the upstream's).
     #[serde(default)]
     mirror_of: Vec<String>,
+    /// `gcp`: credentials from the node's cloud identity instead of a password.
+    #[serde(default)]
+    credential_provider: Option<String>,
 }
 
 /// An immutable set of repos, by key, and the puller tokens that open `access = "token"` repos.
@@ -246,11 +249,16 @@ fn repo_from_toml(r: RepoToml, path: &Path) -> Result<Repo, ConfigError> {
         None => None,
     };
     let tls = UpstreamTls { ca_bundle, insecure_skip_verify: r.insecure_skip_tls_verify };
+    let provider = match &r.credential_provider {
+        Some(p) => Some(p.parse().map_err(repo_err)?),
+        None => None,
+    };
     Repo::new(key, kind, r.upstream.as_deref(), tag_ttl, credentials)
         .and_then(|repo| repo.with_cache_ttl(cache_ttl))
         .and_then(|repo| repo.with_access(auth, access))
         .and_then(|repo| repo.with_upstream_tls(tls))
         .and_then(|repo| repo.with_mirror_of(r.mirror_of))
+        .and_then(|repo| repo.with_credential_provider(provider))
         .map_err(repo_err)
 }
 

@@ -127,10 +127,16 @@ struct StoredRepo {
     insecure_skip_tls_verify: bool,
     #[serde(default)]
     mirror_of: Vec<String>,
+    #[serde(default)]
+    credential_provider: String,
 }
 
 fn word<T: std::str::FromStr<Err = wharf_core::RepoError> + Default>(s: &str) -> Result<T, String> {
     if s.is_empty() { Ok(T::default()) } else { s.parse().map_err(|e: wharf_core::RepoError| e.to_string()) }
+}
+
+fn word_opt<T: std::str::FromStr<Err = wharf_core::RepoError>>(s: &str) -> Result<Option<T>, wharf_core::RepoError> {
+    if s.is_empty() { Ok(None) } else { s.parse().map(Some) }
 }
 
 fn puller_from(p: &StoredPuller) -> Result<Grant, String> {
@@ -164,6 +170,7 @@ fn repo_from(r: &StoredRepo) -> Result<Repo, String> {
             })
         })
         .and_then(|repo| repo.with_mirror_of(r.mirror_of.clone()))
+        .and_then(|repo| repo.with_credential_provider(word_opt(&r.credential_provider)?))
         .map_err(|e| e.to_string())
 }
 
@@ -237,6 +244,7 @@ fn from_update(u: pb::ConfigUpdate) -> StoredSnapshot {
             ca_bundle: r.ca_bundle,
             insecure_skip_tls_verify: r.insecure_skip_tls_verify,
             mirror_of: r.mirror_of,
+            credential_provider: r.credential_provider,
         })
         .collect();
     let keys = snapshot
@@ -579,6 +587,7 @@ mod tests {
             ca_bundle: String::new(),
             insecure_skip_tls_verify: false,
             mirror_of: Vec::new(),
+            credential_provider: String::new(),
         }
     }
 

@@ -25,6 +25,10 @@ pub fn upstream_error(e: &UpstreamError) -> RegistryError {
             .with_detail(json!({ "upstream_url": url }));
         }
         UpstreamError::Token { url, .. } => (StatusCode::BAD_GATEWAY, url),
+        UpstreamError::Provider(p) => {
+            return RegistryError::new(StatusCode::BAD_GATEWAY, "UNKNOWN", e.to_string())
+                .with_detail(json!({ "credential_provider": p.provider.to_string() }));
+        }
     };
     RegistryError::new(status, "UNKNOWN", e.to_string()).with_detail(json!({ "upstream_url": url }))
 }

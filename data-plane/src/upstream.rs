@@ -9,6 +9,7 @@
 mod auth;
 mod error;
 mod options;
+pub mod provider;
 pub mod trace;
 
 use std::time::Duration;
@@ -139,6 +140,8 @@ pub struct Upstream {
     /// Clients of repos with their own TLS settings (a CA bundle, or no verification), by repo
     /// key, with the settings each was built for: rebuilt only when those change.
     custom: std::sync::Mutex<std::collections::HashMap<String, (UpstreamTls, reqwest::Client)>>,
+    /// Repos' credential providers and the tokens they gave.
+    providers: provider::Providers,
     /// When each repo's refused credentials were last said in the log (once a minute at most).
     refused_said: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
 }
@@ -154,6 +157,7 @@ impl Upstream {
             opts,
             tokens: TokenCache::default(),
             custom: Default::default(),
+            providers: Default::default(),
             refused_said: Default::default(),
         })
     }
@@ -205,7 +209,11 @@ impl Upstream {
         let retries = if req.retry { self.opts.retries } else { 0 };
         let mut attempt = 0;
         let mut reauthenticated = false;
-        let mut who = Presenting::of(req.repo, req.client);
+        let provided = match req.repo.credential_provider {
+            Some(p) => Some(self.providers.credentials(&self.http, &self.opts, p).await?),
+            None => None,
+        };
+        let mut who = Presenting::of(req.repo, req.client, provided.as_ref());
         // The answer to the repo's own credentials, when they were refused and the request is
         // tried again anonymously (stale credentials on a public image: GHCR answers 403).
         let mut refused: Option<Result<UpstreamResponse, UpstreamError>> = None;

@@ -293,6 +293,7 @@ pub struct Node {
     id: String,
     endpoints: Vec<String>,
     args: Vec<String>,
+    env: Vec<(String, String)>,
     cache_dir: PathBuf,
     _cache_tmp: Option<TempDir>,
 }
@@ -306,6 +307,17 @@ impl Node {
     /// Starts node `id` following `endpoints` with `cache_dir` (a fresh temp dir when `None`) and
     /// extra `args`.
     pub fn spawn_with(id: &str, endpoints: &[String], cache_dir: Option<&Path>, args: &[&str]) -> anyhow::Result<Self> {
+        Self::spawn_with_env(id, endpoints, cache_dir, args, &[])
+    }
+
+    /// [`Node::spawn_with`], with extra environment variables (`GCE_METADATA_HOST`, ...).
+    pub fn spawn_with_env(
+        id: &str,
+        endpoints: &[String],
+        cache_dir: Option<&Path>,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let (cache_dir, cache_tmp) = match cache_dir {
             Some(d) => (d.to_path_buf(), None),
             None => {
@@ -314,13 +326,15 @@ impl Node {
             }
         };
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        let (child, addr) = start_node(id, endpoints, &cache_dir, &args)?;
+        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let (child, addr) = start_node(id, endpoints, &cache_dir, &args, &env)?;
         Ok(Self {
             child,
             addr,
             id: id.to_string(),
             endpoints: endpoints.to_vec(),
             args,
+            env,
             cache_dir,
             _cache_tmp: cache_tmp,
         })
@@ -383,7 +397,7 @@ impl Node {
     /// cache dir (on a new port). The log starts afresh.
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.child.kill();
-        let (child, addr) = start_node(&self.id, &self.endpoints, &self.cache_dir, &self.args)?;
+        let (child, addr) = start_node(&self.id, &self.endpoints, &self.cache_dir, &self.args, &self.env)?;
         self.child = child;
         self.addr = addr;
         Ok(())
@@ -468,6 +482,7 @@ fn start_node(
     endpoints: &[String],
     cache_dir: &Path,
     args: &[String],
+    env: &[(String, String)],
 ) -> anyhow::Result<(ChildGuard, SocketAddr)> {
     let bin = crate::proxy::proxy_bin()?;
     let mut cmd = Command::new(&bin);
@@ -486,6 +501,7 @@ fn start_node(
         cmd.current_dir(parent);
     }
     clean_env(&mut cmd);
+    cmd.envs(env.iter().map(|(k, v)| (k, v)));
     let child = ChildGuard::spawn(&format!("wharf-proxy {id}"), &mut cmd)?;
     expect_listening(child, "wharf_proxy", START_TIMEOUT, &format!("managed wharf-proxy {id} ({})", bin.display()))
 }

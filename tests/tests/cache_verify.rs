@@ -110,7 +110,9 @@ async fn regctl_cache_verify_through_either_control_plane_removes_what_changed_o
     pull(&n1, &image).await?;
     pull(&n2, &image).await?;
     registry.sync_log()?;
-    assert_eq!(registry.count("GET", &format!("/blobs/{}", layer.digest)) - before, 1, "n1 fetched the layer again");
+    // From upstream, or (peer fetch) from n2, which still holds it: at most one upstream GET.
+    assert!(registry.count("GET", &format!("/blobs/{}", layer.digest)) - before <= 1, "the layer fetched twice");
+    assert!(layer_file.exists(), "n1 has not the layer again");
 
     // One node by address, as a table: nothing left to remove.
     let out = rc.run(&["cache", "verify", "--node", &n2.host(), "--rate", "0"]).await?;

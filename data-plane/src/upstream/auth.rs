@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use http::{HeaderValue, StatusCode};
 use tracing::Instrument as _;
-use wharf_core::{AuthMode, Digest, Repo, Secret};
+use wharf_core::{AuthMode, Credentials, Digest, Repo, Secret};
 
 use super::error::{UpstreamError, error_chain, redact};
 use super::options::UpstreamOptions;
@@ -104,9 +104,10 @@ pub(super) enum Presenting<'a> {
 
 impl<'a> Presenting<'a> {
     /// The repo's static credentials, or (passthrough) the client's own.
-    pub(super) fn of(repo: &'a Repo, client: Option<&'a ClientCredentials>) -> Self {
+    /// `provided`: what the repo's credential provider gave (instead of static credentials).
+    pub(super) fn of(repo: &'a Repo, client: Option<&'a ClientCredentials>, provided: Option<&'a Credentials>) -> Self {
         match repo.auth {
-            AuthMode::Static => match &repo.credentials {
+            AuthMode::Static => match provided.or(repo.credentials.as_ref()) {
                 Some(c) => Presenting::Basic {
                     username: &c.username,
                     password: c.password.expose(),

@@ -10,6 +10,18 @@ pub enum UpstreamError {
     Token { url: String, status: u16, message: String },
     #[error("upstream {url}: {message}")]
     Protocol { url: String, message: String },
+    /// The repo's credential provider gave no credentials.
+    #[error(transparent)]
+    Provider(#[from] ProviderError),
+}
+
+/// Why a credential provider gave no credentials: which provider, and what it was told (never a
+/// secret).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("credential provider {provider}: {message}")]
+pub struct ProviderError {
+    pub provider: wharf_core::CredentialProvider,
+    pub message: String,
 }
 
 impl UpstreamError {
