@@ -1,4 +1,5 @@
-//! Single-flight blob fetches: one upstream GET per digest per node at a time.
+//! Single-flight blob fetches: one upstream GET per digest per node at a time (and per cluster
+//! with peer fetch: a node that does not own the digest asks its owner first, [`crate::peers`]).
 //!
 //! The fetch runs in its own task, so a client that disconnects does not stop it. It writes into a
 //! staging file while hashing, and publishes how many bytes are on disk through a `watch` channel.
@@ -305,7 +306,7 @@ impl Flights {
 }
 
 /// Where a fetch's bytes come from.
-enum From<'a> {
+enum Source<'a> {
     Peer(&'a PeerAsk),
     Upstream,
 }
@@ -317,14 +318,14 @@ async fn fetch_into(
     from_peer: &AtomicBool,
 ) -> Result<u64, FetchFailure> {
     let (mut from, total, body) = match ask_peer(ctx).await {
-        Some((ask, p)) => (From::Peer(ask), p.total, p.body),
+        Some((ask, p)) => (Source::Peer(ask), p.total, p.body),
         None => {
             let (total, body) = from_upstream(ctx, None).await?;
-            (From::Upstream, total, body)
+            (Source::Upstream, total, body)
         }
     };
-    tracing::Span::current().record("source", if matches!(from, From::Peer(_)) { "peer" } else { "upstream" });
-    from_peer.store(matches!(from, From::Peer(_)), Ordering::Relaxed);
+    tracing::Span::current().record("source", if matches!(from, Source::Peer(_)) { "peer" } else { "upstream" });
+    from_peer.store(matches!(from, Source::Peer(_)), Ordering::Relaxed);
     // Held until the bytes are written: concurrent fetches cannot all count the same free space.
     let Some(_room) = ctx.store.reserve(total.unwrap_or(0)) else {
         return Err(FetchFailure::NoSpace);
@@ -374,17 +375,17 @@ async fn fetch_into(
         })?;
         written += n;
         match from {
-            From::Peer(ask) => {
+            Source::Peer(ask) => {
                 peer_bytes.increment(n);
                 ask.peers.received(&ask.member, n);
             }
-            From::Upstream => upstream_bytes.increment(n),
+            Source::Upstream => upstream_bytes.increment(n),
         }
         tx.send_replace(Progress::Streaming { written, total });
         let Some(source) = failed else { continue };
         // A peer that broke off (killed, cut off): the rest from upstream, where it stopped, so
         // the clients already streaming get their whole body.
-        if let From::Peer(ask) = from {
+        if let Source::Peer(ask) = from {
             ask.peers.failed(&ask.member, PeerFailure::Body, &source);
             if let Some(t) = total
                 && let Ok((Some(rest), body)) = from_upstream(ctx, Some(written)).await
@@ -392,7 +393,7 @@ async fn fetch_into(
             {
                 tracing::info!(peer = %ask.member.id, after = written, "going on from upstream");
                 tracing::Span::current().record("source", "peer+upstream");
-                from = From::Upstream;
+                from = Source::Upstream;
                 chunks = body.ready_chunks(WRITE_BATCH);
                 continue;
             }
@@ -410,7 +411,8 @@ async fn fetch_into(
             }
         }
     });
-    if let (From::Peer(ask), Err(e @ (FetchFailure::Length { .. } | FetchFailure::Mismatch { .. }))) = (&from, &checked)
+    if let (Source::Peer(ask), Err(e @ (FetchFailure::Length { .. } | FetchFailure::Mismatch { .. }))) =
+        (&from, &checked)
     {
         ask.peers.failed(&ask.member, PeerFailure::WrongBytes, e);
     }
