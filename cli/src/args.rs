@@ -271,7 +271,7 @@ pub struct RepoAddArgs {
     pub mirror_of: Vec<String>,
     /// Credentials from the nodes' cloud identity instead of a password: gcp (Application Default
     /// Credentials: GOOGLE_APPLICATION_CREDENTIALS, or the metadata server on GCE/GKE).
-    #[arg(long, value_parser = ["gcp"], conflicts_with_all = ["username", "password_stdin", "password_env", "password_file"])]
+    #[arg(long, value_parser = ["aws", "gcp"], conflicts_with_all = ["username", "password_stdin", "password_env", "password_file"])]
     pub credential_provider: Option<String>,
 }
 
@@ -327,7 +327,7 @@ pub struct RepoUpdateArgs {
     #[arg(long)]
     pub default_mirror_of: bool,
     /// Credentials from the nodes' cloud identity (gcp), or none (an empty string).
-    #[arg(long, value_parser = ["gcp", ""])]
+    #[arg(long, value_parser = ["aws", "gcp", ""])]
     pub credential_provider: Option<String>,
     /// Write only if the repo is still at this revision (default: the revision just read).
     #[arg(long, value_name = "N")]

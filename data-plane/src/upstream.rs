@@ -210,7 +210,7 @@ impl Upstream {
         let mut attempt = 0;
         let mut reauthenticated = false;
         let provided = match req.repo.credential_provider {
-            Some(p) => Some(self.providers.credentials(&self.http, &self.opts, p).await?),
+            Some(p) => Some(self.providers.credentials(&self.http, &self.opts, p, &req.repo.upstream).await?),
             None => None,
         };
         let mut who = Presenting::of(req.repo, req.client, provided.as_ref());

@@ -13,6 +13,9 @@
 //! `metadata.google.internal`, as Google's own libraries honour). The access token is presented as
 //! `oauth2accesstoken:<token>`, what GCR and Artifact Registry take.
 //!
+//! `aws`: ECR's `GetAuthorizationToken` signed with the node's AWS identity ([`aws`]), its
+//! `AWS:<password>` presented as Basic.
+//!
 //! No token, key or assertion is ever logged or put in an error.
 
 use std::collections::HashMap;
@@ -26,6 +29,8 @@ use wharf_core::{CredentialProvider, Credentials, Secret};
 use super::error::{ProviderError, error_chain};
 use super::options::UpstreamOptions;
 
+mod aws;
+
 /// A token a provider gave, and when to refresh it.
 #[derive(Clone)]
 struct Held {
@@ -34,11 +39,15 @@ struct Held {
     expires_at: Instant,
 }
 
-/// The node's providers: one held token per provider, each refreshed by one task at a time.
+/// The node's providers: one held token per provider and upstream (an ECR token is for one
+/// registry), each refreshed by one task at a time.
 #[derive(Default)]
 pub struct Providers {
-    held: Mutex<HashMap<CredentialProvider, Arc<tokio::sync::Mutex<Option<Held>>>>>,
+    held: Mutex<HashMap<(CredentialProvider, String), Slot>>,
 }
+
+/// One provider's held token for one upstream; its lock is what one refresh holds.
+type Slot = Arc<tokio::sync::Mutex<Option<Held>>>;
 
 /// Google's scope for registries (GCR, Artifact Registry).
 const GCP_SCOPE: &str = "https://www.googleapis.com/auth/cloud-platform";
@@ -50,16 +59,17 @@ const DEFAULT_LIFETIME: Duration = Duration::from_secs(300);
 const MAX_MARGIN: Duration = Duration::from_secs(300);
 
 impl Providers {
-    /// The credentials `provider` gives now: the held ones, or fresh ones.
+    /// The credentials `provider` gives now for `upstream`: the held ones, or fresh ones.
     pub async fn credentials(
         &self,
         http: &reqwest::Client,
         opts: &UpstreamOptions,
         provider: CredentialProvider,
+        upstream: &str,
     ) -> Result<Credentials, ProviderError> {
         let slot = {
             let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-            held.entry(provider).or_default().clone()
+            held.entry((provider, upstream.to_owned())).or_default().clone()
         };
         // Requests that find the token due wait here for the one refresh.
         let mut held = slot.lock().await;
@@ -69,7 +79,7 @@ impl Providers {
         {
             return Ok(h.credentials.clone());
         }
-        match fetch(http, opts, provider).await {
+        match fetch(http, opts, provider, upstream).await {
             Ok((credentials, lifetime)) => {
                 metrics::counter!("wharf_credential_provider_refreshes_total", "provider" => provider.to_string())
                     .increment(1);
@@ -105,9 +115,11 @@ async fn fetch(
     http: &reqwest::Client,
     opts: &UpstreamOptions,
     provider: CredentialProvider,
+    upstream: &str,
 ) -> Result<(Credentials, Duration), String> {
     match provider {
         CredentialProvider::Gcp => gcp(http, opts).await,
+        CredentialProvider::Aws => aws::ecr(http, opts, upstream).await,
     }
 }
 
