@@ -269,9 +269,10 @@ pub struct RepoAddArgs {
     /// (dockerhub: docker.io, ...) and the upstream's own.
     #[arg(long, value_delimiter = ',', value_name = "HOST")]
     pub mirror_of: Vec<String>,
-    /// Credentials from the nodes' cloud identity instead of a password: gcp (Application Default
-    /// Credentials: GOOGLE_APPLICATION_CREDENTIALS, or the metadata server on GCE/GKE).
-    #[arg(long, value_parser = ["aws", "gcp"], conflicts_with_all = ["username", "password_stdin", "password_env", "password_file"])]
+    /// Credentials from the nodes' cloud identity instead of a password: aws (the AWS credential
+    /// chain, for an ECR token), azure (an Entra token, for an ACR refresh token), gcp
+    /// (Application Default Credentials: GOOGLE_APPLICATION_CREDENTIALS, or the metadata server).
+    #[arg(long, value_parser = ["aws", "azure", "gcp"], conflicts_with_all = ["username", "password_stdin", "password_env", "password_file"])]
     pub credential_provider: Option<String>,
 }
 
@@ -326,8 +327,8 @@ pub struct RepoUpdateArgs {
     /// Mirror the kind's and the upstream's hosts again (an empty mirror_of).
     #[arg(long)]
     pub default_mirror_of: bool,
-    /// Credentials from the nodes' cloud identity (gcp), or none (an empty string).
-    #[arg(long, value_parser = ["aws", "gcp", ""])]
+    /// Credentials from the nodes' cloud identity (aws, azure, gcp), or none (an empty string).
+    #[arg(long, value_parser = ["aws", "azure", "gcp", ""])]
     pub credential_provider: Option<String>,
     /// Write only if the repo is still at this revision (default: the revision just read).
     #[arg(long, value_name = "N")]

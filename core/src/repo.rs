@@ -29,7 +29,7 @@ pub enum RepoError {
     AuthMode(String),
     #[error("unknown access {0:?}: expected public or token")]
     Access(String),
-    #[error("unknown credential provider {0:?}: expected aws or gcp")]
+    #[error("unknown credential provider {0:?}: expected aws, azure or gcp")]
     CredentialProvider(String),
     #[error("repo {key}: {why}")]
     Policy { key: String, field: &'static str, why: &'static str },
@@ -193,7 +193,7 @@ macro_rules! word_enum {
 }
 word_enum!(AuthMode, AuthMode, Static => "static", Passthrough => "passthrough");
 word_enum!(Access, Access, Public => "public", Token => "token");
-word_enum!(CredentialProvider, CredentialProvider, Aws => "aws", Gcp => "gcp");
+word_enum!(CredentialProvider, CredentialProvider, Aws => "aws", Azure => "azure", Gcp => "gcp");
 
 /// Where a repo's upstream credentials come from instead of a static password: the node's own
 /// cloud identity, exchanged for short-lived tokens that the node refreshes before they expire.
@@ -203,6 +203,9 @@ pub enum CredentialProvider {
     /// The AWS credential chain (environment, shared file, web identity, container endpoint,
     /// IMDSv2), exchanged for an ECR authorization token, presented as Basic `AWS:<password>`.
     Aws,
+    /// An Entra token of the node's identity (service principal, workload identity, managed
+    /// identity) exchanged for an ACR refresh token.
+    Azure,
     /// Google Application Default Credentials (a service-account key file, or the metadata
     /// server on GCE/GKE): an access token presented as `oauth2accesstoken` (GCR, Artifact
     /// Registry).

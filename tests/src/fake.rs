@@ -164,6 +164,10 @@ struct Inner {
     refusal_status: Option<u16>,
     /// The token endpoint has no POST route (404, as GCR's).
     no_token_post: bool,
+    /// ACR's `/oauth2/exchange`: the Entra access tokens it takes.
+    exchangeable: Vec<String>,
+    /// Refresh tokens issued by the exchange.
+    exchanged: u64,
 }
 
 /// The username ACR gives its refresh tokens (the OAuth2 refresh-token grant, by POST).
@@ -409,6 +413,17 @@ impl FakeUpstream {
         self.shared.lock().no_token_post = true;
     }
 
+    /// ACR: `/oauth2/exchange` takes `access_token` (POST, `grant_type=access_token`) and gives
+    /// a refresh token, which the token endpoint then takes by the refresh-token grant.
+    pub fn accept_for_exchange(&self, access_token: &str) {
+        self.shared.lock().exchangeable.push(access_token.to_string());
+    }
+
+    /// Refresh tokens `/oauth2/exchange` gave.
+    pub fn exchanged(&self) -> u64 {
+        self.shared.lock().exchanged
+    }
+
     /// Makes every issued token invalid (as if expired or revoked).
     pub fn revoke_tokens(&self) {
         self.shared.lock().tokens.clear();
@@ -495,11 +510,25 @@ fn oci_error(status: StatusCode, code: &str, message: &str) -> Response {
 enum Target {
     Ping,
     Token,
-    Manifest { name: String, reference: String },
-    Blob { name: String, digest: String },
-    Tags { name: String },
-    Referrers { name: String },
-    Redirected { digest: String },
+    Manifest {
+        name: String,
+        reference: String,
+    },
+    Blob {
+        name: String,
+        digest: String,
+    },
+    Tags {
+        name: String,
+    },
+    Referrers {
+        name: String,
+    },
+    Redirected {
+        digest: String,
+    },
+    /// ACR's `/oauth2/exchange`: an Entra access token for a refresh token.
+    Exchange,
     Unknown,
 }
 
@@ -509,6 +538,9 @@ fn parse_target(path: &str) -> Target {
     }
     if path == "/token" {
         return Target::Token;
+    }
+    if path == "/oauth2/exchange" {
+        return Target::Exchange;
     }
     if let Some(d) = path.strip_prefix("/redirected/") {
         return Target::Redirected { digest: d.to_string() };
@@ -580,6 +612,7 @@ async fn route(ctx: &Ctx, req: &RecordedRequest) -> Response {
     }
     match target {
         Target::Token => token_endpoint(shared, req),
+        Target::Exchange => exchange(shared, req),
         Target::Ping => match check_auth(shared, req, None) {
             Ok(()) => ([(header::CONTENT_TYPE, "application/json")], "{}".to_string()).into_response(),
             Err(r) => *r,
@@ -948,6 +981,23 @@ fn check_auth(shared: &Arc<Shared>, req: &RecordedRequest, name: Option<&str>) -
             if ok { Ok(()) } else { Err(Box::new(challenge(shared, &auth, name))) }
         }
     }
+}
+
+fn exchange(shared: &Arc<Shared>, req: &RecordedRequest) -> Response {
+    if req.method != Method::POST || req.form_values("grant_type").first().map(String::as_str) != Some("access_token") {
+        return (StatusCode::BAD_REQUEST, "grant_type=access_token by POST").into_response();
+    }
+    let mut inner = shared.lock();
+    let taken = req.form_values("access_token").first().is_some_and(|t| inner.exchangeable.contains(t));
+    if !taken || req.form_values("service").is_empty() {
+        return (StatusCode::UNAUTHORIZED, r#"{"errors":[{"code":"UNAUTHORIZED","message":"invalid access token"}]}"#)
+            .into_response();
+    }
+    inner.exchanged += 1;
+    let refresh = format!("acr-refresh-{}-{}", inner.exchanged, crate::random_name(""));
+    inner.users.insert(ACR_REFRESH_TOKEN_USER.to_string(), refresh.clone());
+    ([(header::CONTENT_TYPE, "application/json")], serde_json::json!({ "refresh_token": refresh }).to_string())
+        .into_response()
 }
 
 fn token_endpoint(shared: &Arc<Shared>, req: &RecordedRequest) -> Response {

@@ -14,7 +14,8 @@
 //! `oauth2accesstoken:<token>`, what GCR and Artifact Registry take.
 //!
 //! `aws`: ECR's `GetAuthorizationToken` signed with the node's AWS identity ([`aws`]), its
-//! `AWS:<password>` presented as Basic.
+//! `AWS:<password>` presented as Basic. `azure`: the node's Entra token exchanged for an ACR
+//! refresh token ([`azure`]).
 //!
 //! No token, key or assertion is ever logged or put in an error.
 
@@ -30,6 +31,7 @@ use super::error::{ProviderError, error_chain};
 use super::options::UpstreamOptions;
 
 mod aws;
+mod azure;
 
 /// A token a provider gave, and when to refresh it.
 #[derive(Clone)]
@@ -120,6 +122,7 @@ async fn fetch(
     match provider {
         CredentialProvider::Gcp => gcp(http, opts).await,
         CredentialProvider::Aws => aws::ecr(http, opts, upstream).await,
+        CredentialProvider::Azure => azure::acr(http, opts, upstream).await,
     }
 }
 
@@ -141,7 +144,7 @@ struct AccessToken {
 }
 
 async fn gcp(http: &reqwest::Client, opts: &UpstreamOptions) -> Result<(Credentials, Duration), String> {
-    let token = match std::env::var_os("GOOGLE_APPLICATION_CREDENTIALS") {
+    let token: AccessToken = match std::env::var_os("GOOGLE_APPLICATION_CREDENTIALS") {
         Some(path) => {
             let shown = std::path::Path::new(&path).display().to_string();
             let text = std::fs::read_to_string(&path).map_err(|e| format!("reading {shown}: {e}"))?;
@@ -191,7 +194,7 @@ async fn service_account(
     let form = [("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer"), ("assertion", assertion.as_str())];
     let body = url::form_urlencoded::Serializer::new(String::new()).extend_pairs(form).finish();
     let req = http.post(token_uri).header(http::header::CONTENT_TYPE, "application/x-www-form-urlencoded").body(body);
-    answer(opts, req, &format!("token endpoint {token_uri}")).await
+    send_json(opts, req, &format!("token endpoint {token_uri}")).await
 }
 
 /// The metadata server's token for the instance's (GKE: the workload's) service account.
@@ -199,26 +202,39 @@ async fn metadata_server(http: &reqwest::Client, opts: &UpstreamOptions) -> Resu
     let host = std::env::var("GCE_METADATA_HOST").unwrap_or_else(|_| "metadata.google.internal".into());
     let url = format!("http://{host}/computeMetadata/v1/instance/service-accounts/default/token");
     let req = http.get(&url).header("Metadata-Flavor", "Google");
-    answer(opts, req, &format!("metadata server {url} (no GOOGLE_APPLICATION_CREDENTIALS)")).await
+    send_json(opts, req, &format!("metadata server {url} (no GOOGLE_APPLICATION_CREDENTIALS)")).await
 }
 
-/// Sends a token request; the token, or what `what` answered (its status and the first bytes of
-/// its error body: Google's errors carry no secret).
-async fn answer(opts: &UpstreamOptions, req: reqwest::RequestBuilder, what: &str) -> Result<AccessToken, String> {
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+async fn send_json<T: serde::de::DeserializeOwned>(
+    opts: &UpstreamOptions,
+    req: reqwest::RequestBuilder,
+    what: &str,
+) -> Result<T, String> {
+    let text = send_text(opts, req, what).await?;
+    serde_json::from_str(&text).map_err(|e| format!("{what}: the answer is not the JSON expected: {e}"))
+}
+
+/// Sends `req`; its body, or what `what` answered (its status and the first bytes of its error
+/// body: AWS errors name the problem, never a secret).
+async fn send_text(opts: &UpstreamOptions, req: reqwest::RequestBuilder, what: &str) -> Result<String, String> {
     let resp = tokio::time::timeout(opts.first_byte_timeout, req.send())
         .await
         .map_err(|_| format!("{what}: no answer within {}", humantime::format_duration(opts.first_byte_timeout)))?
         .map_err(|e| format!("{what}: {}", error_chain(&e)))?;
     let status = resp.status();
-    let body = tokio::time::timeout(opts.idle_timeout, resp.bytes())
+    let body = tokio::time::timeout(opts.idle_timeout, resp.text())
         .await
         .map_err(|_| format!("{what}: the answer's body stalled"))?
         .map_err(|e| format!("{what}: {}", error_chain(&e)))?;
     if !status.is_success() {
-        let said = String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned();
+        let said: String = body.chars().take(300).collect();
         return Err(format!("{what} answered {status}: {said}"));
     }
-    serde_json::from_slice(&body).map_err(|e| format!("{what}: the answer is not a token: {e}"))
+    Ok(body)
 }
 
 /// The DER inside a PEM block.

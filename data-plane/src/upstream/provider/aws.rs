@@ -18,8 +18,8 @@ use aws_sigv4::sign::v4;
 use base64::Engine as _;
 use wharf_core::{Credentials, Secret};
 
-use super::super::error::error_chain;
 use super::super::options::UpstreamOptions;
+use super::{env, send_json, send_text};
 
 /// AWS credentials: an access key, its secret, and a session token for temporary ones.
 struct AwsKeys {
@@ -95,10 +95,6 @@ fn parse_ecr_host(host: &str) -> Option<(String, String)> {
 
 fn port_suffix(u: &reqwest::Url) -> String {
     u.port().map(|p| format!(":{p}")).unwrap_or_default()
-}
-
-fn env(name: &str) -> Option<String> {
-    std::env::var(name).ok().filter(|v| !v.is_empty())
 }
 
 /// The SigV4 headers (`authorization`, `x-amz-date`, `x-amz-security-token`) for a request.
@@ -264,34 +260,6 @@ fn keys_of(j: &serde_json::Value, what: &str) -> Result<AwsKeys, String> {
         }
         _ => Err(format!("{what}: the answer has no AccessKeyId/SecretAccessKey")),
     }
-}
-
-async fn send_json<T: serde::de::DeserializeOwned>(
-    opts: &UpstreamOptions,
-    req: reqwest::RequestBuilder,
-    what: &str,
-) -> Result<T, String> {
-    let text = send_text(opts, req, what).await?;
-    serde_json::from_str(&text).map_err(|e| format!("{what}: the answer is not the JSON expected: {e}"))
-}
-
-/// Sends `req`; its body, or what `what` answered (its status and the first bytes of its error
-/// body: AWS errors name the problem, never a secret).
-async fn send_text(opts: &UpstreamOptions, req: reqwest::RequestBuilder, what: &str) -> Result<String, String> {
-    let resp = tokio::time::timeout(opts.first_byte_timeout, req.send())
-        .await
-        .map_err(|_| format!("{what}: no answer within {}", humantime::format_duration(opts.first_byte_timeout)))?
-        .map_err(|e| format!("{what}: {}", error_chain(&e)))?;
-    let status = resp.status();
-    let body = tokio::time::timeout(opts.idle_timeout, resp.text())
-        .await
-        .map_err(|_| format!("{what}: the answer's body stalled"))?
-        .map_err(|e| format!("{what}: {}", error_chain(&e)))?;
-    if !status.is_success() {
-        let said: String = body.chars().take(300).collect();
-        return Err(format!("{what} answered {status}: {said}"));
-    }
-    Ok(body)
 }
 
 #[cfg(test)]
