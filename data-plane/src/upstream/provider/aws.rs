@@ -19,7 +19,7 @@ use base64::Engine as _;
 use wharf_core::{Credentials, Secret};
 
 use super::super::options::UpstreamOptions;
-use super::{env, send_json, send_text};
+use super::http::{env, send_json, send_text};
 
 /// AWS credentials: an access key, its secret, and a session token for temporary ones.
 struct AwsKeys {

@@ -16,7 +16,7 @@ use wharf_core::{Credentials, Secret};
 
 use super::super::auth::ACR_REFRESH_TOKEN_USER;
 use super::super::options::UpstreamOptions;
-use super::{env, send_json};
+use super::http::{env, send_json};
 
 /// What ACR's exchange takes an Entra token for.
 const ARM: &str = "https://management.azure.com/";
