@@ -58,7 +58,9 @@ impl RangeSpec {
                 let end = end.map_or(size, |e| e.saturating_add(1).min(size));
                 Resolved::Partial { start, end }
             }
+            // No byte to give: a suffix of nothing, or any suffix of an empty body (RFC 9110, 14.1.2).
             RangeSpec::Suffix(0) => Resolved::Unsatisfiable,
+            RangeSpec::Suffix(_) if size == 0 => Resolved::Unsatisfiable,
             RangeSpec::Suffix(n) => Resolved::Partial { start: size.saturating_sub(n), end: size },
         }
     }
@@ -98,6 +100,8 @@ mod tests {
         assert_eq!(r("bytes=-500"), Some(Resolved::Partial { start: 0, end: 100 }));
         assert_eq!(r("bytes=100-"), Some(Resolved::Unsatisfiable));
         assert_eq!(r("bytes=-0"), Some(Resolved::Unsatisfiable));
+        // An empty body has no byte to give, whatever the suffix.
+        assert_eq!(parse("bytes=-1").map(|x| x.resolve(0)), Some(Resolved::Unsatisfiable));
     }
 }
 
