@@ -220,8 +220,12 @@ async fn the_metadata_server_gives_tokens_and_a_provider_failure_is_a_clear_502(
         env: vec![("GCE_METADATA_HOST".into(), addr.clone())],
         ..ProxyOptions::new(&gcp_repo(&registry), &[])
     })?;
-    pull(&proxy, &image).await?;
-    assert_eq!(google.issued().len(), 1);
+    // 16 pulls at once on a node without a token yet: one token request, the others wait on it.
+    let pulls = (0..16).map(|_| pull(&proxy, &image));
+    for p in futures_util::future::join_all(pulls).await {
+        p?;
+    }
+    assert_eq!(google.issued().len(), 1, "one refresh however many requests wait");
 
     // A key the service account does not have: Google refuses the assertion; the client gets a
     // 502 naming the provider and what Google said, and no secret.
