@@ -11,6 +11,25 @@ use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 /// How long any single test request may take before the test fails instead of hanging.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Pulls `image` from `base` (`http://<node>/v2/<repoKey>/<name>`) as a client does: its manifest
+/// by tag (OCI `Accept`), then every blob; fails unless each answers 200 with the image's bytes.
+pub async fn pull_image(base: &str, image: &crate::TestImage) -> anyhow::Result<()> {
+    let url = format!("{base}/manifests/{}", image.tag);
+    let m = get(&url, &[("accept", crate::image::OCI_MANIFEST)]).await?;
+    anyhow::ensure!(
+        (m.status, crate::sha256_digest(&m.body)) == (200, image.digest().to_owned()),
+        "GET {url}: {} {}",
+        m.status,
+        m.text()
+    );
+    for b in image.blobs() {
+        let url = format!("{base}/blobs/{}", b.digest);
+        let r = get(&url, &[]).await?;
+        anyhow::ensure!((r.status, r.digest()) == (200, b.digest.clone()), "GET {url}: {} {}", r.status, r.text());
+    }
+    Ok(())
+}
+
 /// A reqwest client that ignores proxy settings from the environment and follows no redirect.
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()

@@ -10,9 +10,8 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use wharf_tests::control::{ControlPlane, Node, create_repo, expect_problem, list_nodes, poll, repo_json, rest_json};
 use wharf_tests::etcd::EtcdCluster;
-use wharf_tests::image::OCI_MANIFEST;
 use wharf_tests::regctl::{Regctl, expect_aligned};
-use wharf_tests::{Registry, TestImage, http, sha256_digest};
+use wharf_tests::{Registry, TestImage, http};
 
 fn entry_file(cache: &Path, kind: &str, digest: &str) -> PathBuf {
     let hex = digest.trim_start_matches("sha256:");
@@ -25,16 +24,6 @@ fn overwrite_middle(path: &Path) -> anyhow::Result<()> {
     f.seek(SeekFrom::Start(len / 2))?;
     f.write_all(b"XXXX")?;
     f.sync_all()?;
-    Ok(())
-}
-
-async fn pull(node: &Node, image: &TestImage) -> anyhow::Result<()> {
-    let m = http::get(&node.v2("lab/team/app/manifests/v1"), &[("accept", OCI_MANIFEST)]).await?;
-    anyhow::ensure!((m.status, sha256_digest(&m.body)) == (200, image.digest().to_owned()), "{}: manifest", node.id());
-    for b in image.blobs() {
-        let r = http::get(&node.v2(&format!("lab/team/app/blobs/{}", b.digest)), &[]).await?;
-        anyhow::ensure!((r.status, r.digest()) == (200, b.digest.clone()), "{}: blob {}", node.id(), b.digest);
-    }
     Ok(())
 }
 
@@ -64,8 +53,8 @@ async fn regctl_cache_verify_through_either_control_plane_removes_what_changed_o
         async move { (list_nodes(&url).await.ok()?.len() == 2).then_some(()) }
     })
     .await?;
-    pull(&n1, &image).await?;
-    pull(&n2, &image).await?;
+    http::pull_image(&n1.v2("lab/team/app"), &image).await?;
+    http::pull_image(&n2.v2("lab/team/app"), &image).await?;
 
     // n1: a layer changed on disk; n2: the manifest.
     let layer = &image.layers[0];
@@ -107,8 +96,8 @@ async fn regctl_cache_verify_through_either_control_plane_removes_what_changed_o
     // The next pulls fetch the removed entries again, and are whole.
     registry.sync_log()?;
     let before = registry.count("GET", &format!("/blobs/{}", layer.digest));
-    pull(&n1, &image).await?;
-    pull(&n2, &image).await?;
+    http::pull_image(&n1.v2("lab/team/app"), &image).await?;
+    http::pull_image(&n2.v2("lab/team/app"), &image).await?;
     registry.sync_log()?;
     // From upstream, or (peer fetch) from n2, which still holds it: at most one upstream GET.
     assert!(registry.count("GET", &format!("/blobs/{}", layer.digest)) - before <= 1, "the layer fetched twice");

@@ -15,7 +15,7 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use wharf_tests::control::poll;
-use wharf_tests::http::get;
+use wharf_tests::http::{self, get};
 use wharf_tests::image::OCI_MANIFEST;
 use wharf_tests::proxy::repo_config;
 use wharf_tests::{AuthMode, FakeUpstream, Proxy, ProxyOptions, TestImage};
@@ -186,16 +186,6 @@ fn ecr_repo(registry: &FakeUpstream) -> String {
     format!("{}credential_provider = \"aws\"\n", repo_config("ecr", &registry.url(), "ecr", "0s"))
 }
 
-async fn pull(proxy: &Proxy, image: &TestImage) -> anyhow::Result<()> {
-    let m = get(&proxy.v2("ecr/team/app/manifests/v1"), &[("accept", OCI_MANIFEST)]).await?;
-    anyhow::ensure!(m.status == 200 && m.body == image.manifest.data, "manifest: {} {}", m.status, m.text());
-    for b in image.blobs() {
-        let r = get(&proxy.v2(&format!("ecr/team/app/blobs/{}", b.digest)), &[]).await?;
-        anyhow::ensure!(r.status == 200 && r.digest() == b.digest, "blob {}: {} {}", b.digest, r.status, r.text());
-    }
-    Ok(())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn imdsv2_credentials_sign_ecr_requests_and_tokens_are_refreshed_before_they_expire() -> anyhow::Result<()> {
     let (aws, registry, url) = start(4).await?;
@@ -206,12 +196,12 @@ async fn imdsv2_credentials_sign_ecr_requests_and_tokens_are_refreshed_before_th
         env: env(&url, home.path(), &[]),
         ..ProxyOptions::new(&ecr_repo(&registry), &[])
     })?;
-    pull(&proxy, &image).await?;
+    http::pull_image(&proxy.v2("ecr/team/app"), &image).await?;
     assert_eq!((aws.issued(), aws.refused()), (1, vec![]), "one signed GetAuthorizationToken");
     poll(Duration::from_secs(20), "a refreshed ECR token", || {
         let (proxy, image, aws) = (&proxy, &image, &aws);
         async move {
-            pull(proxy, image).await.expect("a pull across the token's expiry failed");
+            http::pull_image(&proxy.v2("ecr/team/app"), image).await.expect("a pull across the token's expiry failed");
             (aws.issued() >= 2).then_some(())
         }
     })
@@ -241,7 +231,7 @@ async fn a_web_identity_token_file_works_and_a_wrong_signature_is_a_clear_502() 
         ],
     );
     let proxy = Proxy::spawn_with(ProxyOptions { env: web, ..ProxyOptions::new(&ecr_repo(&registry), &[]) })?;
-    pull(&proxy, &image).await?;
+    http::pull_image(&proxy.v2("ecr/team/app"), &image).await?;
     assert_eq!((aws.issued(), aws.refused()), (1, vec![]));
 
     // Keys in the environment come first; with a secret AWS does not know, ECR refuses the

@@ -10,7 +10,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use wharf_tests::fake::ACR_REFRESH_TOKEN_USER;
-use wharf_tests::http::get;
+use wharf_tests::http::{self, get};
 use wharf_tests::image::OCI_MANIFEST;
 use wharf_tests::proxy::repo_config;
 use wharf_tests::{AuthMode, FakeUpstream, Proxy, ProxyOptions, TestImage};
@@ -100,16 +100,6 @@ fn acr_repo(registry: &FakeUpstream) -> String {
     format!("{}credential_provider = \"azure\"\n", repo_config("acr", &registry.url(), "acr", "5m"))
 }
 
-async fn pull(proxy: &Proxy, image: &TestImage) -> anyhow::Result<()> {
-    let m = get(&proxy.v2("acr/team/app/manifests/v1"), &[("accept", OCI_MANIFEST)]).await?;
-    anyhow::ensure!(m.status == 200 && m.body == image.manifest.data, "manifest: {} {}", m.status, m.text());
-    for b in image.blobs() {
-        let r = get(&proxy.v2(&format!("acr/team/app/blobs/{}", b.digest)), &[]).await?;
-        anyhow::ensure!(r.status == 200 && r.digest() == b.digest, "blob {}: {} {}", b.digest, r.status, r.text());
-    }
-    Ok(())
-}
-
 fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
     pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
 }
@@ -140,7 +130,7 @@ async fn a_service_principal_a_federated_token_and_a_managed_identity_each_pull_
     ];
     for (i, identity) in identities.into_iter().enumerate() {
         let proxy = Proxy::spawn_with(ProxyOptions { env: identity, ..ProxyOptions::new(&acr_repo(&registry), &[]) })?;
-        pull(&proxy, &image).await?;
+        http::pull_image(&proxy.v2("acr/team/app"), &image).await?;
         assert_eq!(
             (entra.issued(), registry.exchanged()),
             (i + 1, i as u64 + 1),

@@ -14,7 +14,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use wharf_tests::control::poll;
-use wharf_tests::http::get;
+use wharf_tests::http::{self, get};
 use wharf_tests::image::OCI_MANIFEST;
 use wharf_tests::proxy::repo_config;
 use wharf_tests::{AuthMode, FakeUpstream, Proxy, ProxyOptions, TestImage};
@@ -155,16 +155,6 @@ fn gcp_repo(registry: &FakeUpstream) -> String {
     format!("{}credential_provider = \"gcp\"\n", repo_config("ar", &registry.url(), "gcr", "0s"))
 }
 
-async fn pull(proxy: &Proxy, image: &TestImage) -> anyhow::Result<()> {
-    let m = get(&proxy.v2("ar/project/repo/app/manifests/v1"), &[("accept", OCI_MANIFEST)]).await?;
-    anyhow::ensure!(m.status == 200 && m.body == image.manifest.data, "manifest: {} {}", m.status, m.text());
-    for b in image.blobs() {
-        let r = get(&proxy.v2(&format!("ar/project/repo/app/blobs/{}", b.digest)), &[]).await?;
-        anyhow::ensure!(r.status == 200 && r.digest() == b.digest, "blob {}: {} {}", b.digest, r.status, r.text());
-    }
-    Ok(())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_account_key_file_gives_tokens_refreshed_before_they_expire() -> anyhow::Result<()> {
     // The registry's own tokens live 1 s, so requests keep going back to its token endpoint with
@@ -183,7 +173,7 @@ async fn a_service_account_key_file_gives_tokens_refreshed_before_they_expire() 
         env: vec![("GOOGLE_APPLICATION_CREDENTIALS".into(), file.display().to_string())],
         ..ProxyOptions::new(&gcp_repo(&registry), &[])
     })?;
-    pull(&proxy, &image).await?;
+    http::pull_image(&proxy.v2("ar/project/repo/app"), &image).await?;
     assert_eq!(google.issued().len(), 1, "one access token for the pull; refused: {:?}", google.refused());
     let first = google.issued()[0].clone();
     let logins: Vec<_> = registry.token_requests().iter().filter_map(|r| r.basic_auth()).collect();
@@ -194,7 +184,7 @@ async fn a_service_account_key_file_gives_tokens_refreshed_before_they_expire() 
         pulls += 1;
         let (proxy, image, google) = (&proxy, &image, &google);
         async move {
-            pull(proxy, image).await.expect("a pull across the expiry failed");
+            http::pull_image(&proxy.v2("ar/project/repo/app"), image).await.expect("a pull across the expiry failed");
             (google.issued().len() >= 2).then_some(())
         }
     })
@@ -221,7 +211,8 @@ async fn the_metadata_server_gives_tokens_and_a_provider_failure_is_a_clear_502(
         ..ProxyOptions::new(&gcp_repo(&registry), &[])
     })?;
     // 16 pulls at once on a node without a token yet: one token request, the others wait on it.
-    let pulls = (0..16).map(|_| pull(&proxy, &image));
+    let base = proxy.v2("ar/project/repo/app");
+    let pulls = (0..16).map(|_| http::pull_image(&base, &image));
     for p in futures_util::future::join_all(pulls).await {
         p?;
     }

@@ -53,17 +53,6 @@ async fn wait_members(nodes: &[&Node], n: usize) -> anyhow::Result<Duration> {
     Ok(started.elapsed())
 }
 
-async fn pull(node: &Node, key: &str, image: &TestImage) -> anyhow::Result<()> {
-    let m =
-        http::get(&node.v2(&format!("{key}/team/app/manifests/{}", image.tag)), &[("accept", OCI_MANIFEST)]).await?;
-    anyhow::ensure!((m.status, sha256_digest(&m.body)) == (200, image.digest().to_owned()), "{}: manifest", node.id());
-    for b in image.blobs() {
-        let r = http::get(&node.v2(&format!("{key}/team/app/blobs/{}", b.digest)), &[]).await?;
-        anyhow::ensure!((r.status, r.digest()) == (200, b.digest.clone()), "{}: blob {}", node.id(), b.digest);
-    }
-    Ok(())
-}
-
 /// Request log lines of `node` with these field values.
 fn request_lines(node: &Node, fields: &[(&str, &str)]) -> usize {
     node.logs()
@@ -131,7 +120,7 @@ async fn three_nodes_on_etcd_fetch_each_blob_from_upstream_once() -> anyhow::Res
 
     // Every node pulls the whole image once: each blob came from upstream once in all.
     for n in &nodes {
-        pull(n, "lab", &image).await?;
+        http::pull_image(&n.v2("lab/team/app"), &image).await?;
     }
     registry.sync_log()?;
     for (b, pushed) in image.blobs().zip(pushed) {
