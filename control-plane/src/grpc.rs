@@ -166,15 +166,11 @@ pub fn node_to_proto(n: &NodeInfo) -> pb::Node {
 
 /// A node's report of one peer.
 pub fn peer_status_from_proto(p: pb::PeerStatus) -> PeerStatus {
-    let mut id = p.id;
-    id.truncate(128);
     PeerStatus {
-        id,
+        // Node ids are at most 128 ASCII characters; a longer one is cut (on a character).
+        id: p.id.chars().take(128).collect(),
         state: if p.state == "suspect" { "suspect".into() } else { "ok".into() },
-        suspect_until_ms: p
-            .suspect_until
-            .as_ref()
-            .map(|t| (t.seconds.max(0) as u64) * 1000 + (t.nanos.max(0) as u64) / 1_000_000),
+        suspect_until_ms: p.suspect_until.as_ref().map(|t| ms_of(Some(t))),
         errors: p.errors,
         bytes: p.bytes,
     }

@@ -182,10 +182,9 @@ async fn peer(
             "the peer endpoint serves blobs and manifests by digest only",
         ));
     }
-    let repo = parsed
-        .keyed()
-        .and_then(|(key, _)| snapshot.repos.get(&key).cloned())
-        .ok_or_else(|| RegistryError::not_found("NAME_UNKNOWN", "no such repo on this node"))?;
+    let no_repo = || RegistryError::not_found("NAME_UNKNOWN", "no such repo on this node");
+    let (key, client_name) = parsed.keyed().ok_or_else(no_repo)?;
+    let repo = snapshot.repos.get(&key).cloned().ok_or_else(no_repo)?;
     if repo.auth == AuthMode::Passthrough {
         return Err(RegistryError::new(
             StatusCode::FORBIDDEN,
@@ -194,7 +193,7 @@ async fn peer(
         ));
     }
     drop(snapshot);
-    let client_name = parsed.keyed().map(|(_, n)| n.to_owned()).unwrap_or_default();
+    let client_name = client_name.to_owned();
     log.repo_key = repo.key.to_string();
     log.name = client_name.clone();
     let name = normalize_name(&client_name, repo.kind.implicit_library());
