@@ -27,6 +27,7 @@ struct Aws {
     secret: String,
     session_token: String,
     imds_token: String,
+    container_token: String,
     web_identity: String,
     registry: Arc<FakeUpstream>,
     /// How long an ECR authorization token lives.
@@ -65,15 +66,15 @@ fn amz_time(s: &str) -> Option<SystemTime> {
 }
 
 /// The `Authorization` AWS would expect for this request, signed with the test secret.
-fn expected_signature(aws: &Aws, headers: &HeaderMap, body: &str) -> Option<String> {
+fn expected_signature(aws: &Aws, headers: &HeaderMap, body: &str, region: &str, service: &str) -> Option<String> {
     let h = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
     let time = amz_time(h("x-amz-date")?)?;
     let token = h("x-amz-security-token").map(str::to_owned);
     let identity = aws_credential_types::Credentials::new(KEY_ID, aws.secret.clone(), token, None, "test").into();
     let params = v4::SigningParams::builder()
         .identity(&identity)
-        .region(REGION)
-        .name("ecr")
+        .region(region)
+        .name(service)
         .time(time)
         .settings(SigningSettings::default())
         .build()
@@ -107,8 +108,20 @@ async fn fake_aws(State(aws): State<Arc<Aws>>, method: Method, uri: Uri, headers
             "Token": aws.session_token, "Expiration": "2099-01-01T00:00:00Z"});
         return creds.to_string().into_response();
     }
-    if h("x-amz-target") == "AmazonEC2ContainerRegistry_V20150921.GetAuthorizationToken" {
-        if expected_signature(&aws, &headers, &body).as_deref() != Some(h("authorization")) {
+    if path == "/v2/credentials/pod" {
+        // The container endpoint (ECS, EKS Pod Identity): only with the token it was given.
+        if h("authorization") != aws.container_token {
+            return StatusCode::UNAUTHORIZED.into_response();
+        }
+        let creds = serde_json::json!({"AccessKeyId": KEY_ID, "SecretAccessKey": aws.secret,
+            "Token": aws.session_token, "Expiration": "2099-01-01T00:00:00Z"});
+        return creds.to_string().into_response();
+    }
+    let target = h("x-amz-target");
+    let public = target == "SpectrumKaiFrontendService.GetAuthorizationToken";
+    if public || target == "AmazonEC2ContainerRegistry_V20150921.GetAuthorizationToken" {
+        let (region, service) = if public { ("us-east-1", "ecr-public") } else { (REGION, "ecr") };
+        if expected_signature(&aws, &headers, &body, region, service).as_deref() != Some(h("authorization")) {
             return aws.refuse(
                 StatusCode::FORBIDDEN,
                 "InvalidSignatureException",
@@ -123,8 +136,14 @@ async fn fake_aws(State(aws): State<Arc<Aws>>, method: Method, uri: Uri, headers
         aws.registry.add_user("AWS", &password);
         let token = base64::engine::general_purpose::STANDARD.encode(format!("AWS:{password}"));
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
-        let body = serde_json::json!({"authorizationData": [{"authorizationToken": token,
-            "expiresAt": now + aws.lifetime as f64, "proxyEndpoint": "https://123456789012.dkr.ecr.eu-west-1.amazonaws.com"}]});
+        let expires_at = now + aws.lifetime as f64;
+        // ECR answers a list, one per registry; ECR Public one object.
+        let body = if public {
+            serde_json::json!({"authorizationData": {"authorizationToken": token, "expiresAt": expires_at}})
+        } else {
+            serde_json::json!({"authorizationData": [{"authorizationToken": token, "expiresAt": expires_at,
+                "proxyEndpoint": "https://123456789012.dkr.ecr.eu-west-1.amazonaws.com"}]})
+        };
         return ([("content-type", "application/x-amz-json-1.1")], body.to_string()).into_response();
     }
     // STS: AssumeRoleWithWebIdentity (no signature: the web identity token is the credential).
@@ -154,6 +173,7 @@ async fn start(lifetime: u64) -> anyhow::Result<(Arc<Aws>, Arc<FakeUpstream>, St
         secret: format!("secret-{}", wharf_tests::random_name("")),
         session_token: format!("session-{}", wharf_tests::random_name("")),
         imds_token: format!("imds-{}", wharf_tests::random_name("")),
+        container_token: format!("pod-{}", wharf_tests::random_name("")),
         web_identity: format!("eyJweb-{}", wharf_tests::random_name("")),
         registry: registry.clone(),
         lifetime,
@@ -254,5 +274,80 @@ async fn a_web_identity_token_file_works_and_a_wrong_signature_is_a_clear_502() 
     assert!(!wrong.all_output().contains(&wrong_secret) && !r.text().contains(&wrong_secret));
     let metrics = get(&format!("http://{}/metrics", wrong.addr()), &[]).await?.text();
     assert!(metrics.contains("wharf_credential_provider_errors_total{provider=\"aws\"}"), "{metrics}");
+    Ok(())
+}
+
+/// The shared credentials file (a named profile), and the container endpoint with its
+/// authorization token file (EKS Pod Identity), each signs ECR's request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shared_file_and_the_container_endpoint_give_the_keys() -> anyhow::Result<()> {
+    let (aws, registry, url) = start(3600).await?;
+    let image = TestImage::random("v1", &[5_000])?;
+    registry.put_image("team/app", &image);
+    let home = tempfile::tempdir()?;
+    std::fs::create_dir(home.path().join(".aws"))?;
+    std::fs::write(
+        home.path().join(".aws/credentials"),
+        format!(
+            "[default]\naws_access_key_id = AKIANOTTHISONE\naws_secret_access_key = wrong\n\n[wharf]\n\
+             aws_access_key_id = {KEY_ID}\naws_secret_access_key = {}\naws_session_token = {}\n",
+            aws.secret, aws.session_token
+        ),
+    )?;
+    let profile = Proxy::spawn_with(ProxyOptions {
+        env: env(&url, home.path(), &[("AWS_PROFILE", "wharf")]),
+        ..ProxyOptions::new(&ecr_repo(&registry), &[])
+    })?;
+    http::pull_image(&profile.v2("ecr/team/app"), &image).await?;
+    assert_eq!((aws.issued(), aws.refused()), (1, vec![]), "the profile's keys signed the request");
+
+    let empty_home = tempfile::tempdir()?;
+    let token_file = empty_home.path().join("eks-pod-identity-token");
+    std::fs::write(&token_file, format!("{}\n", aws.container_token))?;
+    let pod = Proxy::spawn_with(ProxyOptions {
+        env: env(
+            &url,
+            empty_home.path(),
+            &[
+                ("AWS_CONTAINER_CREDENTIALS_FULL_URI", &format!("{url}/v2/credentials/pod")),
+                ("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", &token_file.display().to_string()),
+            ],
+        ),
+        ..ProxyOptions::new(&ecr_repo(&registry), &[])
+    })?;
+    http::pull_image(&pod.v2("ecr/team/app"), &image).await?;
+    assert_eq!((aws.issued(), aws.refused()), (2, vec![]), "the container endpoint's keys signed the request");
+    for p in [&profile, &pod] {
+        let out = p.all_output();
+        assert!(!out.contains(&aws.secret) && !out.contains(&aws.container_token));
+    }
+    Ok(())
+}
+
+/// ECR Public (`public.ecr.aws`): its own GetAuthorizationToken in us-east-1 (`ecr-public`,
+/// signed for it), the token presented at the registry's token endpoint. The node reaches the
+/// registry through an egress proxy (`HTTP_PROXY`, which the node's upstream client honours):
+/// here the fake registry, answering for `public.ecr.aws`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ecr_public_tokens_come_from_its_own_api() -> anyhow::Result<()> {
+    let (aws, registry, url) = start(3600).await?;
+    let image = TestImage::random("v1", &[5_000])?;
+    registry.put_image("team/app", &image);
+    let home = tempfile::tempdir()?;
+    let mut e = env(&url, home.path(), &[("AWS_ACCESS_KEY_ID", KEY_ID), ("AWS_SECRET_ACCESS_KEY", &aws.secret)]);
+    e.retain(|(k, _)| k != "AWS_ENDPOINT_URL_ECR" && k != "AWS_REGION");
+    e.extend([
+        ("AWS_SESSION_TOKEN".to_owned(), aws.session_token.clone()),
+        ("AWS_ENDPOINT_URL_ECR_PUBLIC".to_owned(), url.clone()),
+        ("HTTP_PROXY".to_owned(), registry.url()),
+        ("NO_PROXY".to_owned(), "127.0.0.1".to_owned()),
+    ]);
+    let config =
+        format!("{}credential_provider = \"aws\"\n", repo_config("ecrpub", "http://public.ecr.aws", "generic", "0s"));
+    let proxy = Proxy::spawn_with(ProxyOptions { env: e, ..ProxyOptions::new(&config, &[]) })?;
+    http::pull_image(&proxy.v2("ecrpub/team/app"), &image).await?;
+    assert_eq!((aws.issued(), aws.refused()), (1, vec![]), "one ECR Public token, signed for ecr-public in us-east-1");
+    let hosts: Vec<_> = registry.requests().iter().filter_map(|r| r.header("host").map(str::to_owned)).collect();
+    assert!(hosts.iter().any(|h| h == "public.ecr.aws"), "{hosts:?}");
     Ok(())
 }

@@ -8,8 +8,10 @@
 //!
 //! The request is signed SigV4 (`aws-sigv4`) for the region and account of the registry's host
 //! (`<account>.dkr.ecr.<region>.amazonaws.com`; another host takes `AWS_REGION` and the caller's
-//! own account). Endpoints follow the settings the SDKs honour: `AWS_ENDPOINT_URL_ECR`,
-//! `AWS_ENDPOINT_URL_STS`, `AWS_ENDPOINT_URL`, `AWS_EC2_METADATA_SERVICE_ENDPOINT`.
+//! own account). `public.ecr.aws` is ECR Public: its `GetAuthorizationToken` in us-east-1, whose
+//! token lifts the anonymous pull limits. Endpoints follow the settings the SDKs honour:
+//! `AWS_ENDPOINT_URL_ECR`, `AWS_ENDPOINT_URL_ECR_PUBLIC`, `AWS_ENDPOINT_URL_STS`,
+//! `AWS_ENDPOINT_URL`, `AWS_EC2_METADATA_SERVICE_ENDPOINT`.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -29,47 +31,90 @@ struct AwsKeys {
 }
 
 const ECR_TARGET: &str = "AmazonEC2ContainerRegistry_V20150921.GetAuthorizationToken";
+const ECR_PUBLIC_TARGET: &str = "SpectrumKaiFrontendService.GetAuthorizationToken";
+/// ECR Public's registry, whose tokens only us-east-1 issues.
+const ECR_PUBLIC_HOST: &str = "public.ecr.aws";
 const AMZ_JSON: &str = "application/x-amz-json-1.1";
 /// IMDS answers at once on EC2 and never elsewhere: a short bound.
 const IMDS_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// ECR's `AWS:<password>` for the registry at `upstream`, and how long it lives.
+/// The API call that gives a registry's token.
+struct TokenCall {
+    /// The signing name: `ecr` or `ecr-public`.
+    service: &'static str,
+    target: &'static str,
+    region: String,
+    endpoint: String,
+    body: String,
+}
+
+impl TokenCall {
+    /// The call for the registry at `host`: ECR Public for `public.ecr.aws`, else ECR for the
+    /// host's account and region (another host: `AWS_REGION` and the caller's own account).
+    fn for_host(host: &str) -> Result<Self, String> {
+        if host.split(':').next() == Some(ECR_PUBLIC_HOST) {
+            let region = "us-east-1".to_owned();
+            return Ok(Self {
+                service: "ecr-public",
+                target: ECR_PUBLIC_TARGET,
+                endpoint: env("AWS_ENDPOINT_URL_ECR_PUBLIC")
+                    .or_else(|| env("AWS_ENDPOINT_URL"))
+                    .unwrap_or_else(|| format!("https://api.ecr-public.{region}.amazonaws.com")),
+                region,
+                body: "{}".into(),
+            });
+        }
+        let (account, region) = match parse_ecr_host(host) {
+            Some((a, r)) => (Some(a), r),
+            None => {
+                let region = env("AWS_REGION").or_else(|| env("AWS_DEFAULT_REGION")).ok_or_else(|| {
+                    format!("{host} is not <account>.dkr.ecr.<region>.amazonaws.com: set AWS_REGION on the node")
+                })?;
+                (None, region)
+            }
+        };
+        Ok(Self {
+            service: "ecr",
+            target: ECR_TARGET,
+            endpoint: env("AWS_ENDPOINT_URL_ECR")
+                .or_else(|| env("AWS_ENDPOINT_URL"))
+                .unwrap_or_else(|| format!("https://api.ecr.{region}.amazonaws.com")),
+            region,
+            body: match &account {
+                Some(a) => serde_json::json!({ "registryIds": [a] }).to_string(),
+                None => "{}".to_owned(),
+            },
+        })
+    }
+}
+
+/// ECR's (or ECR Public's) `AWS:<password>` for the registry at `upstream`, and how long it lives.
 pub(super) async fn ecr(
     http: &reqwest::Client,
     opts: &UpstreamOptions,
     upstream: &str,
 ) -> Result<(Credentials, Duration), String> {
     let host = upstream.split_once("://").map_or(upstream, |(_, h)| h);
-    let (account, region) = match parse_ecr_host(host) {
-        Some((a, r)) => (Some(a), r),
-        None => {
-            let region = env("AWS_REGION").or_else(|| env("AWS_DEFAULT_REGION")).ok_or_else(|| {
-                format!("{host} is not <account>.dkr.ecr.<region>.amazonaws.com: set AWS_REGION on the node")
-            })?;
-            (None, region)
-        }
-    };
-    let keys = chain(http, opts, &region).await?;
-    let endpoint = env("AWS_ENDPOINT_URL_ECR")
-        .or_else(|| env("AWS_ENDPOINT_URL"))
-        .unwrap_or_else(|| format!("https://api.ecr.{region}.amazonaws.com"));
-    let url = format!("{}/", endpoint.trim_end_matches('/'));
-    let body = match &account {
-        Some(a) => serde_json::json!({ "registryIds": [a] }).to_string(),
-        None => "{}".to_owned(),
-    };
+    let call = TokenCall::for_host(host)?;
+    let keys = chain(http, opts, &call.region).await?;
+    let url = format!("{}/", call.endpoint.trim_end_matches('/'));
     let authority = reqwest::Url::parse(&url)
         .ok()
         .and_then(|u| Some(format!("{}{}", u.host_str()?, port_suffix(&u))))
-        .ok_or_else(|| format!("ECR endpoint {url:?} is not a URL"))?;
-    let signed = signed_headers(&keys, &region, "ecr", "POST", &url, &authority, &body)?;
-    let mut req = http.post(&url).header("content-type", AMZ_JSON).header("x-amz-target", ECR_TARGET).body(body);
+        .ok_or_else(|| format!("{} endpoint {url:?} is not a URL", call.service))?;
+    let signed = signed_headers(&keys, &call, &url, &authority)?;
+    let mut req =
+        http.post(&url).header("content-type", AMZ_JSON).header("x-amz-target", call.target).body(call.body.clone());
     for (name, value) in signed {
         req = req.header(name, value);
     }
-    let what = format!("ECR {url} (GetAuthorizationToken, region {region})");
+    let what = format!("{} {url} (GetAuthorizationToken, region {})", call.service, call.region);
     let answer: serde_json::Value = send_json(opts, req, &what).await?;
-    let data = &answer["authorizationData"][0];
+    // ECR answers a list (one per registry asked for), ECR Public one object.
+    let data = match &answer["authorizationData"] {
+        serde_json::Value::Array(list) => list.first().unwrap_or(&serde_json::Value::Null),
+        one => one,
+    };
     let token = data["authorizationToken"].as_str().ok_or_else(|| format!("{what}: no authorizationToken"))?;
     let decoded = base64::engine::general_purpose::STANDARD
         .decode(token)
@@ -100,12 +145,9 @@ fn port_suffix(u: &reqwest::Url) -> String {
 /// The SigV4 headers (`authorization`, `x-amz-date`, `x-amz-security-token`) for a request.
 fn signed_headers(
     keys: &AwsKeys,
-    region: &str,
-    service: &str,
-    method: &str,
+    call: &TokenCall,
     url: &str,
     authority: &str,
-    body: &str,
 ) -> Result<Vec<(&'static str, String)>, String> {
     let identity = aws_credential_types::Credentials::new(
         keys.id.clone(),
@@ -117,15 +159,15 @@ fn signed_headers(
     .into();
     let params = v4::SigningParams::builder()
         .identity(&identity)
-        .region(region)
-        .name(service)
+        .region(&call.region)
+        .name(call.service)
         .time(SystemTime::now())
         .settings(SigningSettings::default())
         .build()
         .map_err(|e| format!("signing: {e}"))?
         .into();
-    let headers = [("host", authority), ("content-type", AMZ_JSON), ("x-amz-target", ECR_TARGET)];
-    let signable = SignableRequest::new(method, url, headers.into_iter(), SignableBody::Bytes(body.as_bytes()))
+    let headers = [("host", authority), ("content-type", AMZ_JSON), ("x-amz-target", call.target)];
+    let signable = SignableRequest::new("POST", url, headers.into_iter(), SignableBody::Bytes(call.body.as_bytes()))
         .map_err(|e| format!("signing: {e}"))?;
     let (instructions, _) = sign(signable, &params).map_err(|e| format!("signing: {e}"))?.into_parts();
     let (headers, _) = instructions.into_parts();
