@@ -269,18 +269,23 @@ pub struct RepoAddArgs {
     /// (dockerhub: docker.io, ...) and the upstream's own.
     #[arg(long, value_delimiter = ',', value_name = "HOST")]
     pub mirror_of: Vec<String>,
-    /// Credentials from the nodes' cloud identity instead of a password: aws (the AWS credential
-    /// chain, for an ECR token), azure (an Entra token, for an ACR refresh token), gcp
-    /// (Application Default Credentials: GOOGLE_APPLICATION_CREDENTIALS, or the metadata server).
-    #[arg(long, value_parser = ["aws", "azure", "gcp"], conflicts_with_all = ["username", "password_stdin", "password_env", "password_file"])]
+    /// Credentials from the nodes' identity instead of a password: aws (the AWS credential
+    /// chain, for an ECR or ECR Public token), azure (an Entra token, for an ACR refresh token),
+    /// gcp (Application Default Credentials: GOOGLE_APPLICATION_CREDENTIALS, or the metadata
+    /// server), oauth2 (an OAuth2 server, as the --credential-file settings say).
+    #[arg(long, value_parser = ["aws", "azure", "gcp", "oauth2"], conflicts_with_all = ["username", "password_stdin", "password_env", "password_file"])]
     pub credential_provider: Option<String>,
+    /// A file on each node the provider reads (an absolute path): gcp: a Google credentials
+    /// file; oauth2: its settings file.
+    #[arg(long, value_name = "PATH", requires = "credential_provider")]
+    pub credential_file: Option<String>,
 }
 
 #[derive(Args, Debug)]
 #[command(group = clap::ArgGroup::new("change").multiple(true).required(true).args([
     "kind", "upstream", "tag_ttl", "username", "password_stdin", "password_env", "password_file", "clear_credentials",
     "cache_ttl", "auth", "access", "ca_bundle_file", "clear_ca_bundle", "insecure_skip_tls_verify", "mirror_of",
-    "default_mirror_of", "credential_provider",
+    "default_mirror_of", "credential_provider", "credential_file",
 ]))]
 pub struct RepoUpdateArgs {
     /// The repoKey.
@@ -327,9 +332,12 @@ pub struct RepoUpdateArgs {
     /// Mirror the kind's and the upstream's hosts again (an empty mirror_of).
     #[arg(long)]
     pub default_mirror_of: bool,
-    /// Credentials from the nodes' cloud identity (aws, azure, gcp), or none (an empty string).
-    #[arg(long, value_parser = ["aws", "azure", "gcp", ""])]
+    /// Credentials from the nodes' identity (aws, azure, gcp, oauth2), or none (an empty string).
+    #[arg(long, value_parser = ["aws", "azure", "gcp", "oauth2", ""])]
     pub credential_provider: Option<String>,
+    /// The file on each node the provider reads, or none (an empty string).
+    #[arg(long, value_name = "PATH")]
+    pub credential_file: Option<String>,
     /// Write only if the repo is still at this revision (default: the revision just read).
     #[arg(long, value_name = "N")]
     pub revision: Option<i64>,

@@ -35,6 +35,8 @@ pub struct RepoView {
     pub mirror_of: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub credential_provider: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credential_file: Option<String>,
 }
 
 impl From<&pb::Repo> for RepoView {
@@ -56,6 +58,7 @@ impl From<&pb::Repo> for RepoView {
             insecure_skip_tls_verify: r.insecure_skip_tls_verify,
             mirror_of: r.mirror_of.clone(),
             credential_provider: (!r.credential_provider.is_empty()).then(|| r.credential_provider.clone()),
+            credential_file: (!r.credential_file.is_empty()).then(|| r.credential_file.clone()),
         }
     }
 }
@@ -125,6 +128,7 @@ async fn add(global: &Global, cp: &ControlPlane, a: RepoAddArgs, password: Optio
         insecure_skip_tls_verify: a.insecure_skip_tls_verify,
         mirror_of: a.mirror_of,
         credential_provider: a.credential_provider.unwrap_or_default(),
+        credential_file: a.credential_file.unwrap_or_default(),
         ..Default::default()
     };
     let r = cp.call(&key, cp.repos().create_repo(pb::CreateRepoRequest { repo: Some(repo) })).await?;
@@ -178,7 +182,13 @@ async fn update(
         repo.mirror_of.clear();
     }
     if let Some(p) = a.credential_provider {
+        if p.is_empty() {
+            repo.credential_file.clear();
+        }
         repo.credential_provider = p;
+    }
+    if let Some(f) = a.credential_file {
+        repo.credential_file = f;
     }
     if a.clear_credentials {
         repo.username.clear();
@@ -306,6 +316,7 @@ fn repo_fields(r: &RepoView) -> String {
         ("access", r.access.clone()),
         ("ca bundle", if r.ca_bundle.is_some() { "set" } else { "-" }.into()),
         ("credential provider", r.credential_provider.clone().unwrap_or_else(|| "-".into())),
+        ("credential file", r.credential_file.clone().unwrap_or_else(|| "-".into())),
         ("created", r.created_at.clone()),
         ("updated", r.updated_at.clone()),
         ("revision", r.revision.to_string()),

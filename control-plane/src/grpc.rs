@@ -61,6 +61,7 @@ pub fn repo_to_proto(r: &RepoRecord, with_secret: bool) -> pb::Repo {
         insecure_skip_tls_verify: r.repo.tls.insecure_skip_verify,
         mirror_of: r.repo.mirror_of.clone(),
         credential_provider: r.repo.credential_provider.map(|p| p.to_string()).unwrap_or_default(),
+        credential_file: r.repo.credential_file.clone().unwrap_or_default(),
     }
 }
 
@@ -84,6 +85,7 @@ fn spec_from_proto(r: pb::Repo) -> Result<RepoSpec, ApiError> {
         insecure_skip_tls_verify: r.insecure_skip_tls_verify,
         mirror_of: r.mirror_of,
         credential_provider: none_if_empty(r.credential_provider),
+        credential_file: none_if_empty(r.credential_file),
     })
 }
 

@@ -37,6 +37,8 @@ pub struct RepoSpec {
     pub mirror_of: Vec<String>,
     /// Where the credentials come from instead of a password (`gcp`); `None` or empty: none.
     pub credential_provider: Option<String>,
+    /// The file on the nodes the provider reads; `None` or empty: none.
+    pub credential_file: Option<String>,
 }
 
 /// A stored repo with its bookkeeping.
@@ -77,6 +79,8 @@ struct Stored {
     mirror_of: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     credential_provider: Option<CredentialProvider>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    credential_file: Option<String>,
 }
 
 fn is_default<T: Default + PartialEq>(t: &T) -> bool {
@@ -112,7 +116,7 @@ pub fn decode(kv: &KeyValue) -> Option<RepoRecord> {
                 })
             })
             .and_then(|r| r.with_mirror_of(s.mirror_of))
-            .and_then(|r| r.with_credential_provider(s.credential_provider))
+            .and_then(|r| r.with_credential_provider(s.credential_provider, s.credential_file))
             .map_err(|e| e.to_string())?;
         Ok(RepoRecord {
             repo,
@@ -146,6 +150,7 @@ fn encode(repo: &Repo, created_at: SystemTime, updated_at: SystemTime) -> Vec<u8
         insecure_skip_tls_verify: repo.tls.insecure_skip_verify,
         mirror_of: repo.mirror_of.clone(),
         credential_provider: repo.credential_provider,
+        credential_file: repo.credential_file.clone(),
     };
     serde_json::to_vec(&s).unwrap_or_default()
 }
@@ -193,7 +198,7 @@ pub fn validate(spec: &RepoSpec, stored: Option<&Credentials>) -> Result<Repo, A
         .and_then(|r| r.with_access(auth, access))
         .and_then(|r| r.with_upstream_tls(tls))
         .and_then(|r| r.with_mirror_of(spec.mirror_of.clone()))
-        .and_then(|r| r.with_credential_provider(provider))
+        .and_then(|r| r.with_credential_provider(provider, spec.credential_file.clone()))
         .map_err(|e| {
             let field = match &e {
                 RepoError::Key(_) => "key",
@@ -311,6 +316,7 @@ pub fn spec_of(r: &RepoRecord) -> RepoSpec {
         insecure_skip_tls_verify: r.repo.tls.insecure_skip_verify,
         mirror_of: r.repo.mirror_of.clone(),
         credential_provider: r.repo.credential_provider.map(|p| p.to_string()),
+        credential_file: r.repo.credential_file.clone(),
     }
 }
 

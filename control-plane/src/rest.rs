@@ -64,6 +64,8 @@ pub struct RepoView {
     pub mirror_of: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credential_provider: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential_file: Option<String>,
 }
 
 fn rfc3339(t: SystemTime) -> String {
@@ -89,6 +91,7 @@ impl From<&RepoRecord> for RepoView {
             insecure_skip_tls_verify: r.repo.tls.insecure_skip_verify,
             mirror_of: r.repo.mirror_of.clone(),
             credential_provider: r.repo.credential_provider.map(|p| p.to_string()),
+            credential_file: r.repo.credential_file.clone(),
         }
     }
 }
@@ -127,9 +130,12 @@ pub struct RepoInput {
     /// Registry hosts the repo mirrors (`["docker.io"]`); empty or absent: the kind's and the upstream's.
     #[serde(default)]
     pub mirror_of: Option<Vec<String>>,
-    /// `gcp`: credentials from the node's cloud identity instead of a password.
+    /// `aws`, `azure`, `gcp`, `oauth2`: credentials from the node's identity instead of a password.
     #[serde(default)]
     pub credential_provider: Option<String>,
+    /// The file on the nodes the provider reads (`gcp`, `oauth2`).
+    #[serde(default)]
+    pub credential_file: Option<String>,
 }
 
 fn parse_duration(field: &str, value: Option<&str>) -> Result<Option<Duration>, ApiError> {
@@ -157,6 +163,7 @@ impl RepoInput {
             insecure_skip_tls_verify: self.insecure_skip_tls_verify.unwrap_or(false),
             mirror_of: self.mirror_of.unwrap_or_default(),
             credential_provider: self.credential_provider,
+            credential_file: self.credential_file,
         })
     }
 }
@@ -346,6 +353,7 @@ async fn patch_repo(State(s): State<ApiState>, Path(key): Path<String>, headers:
         "insecure_skip_tls_verify": spec.insecure_skip_tls_verify,
         "mirror_of": spec.mirror_of,
         "credential_provider": spec.credential_provider,
+        "credential_file": spec.credential_file,
     });
     merge_patch(&mut doc, &patch);
     let input: RepoInput = parse_json(doc.to_string().as_bytes())?;

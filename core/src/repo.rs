@@ -29,7 +29,7 @@ pub enum RepoError {
     AuthMode(String),
     #[error("unknown access {0:?}: expected public or token")]
     Access(String),
-    #[error("unknown credential provider {0:?}: expected aws, azure or gcp")]
+    #[error("unknown credential provider {0:?}: expected aws, azure, gcp or oauth2")]
     CredentialProvider(String),
     #[error("repo {key}: {why}")]
     Policy { key: String, field: &'static str, why: &'static str },
@@ -193,7 +193,7 @@ macro_rules! word_enum {
 }
 word_enum!(AuthMode, AuthMode, Static => "static", Passthrough => "passthrough");
 word_enum!(Access, Access, Public => "public", Token => "token");
-word_enum!(CredentialProvider, CredentialProvider, Aws => "aws", Azure => "azure", Gcp => "gcp");
+word_enum!(CredentialProvider, CredentialProvider, Aws => "aws", Azure => "azure", Gcp => "gcp", Oauth2 => "oauth2");
 
 /// Where a repo's upstream credentials come from instead of a static password: the node's own
 /// cloud identity, exchanged for short-lived tokens that the node refreshes before they expire.
@@ -208,8 +208,13 @@ pub enum CredentialProvider {
     Azure,
     /// Google Application Default Credentials (a service-account key file, or the metadata
     /// server on GCE/GKE): an access token presented as `oauth2accesstoken` (GCR, Artifact
-    /// Registry).
+    /// Registry). `credential_file` names a credentials file instead of
+    /// `GOOGLE_APPLICATION_CREDENTIALS`.
     Gcp,
+    /// A generic OAuth2 server: the client-credentials grant, or an RFC 7523 JWT-bearer assertion
+    /// read from a file, as the settings file on the node that `credential_file` names says; the
+    /// access token presented as a password.
+    Oauth2,
 }
 
 /// How the node's TLS client trusts this repo's upstream (beyond the system roots).
@@ -268,6 +273,9 @@ pub struct Repo {
     pub mirror_of: Vec<String>,
     /// Credentials from the node's cloud identity instead of `credentials`.
     pub credential_provider: Option<CredentialProvider>,
+    /// A file on each node the provider reads (`gcp`: a Google credentials file; `oauth2`: its
+    /// settings): an absolute path, never the secret itself.
+    pub credential_file: Option<String>,
 }
 
 /// Whether `s` is a registry host as image references and containerd's `?ns=` name it:
@@ -350,18 +358,60 @@ impl Repo {
         Ok(self)
     }
 
-    /// Sets where the credentials come from: a provider supplies them, so it takes no static ones,
-    /// and presents the node's identity, so not a passthrough repo's clients' (call after
-    /// [`Repo::with_access`]).
-    pub fn with_credential_provider(mut self, provider: Option<CredentialProvider>) -> Result<Self, RepoError> {
-        let policy = |why| Err(RepoError::Policy { key: self.key.to_string(), field: "credential_provider", why });
+    /// Sets where the credentials come from, and the file on the node the provider reads: a
+    /// provider supplies them, so it takes no static ones, and presents the node's identity, so
+    /// not a passthrough repo's clients' (call after [`Repo::with_access`]).
+    pub fn with_credential_provider(
+        mut self,
+        provider: Option<CredentialProvider>,
+        file: Option<String>,
+    ) -> Result<Self, RepoError> {
+        let key = self.key.to_string();
+        let policy = |field, why| Err(RepoError::Policy { key: key.clone(), field, why });
+        let file = file.filter(|f| !f.is_empty());
         if provider.is_some() && self.credentials.is_some() {
-            return policy("a credential provider supplies the credentials: remove the static username/password");
+            return policy(
+                "credential_provider",
+                "a credential provider supplies the credentials: remove the static username/password",
+            );
         }
         if provider.is_some() && self.auth == AuthMode::Passthrough {
-            return policy("a passthrough repo presents each client's own credentials, not a provider's");
+            return policy(
+                "credential_provider",
+                "a passthrough repo presents each client's own credentials, not a provider's",
+            );
+        }
+        match (provider, &file) {
+            (None, Some(_)) => {
+                return policy(
+                    "credential_file",
+                    "a credential file is read by a credential provider: set credential_provider",
+                );
+            }
+            (Some(CredentialProvider::Oauth2), None) => {
+                return policy(
+                    "credential_file",
+                    "the oauth2 provider reads its token endpoint and client from a settings file on the node: set credential_file",
+                );
+            }
+            (Some(CredentialProvider::Aws | CredentialProvider::Azure), Some(_)) => {
+                return policy(
+                    "credential_file",
+                    "aws and azure find the node's identity in its environment; credential_file is for gcp and oauth2",
+                );
+            }
+            _ => {}
+        }
+        if let Some(f) = &file
+            && (!f.starts_with('/') || f.len() > 4096 || f.chars().any(char::is_control))
+        {
+            return policy(
+                "credential_file",
+                "a credential file is an absolute path on the node (at most 4096 characters)",
+            );
         }
         self.credential_provider = provider;
+        self.credential_file = file;
         Ok(self)
     }
 
@@ -431,6 +481,7 @@ impl Repo {
             tls: UpstreamTls::default(),
             mirror_of: Vec::new(),
             credential_provider: None,
+            credential_file: None,
         })
     }
 }
@@ -465,6 +516,33 @@ mod tests {
             );
         }
         assert!(Repo::new(key, RepoKind::Generic, Some("http://x"), Duration::from_secs(31 * 86400), None).is_err());
+    }
+
+    #[test]
+    fn credential_provider_policies() {
+        use CredentialProvider::*;
+        let key: RepoKey = "gar".parse().unwrap();
+        let r = Repo::new(key, RepoKind::Generic, Some("https://x"), Repo::DEFAULT_TAG_TTL, None).unwrap();
+        let field = |p: Option<CredentialProvider>, f: Option<&str>| match r
+            .clone()
+            .with_credential_provider(p, f.map(Into::into))
+        {
+            Ok(_) => None,
+            Err(RepoError::Policy { field, .. }) => Some(field),
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(field(Some(Gcp), None), None);
+        assert_eq!(field(Some(Gcp), Some("/etc/wharf/gcp.json")), None);
+        assert_eq!(field(Some(Oauth2), Some("/etc/wharf/oauth2.json")), None);
+        assert_eq!(field(Some(Oauth2), None), Some("credential_file"));
+        assert_eq!(field(Some(Oauth2), Some("")), Some("credential_file"), "empty is none");
+        assert_eq!(field(None, Some("/etc/x")), Some("credential_file"));
+        assert_eq!(field(Some(Aws), Some("/etc/x")), Some("credential_file"));
+        assert_eq!(field(Some(Azure), Some("/etc/x")), Some("credential_file"));
+        assert_eq!(field(Some(Gcp), Some("relative.json")), Some("credential_file"));
+        assert_eq!(field(Some(Gcp), Some("/a\nb")), Some("credential_file"));
+        assert_eq!("oauth2".parse::<CredentialProvider>().unwrap(), Oauth2);
+        assert!("vault".parse::<CredentialProvider>().is_err());
     }
 
     #[test]

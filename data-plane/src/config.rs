@@ -70,6 +70,9 @@ struct RepoToml {
     /// `gcp`: credentials from the node's cloud identity instead of a password.
     #[serde(default)]
     credential_provider: Option<String>,
+    /// The file the provider reads (`gcp`: a Google credentials file; `oauth2`: its settings).
+    #[serde(default)]
+    credential_file: Option<String>,
 }
 
 /// An immutable set of repos, by key, and the puller tokens that open `access = "token"` repos.
@@ -258,7 +261,7 @@ fn repo_from_toml(r: RepoToml, path: &Path) -> Result<Repo, ConfigError> {
         .and_then(|repo| repo.with_access(auth, access))
         .and_then(|repo| repo.with_upstream_tls(tls))
         .and_then(|repo| repo.with_mirror_of(r.mirror_of))
-        .and_then(|repo| repo.with_credential_provider(provider))
+        .and_then(|repo| repo.with_credential_provider(provider, r.credential_file))
         .map_err(repo_err)
 }
 

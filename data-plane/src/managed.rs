@@ -129,6 +129,8 @@ struct StoredRepo {
     mirror_of: Vec<String>,
     #[serde(default)]
     credential_provider: String,
+    #[serde(default)]
+    credential_file: String,
 }
 
 fn word<T: std::str::FromStr<Err = wharf_core::RepoError> + Default>(s: &str) -> Result<T, String> {
@@ -170,7 +172,9 @@ fn repo_from(r: &StoredRepo) -> Result<Repo, String> {
             })
         })
         .and_then(|repo| repo.with_mirror_of(r.mirror_of.clone()))
-        .and_then(|repo| repo.with_credential_provider(word_opt(&r.credential_provider)?))
+        .and_then(|repo| {
+            repo.with_credential_provider(word_opt(&r.credential_provider)?, Some(r.credential_file.clone()))
+        })
         .map_err(|e| e.to_string())
 }
 
@@ -245,6 +249,7 @@ fn from_update(u: pb::ConfigUpdate) -> StoredSnapshot {
             insecure_skip_tls_verify: r.insecure_skip_tls_verify,
             mirror_of: r.mirror_of,
             credential_provider: r.credential_provider,
+            credential_file: r.credential_file,
         })
         .collect();
     let keys = snapshot
@@ -588,6 +593,7 @@ mod tests {
             insecure_skip_tls_verify: false,
             mirror_of: Vec::new(),
             credential_provider: String::new(),
+            credential_file: String::new(),
         }
     }
 

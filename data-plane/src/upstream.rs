@@ -210,7 +210,10 @@ impl Upstream {
         let mut attempt = 0;
         let mut reauthenticated = false;
         let provided = match req.repo.credential_provider {
-            Some(p) => Some(self.providers.credentials(&self.http, &self.opts, p, &req.repo.upstream).await?),
+            Some(p) => {
+                let file = req.repo.credential_file.as_deref();
+                Some(self.providers.credentials(&self.http, &self.opts, p, file, &req.repo.upstream).await?)
+            }
             None => None,
         };
         let mut who = Presenting::of(req.repo, req.client, provided.as_ref());

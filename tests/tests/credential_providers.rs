@@ -304,3 +304,141 @@ async fn the_provider_is_configured_through_the_control_plane_and_reaches_the_no
     assert!(!snapshot.contains("ya29."), "a token in the stored snapshot");
     Ok(())
 }
+
+/// Workload identity federation's fake Google: an STS that takes only the subject token the
+/// identity provider gave (for the pool's audience), and IAM credentials that impersonate the
+/// service account only for STS's federated tokens.
+struct Federation {
+    subject: String,
+    audience: String,
+    registry: Arc<FakeUpstream>,
+    federated: Mutex<Vec<String>>,
+    issued: Mutex<Vec<String>>,
+}
+
+impl Federation {
+    fn access_token(&self) -> String {
+        let token = format!("ya29.impersonated-{}", wharf_tests::random_name(""));
+        self.issued.lock().unwrap_or_else(|e| e.into_inner()).push(token.clone());
+        self.registry.add_user("oauth2accesstoken", &token);
+        token
+    }
+}
+
+async fn sts(State(f): State<Arc<Federation>>, body: String) -> Response {
+    let form: std::collections::HashMap<String, String> =
+        url::form_urlencoded::parse(body.as_bytes()).into_owned().collect();
+    let field = |k: &str| form.get(k).map(String::as_str);
+    if field("grant_type") != Some("urn:ietf:params:oauth:grant-type:token-exchange")
+        || field("requested_token_type") != Some("urn:ietf:params:oauth:token-type:access_token")
+        || field("subject_token_type") != Some("urn:ietf:params:oauth:token-type:jwt")
+        || field("audience") != Some(f.audience.as_str())
+        || field("subject_token") != Some(f.subject.as_str())
+    {
+        let body = serde_json::json!({"error": "invalid_grant", "error_description": "The subject token is invalid"});
+        return (StatusCode::BAD_REQUEST, body.to_string()).into_response();
+    }
+    let federated = format!("federated-{}", wharf_tests::random_name(""));
+    f.federated.lock().unwrap_or_else(|e| e.into_inner()).push(federated.clone());
+    // Without impersonation the federated token is the access token the registry takes.
+    f.registry.add_user("oauth2accesstoken", &federated);
+    let body = serde_json::json!({"access_token": federated, "issued_token_type":
+        "urn:ietf:params:oauth:token-type:access_token", "token_type": "Bearer", "expires_in": 3600});
+    ([("content-type", "application/json")], body.to_string()).into_response()
+}
+
+async fn generate_access_token(State(f): State<Arc<Federation>>, headers: HeaderMap, body: String) -> Response {
+    let bearer = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    let known = f.federated.lock().unwrap_or_else(|e| e.into_inner()).iter().any(|t| Some(t.as_str()) == bearer);
+    let asked: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    if !known || asked["scope"][0] != "https://www.googleapis.com/auth/cloud-platform" {
+        return (StatusCode::UNAUTHORIZED, r#"{"error":{"code":401,"status":"UNAUTHENTICATED"}}"#).into_response();
+    }
+    let expire = humantime::format_rfc3339_seconds(SystemTime::now() + Duration::from_secs(3600)).to_string();
+    let body = serde_json::json!({"accessToken": f.access_token(), "expireTime": expire});
+    ([("content-type", "application/json")], body.to_string()).into_response()
+}
+
+async fn identity_provider(State(f): State<Arc<Federation>>, headers: HeaderMap) -> Response {
+    if headers.get("metadata").and_then(|v| v.to_str().ok()) != Some("True") {
+        return StatusCode::BAD_REQUEST.into_response();
+    }
+    serde_json::json!({"access_token": f.subject}).to_string().into_response()
+}
+
+/// External-account files, named by the repo's `credential_file` (no environment): a subject
+/// token from a file, exchanged at STS and then for the service account's token by impersonation;
+/// and one from a URL answering JSON, the federated token used as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn external_account_files_named_by_the_repo_federate_the_node_identity() -> anyhow::Result<()> {
+    let registry = Arc::new(FakeUpstream::start_with(AuthMode::Bearer { credentials: None, expires_in: None }).await?);
+    registry.add_user("someone-else", "x");
+    let image = TestImage::random("v1", &[5_000])?;
+    registry.put_image("project/repo/app", &image);
+    let audience = "//iam.googleapis.com/projects/1/locations/global/workloadIdentityPools/p/providers/aws";
+    let f = Arc::new(Federation {
+        subject: format!("eyJoidc-{}", wharf_tests::random_name("")),
+        audience: audience.into(),
+        registry: registry.clone(),
+        federated: Mutex::default(),
+        issued: Mutex::default(),
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let app = axum::Router::new()
+        .route("/v1/token", axum::routing::post(sts))
+        .route("/v1/projects/-/serviceAccounts/{sa}", axum::routing::post(generate_access_token))
+        .route("/idp/token", axum::routing::get(identity_provider))
+        .with_state(f.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let dir = tempfile::tempdir()?;
+    let subject_file = dir.path().join("oidc-token");
+    std::fs::write(&subject_file, format!("{}\n", f.subject))?;
+    let from_file = dir.path().join("federation-file.json");
+    std::fs::write(
+        &from_file,
+        serde_json::json!({"type": "external_account", "audience": audience,
+            "subject_token_type": "urn:ietf:params:oauth:token-type:jwt", "token_url": format!("{base}/v1/token"),
+            "service_account_impersonation_url": format!("{base}/v1/projects/-/serviceAccounts/{EMAIL}:generateAccessToken"),
+            "credential_source": {"file": subject_file}})
+        .to_string(),
+    )?;
+    let from_url = dir.path().join("federation-url.json");
+    std::fs::write(
+        &from_url,
+        serde_json::json!({"type": "external_account", "audience": audience,
+            "subject_token_type": "urn:ietf:params:oauth:token-type:jwt", "token_url": format!("{base}/v1/token"),
+            "credential_source": {"url": format!("{base}/idp/token"), "headers": {"Metadata": "True"},
+                "format": {"type": "json", "subject_token_field_name": "access_token"}}})
+        .to_string(),
+    )?;
+    let repo = |file: &std::path::Path| format!("{}credential_file = \"{}\"\n", gcp_repo(&registry), file.display());
+
+    let impersonating = Proxy::spawn_with(ProxyOptions::new(&repo(&from_file), &[]))?;
+    http::pull_image(&impersonating.v2("ar/project/repo/app"), &image).await?;
+    let issued = f.issued.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    assert_eq!(issued.len(), 1, "one impersonated token");
+    let logins: Vec<_> = registry.token_requests().iter().filter_map(|r| r.basic_auth()).collect();
+    assert!(logins.iter().all(|(u, p)| u == "oauth2accesstoken" && *p == issued[0]), "{logins:?}");
+
+    let federated = Proxy::spawn_with(ProxyOptions::new(&repo(&from_url), &[]))?;
+    http::pull_image(&federated.v2("ar/project/repo/app"), &image).await?;
+    assert_eq!(f.federated.lock().unwrap_or_else(|e| e.into_inner()).len(), 2, "one exchange per node");
+    assert_eq!(f.issued.lock().unwrap_or_else(|e| e.into_inner()).len(), 1, "no impersonation without its URL");
+
+    // A subject token the pool does not know: a 502 that says what STS said.
+    std::fs::write(&subject_file, "eyJnot-the-token")?;
+    let refused = Proxy::spawn_with(ProxyOptions::new(&repo(&from_file), &[]))?;
+    let r = get(&refused.v2("ar/project/repo/app/manifests/v1"), &[("accept", OCI_MANIFEST)]).await?;
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert!(
+        r.text().contains("credential provider gcp") && r.text().contains("The subject token is invalid"),
+        "{}",
+        r.text()
+    );
+    for p in [&impersonating, &federated, &refused] {
+        assert!(!p.all_output().contains(&f.subject), "the subject token is in a node's output");
+    }
+    Ok(())
+}

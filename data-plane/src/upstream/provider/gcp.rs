@@ -1,8 +1,15 @@
-//! `gcp`: Google Application Default Credentials. The service-account key file named by
-//! `GOOGLE_APPLICATION_CREDENTIALS` (a JWT signed RS256 with its key, exchanged at its `token_uri`
-//! by the JWT-bearer grant), else the metadata server of GCE/GKE (`GCE_METADATA_HOST` overrides
-//! `metadata.google.internal`, as Google's own libraries honour). The access token is presented as
-//! `oauth2accesstoken:<token>`, what GCR and Artifact Registry take.
+//! `gcp`: Google Application Default Credentials. A credentials file: the repo's
+//! `credential_file`, else the one `GOOGLE_APPLICATION_CREDENTIALS` names. It is one of:
+//! - a service-account key (a JWT signed RS256 with its key, exchanged at its `token_uri` by the
+//!   JWT-bearer grant);
+//! - an external account, for workload identity federation outside Google Cloud (a subject
+//!   token from its `credential_source` file or URL, exchanged at Google's STS, then, when the
+//!   file says so, for a service account's token by impersonation);
+//! - an authorized user (gcloud's refresh token).
+//!
+//! Without a file: the metadata server of GCE/GKE (`GCE_METADATA_HOST` overrides
+//! `metadata.google.internal`, as Google's own libraries honour). The access token is presented
+//! as `oauth2accesstoken:<token>`, what GCR and Artifact Registry take.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -11,7 +18,7 @@ use base64::Engine as _;
 use wharf_core::{Credentials, Secret};
 
 use super::super::options::UpstreamOptions;
-use super::http::send_json;
+use super::http::{send_json, send_text};
 
 /// Google's scope for registries (GCR, Artifact Registry).
 const GCP_SCOPE: &str = "https://www.googleapis.com/auth/cloud-platform";
@@ -26,10 +33,40 @@ const DEFAULT_LIFETIME: Duration = Duration::from_secs(300);
 struct GoogleFile {
     #[serde(rename = "type")]
     kind: String,
+    // service_account
     client_email: Option<String>,
     private_key: Option<String>,
     private_key_id: Option<String>,
     token_uri: Option<String>,
+    // external_account
+    audience: Option<String>,
+    subject_token_type: Option<String>,
+    token_url: Option<String>,
+    service_account_impersonation_url: Option<String>,
+    credential_source: Option<CredentialSource>,
+    // authorized_user
+    client_id: Option<String>,
+    client_secret: Option<String>,
+    refresh_token: Option<String>,
+}
+
+/// Where an external account's subject token comes from.
+#[derive(serde::Deserialize)]
+struct CredentialSource {
+    file: Option<String>,
+    url: Option<String>,
+    #[serde(default)]
+    headers: std::collections::HashMap<String, String>,
+    format: Option<SourceFormat>,
+    environment_id: Option<String>,
+    executable: Option<serde_json::Value>,
+}
+
+#[derive(serde::Deserialize)]
+struct SourceFormat {
+    #[serde(rename = "type")]
+    kind: String,
+    subject_token_field_name: Option<String>,
 }
 
 #[derive(serde::Deserialize)]
@@ -38,26 +75,148 @@ struct AccessToken {
     expires_in: Option<u64>,
 }
 
+const STS_URL: &str = "https://sts.googleapis.com/v1/token";
+
 /// An access token of the node's Google identity, and how long it lives.
-pub(super) async fn token(http: &reqwest::Client, opts: &UpstreamOptions) -> Result<(Credentials, Duration), String> {
-    let token: AccessToken = match std::env::var_os("GOOGLE_APPLICATION_CREDENTIALS") {
+pub(super) async fn token(
+    http: &reqwest::Client,
+    opts: &UpstreamOptions,
+    file: Option<&str>,
+) -> Result<(Credentials, Duration), String> {
+    let path = file.map(std::ffi::OsString::from).or_else(|| std::env::var_os("GOOGLE_APPLICATION_CREDENTIALS"));
+    let token: AccessToken = match path {
         Some(path) => {
             let shown = std::path::Path::new(&path).display().to_string();
             let text = std::fs::read_to_string(&path).map_err(|e| format!("reading {shown}: {e}"))?;
-            let file: GoogleFile = serde_json::from_str(&text).map_err(|e| format!("{shown}: {e}"))?;
-            if file.kind != "service_account" {
-                return Err(format!(
-                    "{shown} is a {:?} credentials file; this node takes service_account key files (or the metadata server)",
-                    file.kind
-                ));
+            let file: GoogleFile = serde_json::from_str(&text).map_err(|e| {
+                format!("{shown}: not a Google credentials file (line {}, column {})", e.line(), e.column())
+            })?;
+            match file.kind.as_str() {
+                "service_account" => service_account(http, opts, &file, &shown).await?,
+                "external_account" => external_account(http, opts, &file, &shown).await?,
+                "authorized_user" => authorized_user(http, opts, &file, &shown).await?,
+                other => {
+                    return Err(format!(
+                        "{shown} is a {other:?} credentials file; this node takes service_account, external_account and authorized_user files (or the metadata server)"
+                    ));
+                }
             }
-            service_account(http, opts, &file, &shown).await?
         }
         None => metadata_server(http, opts).await?,
     };
     let lifetime = token.expires_in.map_or(DEFAULT_LIFETIME, Duration::from_secs);
     let credentials = Credentials { username: "oauth2accesstoken".into(), password: Secret::new(token.access_token) };
     Ok((credentials, lifetime))
+}
+
+/// A form POST to a Google token endpoint.
+async fn post_form(
+    http: &reqwest::Client,
+    opts: &UpstreamOptions,
+    url: &str,
+    form: &[(&str, &str)],
+) -> Result<AccessToken, String> {
+    let body = url::form_urlencoded::Serializer::new(String::new()).extend_pairs(form).finish();
+    let req = http.post(url).header(http::header::CONTENT_TYPE, "application/x-www-form-urlencoded").body(body);
+    send_json(opts, req, &format!("token endpoint {url}")).await
+}
+
+/// Workload identity federation: the subject token exchanged at STS, then for the service
+/// account's own token when the file names one to impersonate.
+async fn external_account(
+    http: &reqwest::Client,
+    opts: &UpstreamOptions,
+    file: &GoogleFile,
+    shown: &str,
+) -> Result<AccessToken, String> {
+    let (Some(audience), Some(token_type), Some(source)) =
+        (&file.audience, &file.subject_token_type, &file.credential_source)
+    else {
+        return Err(format!(
+            "{shown}: an external_account file needs audience, subject_token_type and credential_source"
+        ));
+    };
+    let subject = subject_token(http, opts, source, shown).await?;
+    let sts_url = file.token_url.as_deref().unwrap_or(STS_URL);
+    let form = [
+        ("grant_type", "urn:ietf:params:oauth:grant-type:token-exchange"),
+        ("audience", audience.as_str()),
+        ("scope", GCP_SCOPE),
+        ("requested_token_type", "urn:ietf:params:oauth:token-type:access_token"),
+        ("subject_token", subject.as_str()),
+        ("subject_token_type", token_type.as_str()),
+    ];
+    let federated = post_form(http, opts, sts_url, &form).await?;
+    let Some(url) = &file.service_account_impersonation_url else { return Ok(federated) };
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Impersonated {
+        access_token: String,
+        expire_time: String,
+    }
+    let body = serde_json::json!({ "scope": [GCP_SCOPE], "lifetime": "3600s" });
+    let req = http
+        .post(url)
+        .bearer_auth(&federated.access_token)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(body.to_string());
+    let answer: Impersonated = send_json(opts, req, &format!("IAM credentials {url}")).await?;
+    let expires_in = humantime::parse_rfc3339_weak(&answer.expire_time)
+        .ok()
+        .and_then(|t| t.duration_since(SystemTime::now()).ok())
+        .map(|d| d.as_secs());
+    Ok(AccessToken { access_token: answer.access_token, expires_in })
+}
+
+/// An external account's subject token: from its file or URL, as text or a JSON field.
+async fn subject_token(
+    http: &reqwest::Client,
+    opts: &UpstreamOptions,
+    source: &CredentialSource,
+    shown: &str,
+) -> Result<String, String> {
+    let raw = match (&source.file, &source.url) {
+        (Some(f), _) => {
+            std::fs::read_to_string(f).map_err(|e| format!("{shown}: reading the subject token {f}: {e}"))?
+        }
+        (None, Some(url)) => {
+            let mut req = http.get(url);
+            for (k, v) in &source.headers {
+                req = req.header(k, v);
+            }
+            send_text(opts, req, &format!("{shown}: the subject token's URL {url}")).await?
+        }
+        (None, None) if source.environment_id.is_some() || source.executable.is_some() => {
+            return Err(format!(
+                "{shown}: this node reads subject tokens from a file or a URL; AWS- and executable-sourced external accounts are not supported"
+            ));
+        }
+        (None, None) => return Err(format!("{shown}: credential_source has no file or url")),
+    };
+    match &source.format {
+        Some(f) if f.kind == "json" => {
+            let field = f.subject_token_field_name.as_deref().unwrap_or("access_token");
+            let j: serde_json::Value =
+                serde_json::from_str(&raw).map_err(|_| format!("{shown}: the subject token is not JSON"))?;
+            j[field].as_str().map(str::to_owned).ok_or_else(|| format!("{shown}: the subject token has no {field:?}"))
+        }
+        _ => Ok(raw.trim().to_owned()),
+    }
+}
+
+/// gcloud's user credentials: the refresh-token grant.
+async fn authorized_user(
+    http: &reqwest::Client,
+    opts: &UpstreamOptions,
+    file: &GoogleFile,
+    shown: &str,
+) -> Result<AccessToken, String> {
+    let (Some(id), Some(secret), Some(refresh)) = (&file.client_id, &file.client_secret, &file.refresh_token) else {
+        return Err(format!("{shown}: an authorized_user file needs client_id, client_secret and refresh_token"));
+    };
+    let form =
+        [("grant_type", "refresh_token"), ("client_id", id), ("client_secret", secret), ("refresh_token", refresh)];
+    post_form(http, opts, file.token_uri.as_deref().unwrap_or(GCP_TOKEN_URI), &form).await
 }
 
 /// A JWT for `file`'s service account, signed with its key, exchanged at its `token_uri`.
@@ -88,9 +247,7 @@ async fn service_account(
         .map_err(|e| format!("signing the assertion: {e}"))?;
     let assertion = format!("{signing_input}.{}", b64.encode(signature));
     let form = [("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer"), ("assertion", assertion.as_str())];
-    let body = url::form_urlencoded::Serializer::new(String::new()).extend_pairs(form).finish();
-    let req = http.post(token_uri).header(http::header::CONTENT_TYPE, "application/x-www-form-urlencoded").body(body);
-    send_json(opts, req, &format!("token endpoint {token_uri}")).await
+    post_form(http, opts, token_uri, &form).await
 }
 
 /// The metadata server's token for the instance's (GKE: the workload's) service account.
