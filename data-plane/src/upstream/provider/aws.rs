@@ -21,7 +21,7 @@ use base64::Engine as _;
 use wharf_core::{Credentials, Secret};
 
 use super::super::options::UpstreamOptions;
-use super::http::{env, send_json, send_text};
+use super::http::{env, send_json, send_text, with_form};
 
 /// AWS credentials: an access key, its secret, and a session token for temporary ones.
 struct AwsKeys {
@@ -251,17 +251,15 @@ async fn web_identity(
         .or_else(|| env("AWS_ENDPOINT_URL"))
         .unwrap_or_else(|| format!("https://sts.{region}.amazonaws.com"));
     let session = env("AWS_ROLE_SESSION_NAME").unwrap_or_else(|| "wharf".into());
-    let form = url::form_urlencoded::Serializer::new(String::new())
-        .extend_pairs([
-            ("Action", "AssumeRoleWithWebIdentity"),
-            ("Version", "2011-06-15"),
-            ("RoleArn", role),
-            ("RoleSessionName", session.as_str()),
-            ("WebIdentityToken", token.trim()),
-        ])
-        .finish();
+    let form = [
+        ("Action", "AssumeRoleWithWebIdentity"),
+        ("Version", "2011-06-15"),
+        ("RoleArn", role),
+        ("RoleSessionName", session.as_str()),
+        ("WebIdentityToken", token.trim()),
+    ];
     let url = format!("{}/", endpoint.trim_end_matches('/'));
-    let req = http.post(&url).header("content-type", "application/x-www-form-urlencoded").body(form);
+    let req = with_form(http.post(&url), form);
     let what = format!("STS {url} (AssumeRoleWithWebIdentity {role})");
     let xml = send_text(opts, req, &what).await?;
     let tag = |name: &str| {

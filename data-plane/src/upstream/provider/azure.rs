@@ -16,7 +16,7 @@ use wharf_core::{Credentials, Secret};
 
 use super::super::auth::ACR_REFRESH_TOKEN_USER;
 use super::super::options::UpstreamOptions;
-use super::http::{env, send_json};
+use super::http::{env, send_json, with_form};
 
 /// What ACR's exchange takes an Entra token for.
 const ARM: &str = "https://management.azure.com/";
@@ -34,9 +34,8 @@ pub(super) async fn acr(
     if let Some(t) = &tenant {
         form.push(("tenant", t));
     }
-    let body = url::form_urlencoded::Serializer::new(String::new()).extend_pairs(form).finish();
     let url = format!("{}/oauth2/exchange", upstream.trim_end_matches('/'));
-    let req = http.post(&url).header("content-type", "application/x-www-form-urlencoded").body(body);
+    let req = with_form(http.post(&url), form);
     let answer: serde_json::Value = send_json(opts, req, &format!("ACR {url}")).await?;
     let refresh = answer["refresh_token"].as_str().ok_or_else(|| format!("ACR {url}: no refresh_token"))?;
     let lifetime = jwt_expiry(refresh).unwrap_or(entra_lifetime);
@@ -71,8 +70,7 @@ async fn entra(http: &reqwest::Client, opts: &UpstreamOptions) -> Result<(String
                 (None, Some(secret)) => form.push(("client_secret", secret)),
                 (None, None) => unreachable!("checked above"),
             }
-            let body = url::form_urlencoded::Serializer::new(String::new()).extend_pairs(form).finish();
-            let req = http.post(&url).header("content-type", "application/x-www-form-urlencoded").body(body);
+            let req = with_form(http.post(&url), form);
             send_json(opts, req, &format!("Entra {url}")).await?
         }
         _ => {

@@ -18,7 +18,7 @@ use base64::Engine as _;
 use wharf_core::{Credentials, Secret};
 
 use super::super::options::UpstreamOptions;
-use super::http::{send_json, send_text};
+use super::http::{send_json, send_text, with_form};
 
 /// Google's scope for registries (GCR, Artifact Registry).
 const GCP_SCOPE: &str = "https://www.googleapis.com/auth/cloud-platform";
@@ -116,9 +116,7 @@ async fn post_form(
     url: &str,
     form: &[(&str, &str)],
 ) -> Result<AccessToken, String> {
-    let body = url::form_urlencoded::Serializer::new(String::new()).extend_pairs(form).finish();
-    let req = http.post(url).header(http::header::CONTENT_TYPE, "application/x-www-form-urlencoded").body(body);
-    send_json(opts, req, &format!("token endpoint {url}")).await
+    send_json(opts, with_form(http.post(url), form.iter().copied()), &format!("token endpoint {url}")).await
 }
 
 /// Workload identity federation: the subject token exchanged at STS, then for the service

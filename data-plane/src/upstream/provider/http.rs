@@ -10,6 +10,15 @@ pub(super) fn env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
 }
 
+/// `req` with `pairs` as its `application/x-www-form-urlencoded` body.
+pub(super) fn with_form<K: AsRef<str>, V: AsRef<str>>(
+    req: reqwest::RequestBuilder,
+    pairs: impl IntoIterator<Item = (K, V)>,
+) -> reqwest::RequestBuilder {
+    let body = url::form_urlencoded::Serializer::new(String::new()).extend_pairs(pairs).finish();
+    req.header(http::header::CONTENT_TYPE, "application/x-www-form-urlencoded").body(body)
+}
+
 /// Sends `req`; its JSON answer.
 pub(super) async fn send_json<T: serde::de::DeserializeOwned>(
     opts: &UpstreamOptions,

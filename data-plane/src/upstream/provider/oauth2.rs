@@ -20,7 +20,7 @@ use std::time::Duration;
 use wharf_core::{Credentials, Secret};
 
 use super::super::options::UpstreamOptions;
-use super::http::send_json;
+use super::http::{send_json, with_form};
 
 /// What an answer without `expires_in` is taken to mean.
 const DEFAULT_LIFETIME: Duration = Duration::from_secs(300);
@@ -93,8 +93,7 @@ pub(super) async fn token(
     if let Some(audience) = &settings.audience {
         form.push(("audience", audience.clone()));
     }
-    let body = url::form_urlencoded::Serializer::new(String::new()).extend_pairs(form).finish();
-    let req = req.header(http::header::CONTENT_TYPE, "application/x-www-form-urlencoded").body(body);
+    let req = with_form(req, form);
     let token: AccessToken = send_json(opts, req, &format!("token endpoint {}", settings.token_url)).await?;
     let lifetime = token.expires_in.map_or(DEFAULT_LIFETIME, Duration::from_secs);
     let username = settings.username.unwrap_or_else(|| "oauth2accesstoken".into());
