@@ -35,7 +35,8 @@ impl Target {
     }
 }
 
-/// Serves `target` for the request `ctx`.
+/// Serves `target` for the request `ctx`. Listings always ask the upstream: boxed, like every
+/// upstream path below, so that the future of a cache hit stays small.
 pub async fn serve(ctx: &Ctx, target: Target, log: &mut RequestLog) -> Result<Response, RegistryError> {
     match target {
         Target::Manifest(reference) => {
@@ -46,10 +47,10 @@ pub async fn serve(ctx: &Ctx, target: Target, log: &mut RequestLog) -> Result<Re
             log.reference = digest.to_string();
             blobs::get(ctx, digest, log).await
         }
-        Target::Tags => listing::get(ctx, "tags/list".into(), log).await,
+        Target::Tags => Box::pin(listing::get(ctx, "tags/list".into(), log)).await,
         Target::Referrers(digest) => {
             log.reference = digest.to_string();
-            listing::get(ctx, format!("referrers/{digest}"), log).await
+            Box::pin(listing::get(ctx, format!("referrers/{digest}"), log)).await
         }
     }
 }

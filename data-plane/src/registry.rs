@@ -7,6 +7,8 @@ mod path;
 #[cfg(test)]
 mod peer_tests;
 mod resolve;
+#[cfg(test)]
+mod tests;
 mod token;
 
 use std::sync::Arc;
@@ -31,19 +33,20 @@ pub use path::{RegistryPath, parse_path};
 use resolve::resolve;
 
 /// Every request under `/v2`, in a `wharf.request` server span that continues an incoming
-/// `traceparent` and ends with the response body.
-pub async fn handle(State(state): State<AppState>, req: Request) -> Response {
+/// `traceparent` and ends with the response body. Not an `async fn`, which would hold the state
+/// and the request besides the future they move into.
+pub fn handle(State(state): State<AppState>, req: Request) -> impl Future<Output = Response> + use<> {
     let started = Instant::now();
     let sampled = wharf_runtime::telemetry::head_sampled(req.headers());
-    wharf_runtime::telemetry::unsampled(sampled, handle_request(state, req, started)).await
-}
-
-async fn handle_request(state: AppState, req: Request, started: Instant) -> Response {
-    let span = request_log::request_span(req.method(), req.uri().path());
-    wharf_runtime::telemetry::extract(&span, req.headers());
-    let mut log = RequestLog::new(req.method(), req.uri().path());
     // The body is never read (every method with one is refused).
     let (req, _) = req.into_parts();
+    wharf_runtime::telemetry::unsampled(sampled, handle_request(state, req, started))
+}
+
+async fn handle_request(state: AppState, req: Parts, started: Instant) -> Response {
+    let span = request_log::request_span(&req.method, req.uri.path());
+    wharf_runtime::telemetry::extract(&span, &req.headers);
+    let mut log = RequestLog::new(&req.method, req.uri.path());
     let result = route(&state, &req, &mut log).instrument(span.clone()).await;
     let mut resp = result.unwrap_or_else(|mut e| {
         log.error = Some(e.message.clone());
@@ -80,11 +83,12 @@ async fn route(state: &AppState, req: &Parts, log: &mut RequestLog) -> Result<Re
         authz::ping(&state.tokens, &state.config.snapshot(), &req.headers, SystemTime::now())?;
         return Ok(version());
     }
+    // Boxed, as every path that may ask the upstream: a cache hit's future stays small.
     if path == token::PATH {
-        return token::issue(state, req, log).await;
+        return Box::pin(token::issue(state, req, log)).await;
     }
     if let Some(rest) = path.strip_prefix(peers::PATH) {
-        return peer(state, req, rest, head, log).await;
+        return Box::pin(peer(state, req, rest, head, log)).await;
     }
     let Some(rest) = path.strip_prefix("/v2/") else {
         return Err(path::not_found_path());

@@ -164,9 +164,13 @@ pub fn head_sampled(headers: &HeaderMap) -> bool {
     }
 }
 
-/// Runs `fut` (a request's handling) without building spans when it is not `sampled`.
-pub async fn unsampled<F: std::future::Future>(sampled: bool, fut: F) -> F::Output {
-    if sampled { fut.await } else { UNSAMPLED.scope((), fut).await }
+/// Runs `fut` (a request's handling) without building spans when it is not `sampled`. Not an
+/// `async fn`: that would hold `fut` twice (as its argument and in the scope it awaits).
+pub fn unsampled<F: std::future::Future>(sampled: bool, fut: F) -> impl std::future::Future<Output = F::Output> {
+    match sampled {
+        true => futures_util::future::Either::Left(fut),
+        false => futures_util::future::Either::Right(UNSAMPLED.scope((), fut)),
+    }
 }
 
 /// Lets through every event, and the spans of requests that are sampled.

@@ -109,12 +109,18 @@ pub async fn authorize_hit(
     if !ctx.passthrough() {
         return Ok(());
     }
-    let path = path();
     let key = key(ctx);
     if ctx.state.decisions.allowed(&key) {
         log.authz = "cached";
         return Ok(());
     }
+    // Boxed: the upstream client's futures are kilobytes, and every hit's future would carry
+    // (and move) them inline.
+    Box::pin(ask_upstream(ctx, path(), key, log)).await
+}
+
+/// Asks the upstream whether this client may pull `path`, and records a yes for later hits.
+async fn ask_upstream(ctx: &Ctx, path: String, key: DecisionKey, log: &mut RequestLog) -> Result<(), RegistryError> {
     let what = if path.starts_with("manifests/") { "manifest" } else { "blob" };
     let mut headers = HeaderMap::new();
     if what == "manifest" {

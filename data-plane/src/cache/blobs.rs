@@ -46,6 +46,15 @@ pub async fn get(ctx: &Ctx, digest: Digest, log: &mut RequestLog) -> Result<Resp
         lookup.record("cache", "miss");
         drop(lookup);
     }
+    // Boxed: the miss path's futures (the upstream client's, the flight's) are kilobytes that a
+    // hit's future would otherwise carry and move at every await.
+    Box::pin(miss(ctx, digest, log)).await
+}
+
+/// Not in the cache (or a range of a file that failed its digest): the upstream's answer for a
+/// HEAD, else the one fetch of this digest, joined or started.
+async fn miss(ctx: &Ctx, digest: Digest, log: &mut RequestLog) -> Result<Response, RegistryError> {
+    let store = &ctx.state.store;
     if ctx.head {
         return head_upstream(ctx, &digest, log).await;
     }
@@ -240,7 +249,7 @@ async fn authorize_cached(ctx: &Ctx, digest: &Digest, log: &mut RequestLog) -> R
     if store.is_linked(&ctx.repo.key, &ctx.name, digest) {
         return gate::authorize_hit(ctx, || format!("blobs/{digest}"), log).await;
     }
-    confirm_upstream(ctx, digest, log).await
+    Box::pin(confirm_upstream(ctx, digest, log)).await
 }
 
 /// HEAD of the blob in this repo and name, as this client: 200 (or the registry's redirect to the

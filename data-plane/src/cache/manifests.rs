@@ -29,6 +29,8 @@ struct Manifest {
     bytes: Bytes,
 }
 
+/// A manifest by digest or tag. What asks the upstream (`fetch`, `revalidate`) is boxed, so a hit's
+/// future stays small: the upstream client's are kilobytes, moved at every await.
 pub async fn get(ctx: &Ctx, reference: Reference, log: &mut RequestLog) -> Result<Response, RegistryError> {
     let store = &ctx.state.store;
     match &reference {
@@ -45,7 +47,7 @@ pub async fn get(ctx: &Ctx, reference: Reference, log: &mut RequestLog) -> Resul
                 gate::authorize_hit(ctx, || format!("manifests/{d}"), log).await?;
                 return Ok(respond(ctx, m, IMMUTABLE, None));
             }
-            let m = fetch(ctx, &reference, log).await?;
+            let m = Box::pin(fetch(ctx, &reference, log)).await?;
             Ok(respond(ctx, m, IMMUTABLE, None))
         }
         Reference::Tag(tag) => {
@@ -77,7 +79,7 @@ pub async fn get(ctx: &Ctx, reference: Reference, log: &mut RequestLog) -> Resul
                     gate::authorize_hit(ctx, || format!("manifests/{}", m.digest), log).await?;
                     return Ok(respond(ctx, m, &cache_control, None));
                 }
-                match revalidate(ctx, tag, &m.digest, log).await {
+                match Box::pin(revalidate(ctx, tag, &m.digest, log)).await {
                     Revalidated::Same => {
                         gate::note_authorized(ctx, log);
                         let e = TagEntry { fetched_at: now_secs(), ..entry };
@@ -106,7 +108,7 @@ pub async fn get(ctx: &Ctx, reference: Reference, log: &mut RequestLog) -> Resul
                     Revalidated::Changed => {}
                 }
             }
-            let m = fetch(ctx, &reference, log).await?;
+            let m = Box::pin(fetch(ctx, &reference, log)).await?;
             Ok(respond(ctx, m, &cache_control, None))
         }
     }
