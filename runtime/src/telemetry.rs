@@ -18,6 +18,8 @@
 //! OpenTelemetry layer would otherwise build every span and drop it at the end). The SDK then
 //! samples what reaches it (parent-based, always on), so the ratio applies once.
 
+mod logfmt;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -222,9 +224,11 @@ pub fn init(opts: &TelemetryOptions) -> Result<Telemetry, TelemetryError> {
     // when the span is made and again at each `record`, and without an exporter a request's spans
     // would be built for the log alone (together a third of a manifest hit's CPU).
     let events = filter.and(tracing_subscriber::filter::filter_fn(|m| m.is_event()));
+    // The text line through faster fields and timestamp, byte for byte the same (see logfmt).
+    let fmt = fmt.with_timer(logfmt::Timestamp);
     let fmt = match opts.log_format {
         LogFormat::Json => fmt.json().with_current_span(false).with_span_list(false).with_filter(events).boxed(),
-        LogFormat::Text => fmt.with_filter(events).boxed(),
+        LogFormat::Text => fmt.fmt_fields(logfmt::Fields).with_filter(events).boxed(),
     };
     let provider = match endpoint(opts.otlp_endpoint.as_deref()) {
         Some(endpoint) => Some(provider(&endpoint, opts.service_name)?),
