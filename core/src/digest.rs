@@ -9,8 +9,11 @@ use sha2::{Digest as _, Sha256};
 /// digest Wharf cannot verify must never be served from the cache.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Digest {
-    hex: String,
+    /// `sha256:` and the hex: written out as it is (headers, paths, logs) without formatting.
+    text: String,
 }
+
+const PREFIX: &str = "sha256:";
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DigestError {
@@ -23,7 +26,19 @@ pub enum DigestError {
 impl Digest {
     /// The 64 lowercase hex characters.
     pub fn hex(&self) -> &str {
-        &self.hex
+        &self.text[PREFIX.len()..]
+    }
+
+    /// `sha256:<hex>`, as [`fmt::Display`] writes it.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    fn from_hex(hex: &str) -> Self {
+        let mut text = String::with_capacity(PREFIX.len() + hex.len());
+        text.push_str(PREFIX);
+        text.push_str(hex);
+        Self { text }
     }
 
     /// The digest of `bytes`.
@@ -54,13 +69,13 @@ impl FromStr for Digest {
         if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
             return Err(DigestError::Malformed);
         }
-        Ok(Self { hex: hex.to_owned() })
+        Ok(Self::from_hex(hex))
     }
 }
 
 impl fmt::Display for Digest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "sha256:{}", self.hex)
+        f.write_str(&self.text)
     }
 }
 
@@ -82,7 +97,7 @@ impl DigestHasher {
         self.0.update(bytes);
     }
     pub fn finish(self) -> Digest {
-        Digest { hex: hex::encode(self.0.finalize()) }
+        Digest::from_hex(&hex::encode(self.0.finalize()))
     }
 }
 
@@ -95,7 +110,8 @@ mod tests {
         let d = Digest::of(b"hello");
         let s = d.to_string();
         assert_eq!(s, "sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824");
-        assert_eq!(s.parse::<Digest>(), Ok(d));
+        assert_eq!(s.parse::<Digest>(), Ok(d.clone()));
+        assert_eq!((d.as_str(), d.hex()), (s.as_str(), &s["sha256:".len()..]));
     }
 
     #[test]

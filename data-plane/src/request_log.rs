@@ -40,7 +40,7 @@ pub struct RequestLog {
 
 /// The server span of one registry request; [`RequestLog`] fills in the rest when it ends.
 pub fn request_span(method: &Method, path: &str) -> tracing::Span {
-    let path: String = path.chars().take(512).collect();
+    let path = clip(path);
     tracing::info_span!(
         "wharf.request",
         otel.kind = "server",
@@ -59,11 +59,20 @@ pub fn request_span(method: &Method, path: &str) -> tracing::Span {
     )
 }
 
+/// The first 512 characters of `path`: what lines and spans carry of it.
+fn clip(path: &str) -> &str {
+    const MAX: usize = 512;
+    if path.len() <= MAX {
+        return path;
+    }
+    path.char_indices().nth(MAX).map_or(path, |(end, _)| &path[..end])
+}
+
 impl RequestLog {
     pub fn new(method: &Method, path: &str) -> Self {
         Self {
             method: method.to_string(),
-            path: path.chars().take(512).collect(),
+            path: clip(path).to_owned(),
             repo_key: String::new(),
             name: String::new(),
             route: "",
@@ -189,5 +198,17 @@ impl Drop for LoggedBody {
         // Ends here without having reached its end: the client went away, or a HEAD.
         let complete = self.inner.is_end_stream() || self.declared == Some(self.bytes);
         self.finish(complete, None);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn paths_are_clipped_to_512_characters() {
+        assert_eq!(super::clip("/v2/a"), "/v2/a");
+        let long = "é".repeat(600);
+        assert_eq!(super::clip(&long).chars().count(), 512);
+        assert_eq!(super::clip(&"a".repeat(512)).len(), 512);
+        assert_eq!(super::clip(&"a".repeat(513)).len(), 512);
     }
 }

@@ -113,13 +113,17 @@ pub fn fetch_error(f: &FetchFailure) -> RegistryError {
     }
 }
 
-/// Whether an `If-None-Match` header matches `etag`.
-pub fn not_modified(headers: &HeaderMap, etag: &str) -> bool {
+/// Whether an `If-None-Match` header matches the ETag of `digest` (`"<digest>"`).
+pub fn not_modified(headers: &HeaderMap, digest: &Digest) -> bool {
     headers.get_all(header::IF_NONE_MATCH).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).any(|t| {
         let t = t.trim();
-        t == "*" || t.trim_start_matches("W/") == etag
+        t == "*"
+            || t.trim_start_matches("W/").strip_prefix('"').and_then(|t| t.strip_suffix('"')) == Some(digest.as_str())
     })
 }
+
+const DOCKER_CONTENT_DIGEST: header::HeaderName = header::HeaderName::from_static("docker-content-digest");
+const API_VERSION: header::HeaderName = header::HeaderName::from_static("docker-distribution-api-version");
 
 /// The response for content addressed by `digest`.
 pub fn content_headers(h: &mut HeaderMap, digest: &Digest, content_type: &str, cache_control: &str) {
@@ -129,10 +133,14 @@ pub fn content_headers(h: &mut HeaderMap, digest: &Digest, content_type: &str, c
         }
     };
     put(h, header::CONTENT_TYPE, content_type);
-    put(h, header::HeaderName::from_static("docker-content-digest"), &digest.to_string());
-    put(h, header::ETAG, &format!("\"{digest}\""));
+    put(h, DOCKER_CONTENT_DIGEST, digest.as_str());
+    let mut etag = String::with_capacity(digest.as_str().len() + 2);
+    etag.push('"');
+    etag.push_str(digest.as_str());
+    etag.push('"');
+    put(h, header::ETAG, &etag);
     put(h, header::CACHE_CONTROL, cache_control);
-    h.insert("docker-distribution-api-version", HeaderValue::from_static("registry/2.0"));
+    h.insert(API_VERSION, HeaderValue::from_static("registry/2.0"));
 }
 
 /// A 304 for a matching `If-None-Match`.
@@ -150,8 +158,15 @@ mod tests {
     #[test]
     fn if_none_match() {
         let mut h = HeaderMap::new();
-        h.insert(header::IF_NONE_MATCH, HeaderValue::from_static("\"a\", W/\"b\""));
-        assert!(not_modified(&h, "\"b\""));
-        assert!(!not_modified(&h, "\"c\""));
+        let (a, b, c) = (Digest::of(b"a"), Digest::of(b"b"), Digest::of(b"c"));
+        assert!(!not_modified(&h, &a));
+        h.insert(header::IF_NONE_MATCH, HeaderValue::from_str(&format!("\"{a}\", W/\"{b}\"")).unwrap());
+        assert!(not_modified(&h, &a));
+        assert!(not_modified(&h, &b));
+        assert!(!not_modified(&h, &c));
+        h.insert(header::IF_NONE_MATCH, HeaderValue::from_str(b.as_str()).unwrap());
+        assert!(!not_modified(&h, &b), "an ETag is quoted");
+        h.insert(header::IF_NONE_MATCH, HeaderValue::from_static("*"));
+        assert!(not_modified(&h, &c));
     }
 }

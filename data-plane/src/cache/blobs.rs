@@ -118,8 +118,7 @@ async fn miss(ctx: &Ctx, digest: Digest, log: &mut RequestLog) -> Result<Respons
         }
         break (flight, total);
     };
-    let etag = format!("\"{digest}\"");
-    if not_modified(&ctx.headers, &etag) {
+    if not_modified(&ctx.headers, &digest) {
         return Ok(not_modified_response(&digest, OCTETS, IMMUTABLE));
     }
     let range = total.and_then(|t| Some((range_header(&ctx.headers)?.resolve(t), t)));
@@ -351,8 +350,7 @@ fn unsatisfiable(digest: &Digest, total: u64) -> Response {
 /// it streams, the last chunk held back until the digest matched; a range, before any byte goes
 /// out. `None`: the range's file failed its digest and was removed (the caller fetches it).
 async fn serve_file(ctx: &Ctx, digest: &Digest, size: u64, trusted: bool) -> Result<Option<Response>, RegistryError> {
-    let etag = format!("\"{digest}\"");
-    if not_modified(&ctx.headers, &etag) {
+    if not_modified(&ctx.headers, digest) {
         return Ok(Some(not_modified_response(digest, OCTETS, IMMUTABLE)));
     }
     let (start, end, ranged) = match range_header(&ctx.headers).map(|r| r.resolve(size)) {

@@ -365,8 +365,7 @@ async fn keep(
 }
 
 fn respond(ctx: &Ctx, m: Manifest, cache_control: &str, stale: Option<&str>) -> Response {
-    let etag = format!("\"{}\"", m.digest);
-    if not_modified(&ctx.headers, &etag) {
+    if not_modified(&ctx.headers, &m.digest) {
         return not_modified_response(&m.digest, &m.media_type, cache_control);
     }
     let len = m.bytes.len();

@@ -4,7 +4,8 @@
 //! formatted once a second. With colours (a terminal), and for whatever is unusual (a string that
 //! needs escapes, an error, `r#` names), each field goes through tracing-subscriber's own visitor.
 //!
-//! A manifest hit's line went from a fifth of the hit's instructions to [..] (bench/hitcost.py).
+//! The line of a warm manifest hit cost 22.7k instructions through the default format, 10.7k here
+//! (bench/hitcost.py).
 
 use std::cell::RefCell;
 use std::fmt::{self, Write as _};
