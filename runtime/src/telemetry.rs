@@ -246,7 +246,14 @@ pub fn init(opts: &TelemetryOptions) -> Result<Telemetry, TelemetryError> {
             .with_tracked_inactivity(false)
             .with_filter(targets.and(SampledSpans))
     });
-    tracing_subscriber::registry().with(fmt).with(otel).try_init().map_err(|e| TelemetryError::Init(e.to_string()))?;
+    // Without an exporter, no layer at all in its place: an absent (`None`) layer enables every
+    // span, and each request's spans would be built, recorded and closed for nobody.
+    let registry = tracing_subscriber::registry().with(fmt);
+    match otel {
+        Some(otel) => registry.with(otel).try_init(),
+        None => registry.try_init(),
+    }
+    .map_err(|e| TelemetryError::Init(e.to_string()))?;
     if provider.is_some() {
         opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
         EXPORTING.store(true, Ordering::Relaxed);
@@ -496,5 +503,28 @@ struct BytesGuard {
 impl Drop for BytesGuard {
     fn drop(&mut self) {
         self.span.record("bytes", self.bytes);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Installs the global subscriber: nextest runs each test in a process of its own.
+    #[test]
+    fn without_an_exporter_spans_are_not_built_and_lines_are_written() {
+        let opts = TelemetryOptions {
+            log_format: LogFormat::Text,
+            log_level: "info".into(),
+            otlp_endpoint: None,
+            service_name: "wharf-test",
+            log_queue_lines: 16,
+        };
+        assert_eq!(endpoint(None), None, "the test environment names an OTLP collector");
+        let telemetry = init(&opts).expect("the only subscriber of this process");
+        assert!(!telemetry.exporting());
+        assert!(tracing::info_span!("wharf.request").is_disabled(), "a span was built with no one to export it");
+        assert!(tracing::event_enabled!(tracing::Level::INFO), "info lines are written");
+        assert!(!tracing::event_enabled!(tracing::Level::DEBUG));
     }
 }
