@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import os
 import re
 import shutil
 import subprocess
@@ -45,7 +46,7 @@ def callgrind_control(*args: str) -> None:
 
 
 def measure(ctx: B.Context, binary: Path, label: str, kind: str, up_port: int, requests: int, top: int,
-            out_dir: Path) -> dict:
+            out_dir: Path, extra: list[str], env: dict) -> dict:
     """One Wharf under callgrind for one request kind: the dump it writes when it exits holds
     exactly the `requests` measured (instrumentation is on only while they run)."""
     d = ctx.tmp / f"wharf-{label}-{kind.replace(' ', '-')}"
@@ -59,7 +60,7 @@ def measure(ctx: B.Context, binary: Path, label: str, kind: str, up_port: int, r
     p = ctx.procs.start(f"wharf[{label}]", [
         "valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={dump}",
         str(binary), "--config", str(cfg), "--cache-dir", str(d / "cache"),
-        "--listen", f"127.0.0.1:{port}"], log_path, cwd=d)
+        "--listen", f"127.0.0.1:{port}", *extra], log_path, cwd=d, env={**os.environ, **env})
     B.wait_ready(f"wharf[{label}]", port, p, log_path, timeout=180)
     base = f"/v2/{B.WHARF_REPO_KEY}/{B.IMAGE_NAME}"
     path, hdrs = {"manifest by tag": (f"{base}/manifests/{B.IMAGE_TAG}", {"Accept": B.MANIFEST_ACCEPT}),
@@ -88,9 +89,14 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--wharf-bin", type=Path, action="append")
     ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--wharf-arg", action="append", default=[],
+                    help="an argument for every Wharf started (--wharf-arg=--no-metrics)")
+    ap.add_argument("--wharf-env", action="append", default=[], metavar="NAME=VALUE",
+                    help="an environment variable for every Wharf started (OTEL_TRACES_SAMPLER_ARG=0.1)")
     ap.add_argument("--out", type=Path, default=B.BENCH_DIR / "out", help="where the dumps are kept")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    env = dict(kv.split("=", 1) for kv in args.wharf_env)
     bins = args.wharf_bin or [B.REPO_ROOT / "target" / "release" / "wharf-proxy"]
     bargs = B.parse_args(["--only", "wharf", "--big-mb", "2"])
     with B.image_upstream("wharf-hitcost-", bargs, 1 * B.MiB, 64 * 1024) as (ctx, up_port):
@@ -99,7 +105,7 @@ def main() -> int:
             results[i] = {}
             for kind in KINDS:
                 results[i][kind] = r = measure(ctx, binary, str(i), kind, up_port, args.requests, args.top,
-                                               args.out)
+                                               args.out, args.wharf_arg, env)
                 print(f"\n{binary}: {kind}: {r['per_request']:,.0f} instructions per request ({r['dump']})")
                 print("\n".join(r["top"]))
         if len(bins) > 1:

@@ -2,8 +2,11 @@
 //! manifest-by-tag and 1 MiB blob GETs/s through two nodes in one run, one with metrics off and no
 //! span export, one with metrics on and spans exported to a live OTLP collector. Goal: >= 0.9x.
 //!
-//! `cargo build --release --bins && cargo bench -p wharf-tests --bench overhead [-- --secs 5
-//! --dead-collector --sample 0.1]` (needs `wrk`).
+//! Rounds interleave the three nodes (off, on, metrics only, off, ...); each figure is the median of
+//! the per-round ratios, so a noisy machine still gives a ratio that holds.
+//!
+//! `cargo build --release --bins && cargo bench -p wharf-tests --bench overhead [-- --secs 3
+//! --rounds 5 --dead-collector --sample 0.1]` (needs `wrk`).
 
 use std::process::Command;
 use std::time::Duration;
@@ -22,6 +25,12 @@ fn wrk(url: &str, accept: &str, secs: u64) -> anyhow::Result<f64> {
     text.lines()
         .find_map(|l| l.strip_prefix("Requests/sec:").and_then(|v| v.trim().parse().ok()))
         .ok_or_else(|| anyhow::anyhow!("no Requests/sec in wrk output: {text}"))
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    let n = xs.len();
+    if n % 2 == 1 { xs[n / 2] } else { (xs[n / 2 - 1] + xs[n / 2]) / 2.0 }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -49,27 +58,31 @@ fn main() -> anyhow::Result<()> {
         }
         let observed = Proxy::spawn_with(observed_opts)?;
         let metrics_only = Proxy::spawn_with(ProxyOptions::new(&config, &["--log-level", "info"]))?;
-        let secs = std::env::args().skip_while(|a| a != "--secs").nth(1).and_then(|v| v.parse().ok()).unwrap_or(5u64);
-        println!("Wharf: metrics + tracing overhead (wrk -t2 -c16 -d{secs}s, each case twice, alternating)");
+        let arg = |name: &str| std::env::args().skip_while(|a| a != name).nth(1);
+        let secs = arg("--secs").and_then(|v| v.parse().ok()).unwrap_or(3u64);
+        let rounds = arg("--rounds").and_then(|v| v.parse().ok()).unwrap_or(5usize).max(1);
+        println!("Wharf: metrics + tracing overhead (wrk -t2 -c16 -d{secs}s, {rounds} interleaved rounds, medians)");
         for (what, path, accept) in [
             ("manifest by tag", "lab/org/img/manifests/v1", OCI_MANIFEST),
             ("1 MiB blob", &*format!("lab/org/img/blobs/{}", blob.digest), "*/*"),
         ] {
-            let (mut off, mut on, mut m) = (0.0, 0.0, 0.0);
+            let (mut off, mut on, mut m) = (Vec::new(), Vec::new(), Vec::new());
             for p in [&plain, &observed, &metrics_only] {
                 let r = wharf_tests::http::get(&p.v2(path), &[("accept", accept)]).await?;
                 anyhow::ensure!(r.status == 200, "warming {path}: {}", r.status);
             }
-            for _ in 0..2 {
-                off += wrk(&plain.v2(path), accept, secs)?;
-                on += wrk(&observed.v2(path), accept, secs)?;
-                m += wrk(&metrics_only.v2(path), accept, secs)?;
+            for _ in 0..rounds {
+                off.push(wrk(&plain.v2(path), accept, secs)?);
+                on.push(wrk(&observed.v2(path), accept, secs)?);
+                m.push(wrk(&metrics_only.v2(path), accept, secs)?);
             }
-            let (off, on, m) = (off / 2.0, on / 2.0, m / 2.0);
+            let ratio = |xs: &[f64]| median(xs.iter().zip(&off).map(|(x, o)| x / o).collect());
             println!(
-                "  {what:<16} off {off:>9.0} GETs/s   on {on:>9.0} GETs/s   on/off {:.2}x  (goal >= 0.90x)   metrics only {:.2}x",
-                on / off,
-                m / off
+                "  {what:<16} off {:>9.0} GETs/s   on {:>9.0} GETs/s   on/off {:.2}x  (goal >= 0.90x)   metrics only {:.2}x",
+                median(off.clone()),
+                median(on.clone()),
+                ratio(&on),
+                ratio(&m)
             );
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
