@@ -686,6 +686,17 @@ def image_upstream(prefix: str, args: argparse.Namespace, big_bytes: int, small_
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def warm_wharf_dir(ctx: Context, name: str, upstream_port: int) -> tuple[Path, Path, int, Path]:
+    """For the warm-hit scripts: the directory of one Wharf, its config (the bench repo on the
+    upstream, tags trusted for an hour), a free port and its log's path."""
+    d = ctx.tmp / name
+    d.mkdir()
+    cfg = d / "wharf.toml"
+    cfg.write_text(f'[[repo]]\nkey = "{WHARF_REPO_KEY}"\nupstream = "http://127.0.0.1:{upstream_port}"\n'
+                   'kind = "generic"\ntag_ttl = "1h"\n')
+    return d, cfg, free_port(), d / "wharf.log"
+
+
 def start_upstream(ctx: Context, name: str) -> tuple[subprocess.Popen, int, UpstreamLog]:
     d = ctx.tmp / f"upstream-{name}"
     d.mkdir()

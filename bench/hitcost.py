@@ -49,13 +49,7 @@ def measure(ctx: B.Context, binary: Path, label: str, kind: str, up_port: int, r
             out_dir: Path, extra: list[str], env: dict) -> dict:
     """One Wharf under callgrind for one request kind: the dump it writes when it exits holds
     exactly the `requests` measured (instrumentation is on only while they run)."""
-    d = ctx.tmp / f"wharf-{label}-{kind.replace(' ', '-')}"
-    d.mkdir()
-    cfg = d / "wharf.toml"
-    cfg.write_text(f'[[repo]]\nkey = "{B.WHARF_REPO_KEY}"\nupstream = "http://127.0.0.1:{up_port}"\n'
-                   'kind = "generic"\ntag_ttl = "1h"\n')
-    port = B.free_port()
-    log_path = d / "wharf.log"
+    d, cfg, port, log_path = B.warm_wharf_dir(ctx, f"wharf-{label}-{kind.replace(' ', '-')}", up_port)
     dump = d / "callgrind.out"
     p = ctx.procs.start(f"wharf[{label}]", [
         "valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={dump}",

@@ -35,13 +35,7 @@ REQUESTS = ("1 MiB blob", "manifest by tag")
 
 
 def start_wharf(ctx: B.Context, binary: Path, upstream_port: int, name: str, level: str) -> tuple[int, int]:
-    d = ctx.tmp / name
-    d.mkdir()
-    cfg = d / "wharf.toml"
-    cfg.write_text(f'[[repo]]\nkey = "{B.WHARF_REPO_KEY}"\nupstream = "http://127.0.0.1:{upstream_port}"\n'
-                   'kind = "generic"\ntag_ttl = "1h"\n')
-    port = B.free_port()
-    log_path = d / "wharf.log"
+    d, cfg, port, log_path = B.warm_wharf_dir(ctx, name, upstream_port)
     p = ctx.procs.start(name, [str(binary), "--config", str(cfg), "--cache-dir", str(d / "cache"),
                                "--listen", f"127.0.0.1:{port}", "--log-level", level], log_path, cwd=d)
     B.wait_ready(name, port, p, log_path)
@@ -94,6 +88,9 @@ def main() -> int:
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--wharf-bin", type=Path, default=B.REPO_ROOT / "target" / "release" / "wharf-proxy")
     ap.add_argument("--out", type=Path, default=B.BENCH_DIR / "out")
+    ap.add_argument("--baseline-bin", type=Path,
+                    help="another wharf-proxy build, run beside the first in every round: a column of its own "
+                         "and the ratio wharf / baseline")
     ap.add_argument("--profile", action="store_true",
                     help="after the rounds, record Wharf (logs on) with perf during one more run per request "
                          "and print the report's top entries")
@@ -104,6 +101,11 @@ def main() -> int:
         started = {"logs on": start_wharf(ctx, args.wharf_bin, up_port, "wharf-logs", "info"),
                    "logs off": start_wharf(ctx, args.wharf_bin, up_port, "wharf-quiet", "warn")}
         wharf = {row: port for row, (port, _) in started.items()}
+        servers = SERVERS
+        if args.baseline_bin:
+            servers = ("wharf", "wharf baseline", *SERVERS[1:])
+            baseline = {"logs on": start_wharf(ctx, args.baseline_bin, up_port, "baseline-logs", "info")[0],
+                        "logs off": start_wharf(ctx, args.baseline_bin, up_port, "baseline-quiet", "warn")[0]}
         accept = {"Accept": B.MANIFEST_ACCEPT}
         s, _, manifest = B.http_get(wharf["logs on"], f"/v2/{B.WHARF_REPO_KEY}/{B.IMAGE_NAME}/manifests/{B.IMAGE_TAG}", accept)
         if s != 200:
@@ -120,6 +122,9 @@ def main() -> int:
             targets[row] = {
                 "wharf": {"1 MiB blob": (wharf[row], f"{wb}/blobs/{blob}", {}),
                           "manifest by tag": (wharf[row], f"{wb}/manifests/{B.IMAGE_TAG}", accept)},
+                **({"wharf baseline": {"1 MiB blob": (baseline[row], f"{wb}/blobs/{blob}", {}),
+                                       "manifest by tag": (baseline[row], f"{wb}/manifests/{B.IMAGE_TAG}", accept)}}
+                   if args.baseline_bin else {}),
                 "nginx proxy_cache": {"1 MiB blob": (cache_port, f"{nb}/blobs/{blob}", {}),
                                       "manifest by tag": (cache_port, f"{nb}/manifests/{B.IMAGE_TAG}", accept)},
                 "static sendfile": {"1 MiB blob": (static_port, "/blob", {}),
@@ -127,7 +132,7 @@ def main() -> int:
             }
         # Warm every cache (twice: the second is a hit everywhere) and check the bytes.
         for row in ROWS:
-            for server in SERVERS:
+            for server in servers:
                 for req in REQUESTS:
                     port, path, hdrs = targets[row][server][req]
                     for _ in range(2):
@@ -136,30 +141,36 @@ def main() -> int:
                             raise B.BenchError(f"{server} {path} answered {s}")
                     if req == "1 MiB blob" and len(body) != image["big_size"]:
                         raise B.BenchError(f"{server} {path}: {len(body)} bytes")
-        rps = {row: {srv: {req: [] for req in REQUESTS} for srv in SERVERS} for row in ROWS}
+        rps = {row: {srv: {req: [] for req in REQUESTS} for srv in servers} for row in ROWS}
         for r in range(args.rounds):
             for row in ROWS:
                 for req in REQUESTS:
-                    for server in SERVERS:
+                    for server in servers:
                         port, path, hdrs = targets[row][server][req]
                         w = B.run_wrk(port, path, args.duration, [f"{k}: {v}" for k, v in hdrs.items()],
                                       conns=args.connections)
                         if w["errors"]:
                             raise B.BenchError(f"wrk saw errors on {server} {path}: {w}")
                         rps[row][server][req].append(w["rps"])
-                    got = {s: rps[row][s][req][-1] for s in SERVERS}
+                    got = {s: rps[row][s][req][-1] for s in servers}
                     B.log(f"round {r} {row} {req}: " + ", ".join(f"{s} {v:,.0f}/s" for s, v in got.items()))
         ratio = lambda row, req, other: statistics.median(  # noqa: E731
             a / b for a, b in zip(rps[row]["wharf"][req], rps[row][other][req]))
         lines = [f"| warm GETs/s, wrk -t2 -c{args.connections}, median of {args.rounds} interleaved rounds | "
                  "wharf | nginx proxy_cache | static sendfile | wharf / proxy_cache | wharf / static |",
                  "|---|---|---|---|---|---|"]
+        if args.baseline_bin:
+            lines[0] += " wharf baseline | wharf / baseline |"
+            lines[1] += "---|---|"
         for row in ROWS:
             for req in REQUESTS:
-                med = {s: statistics.median(rps[row][s][req]) for s in SERVERS}
-                lines.append(f"| {req}, {row} | {med['wharf']:,.0f} | {med['nginx proxy_cache']:,.0f} | "
-                             f"{med['static sendfile']:,.0f} | {ratio(row, req, 'nginx proxy_cache'):.2f}x | "
-                             f"{ratio(row, req, 'static sendfile'):.2f}x |")
+                med = {s: statistics.median(rps[row][s][req]) for s in servers}
+                line = (f"| {req}, {row} | {med['wharf']:,.0f} | {med['nginx proxy_cache']:,.0f} | "
+                        f"{med['static sendfile']:,.0f} | {ratio(row, req, 'nginx proxy_cache'):.2f}x | "
+                        f"{ratio(row, req, 'static sendfile'):.2f}x |")
+                if args.baseline_bin:
+                    line += f" {med['wharf baseline']:,.0f} | {ratio(row, req, 'wharf baseline'):.2f}x |"
+                lines.append(line)
         print("\n".join(lines))
         args.out.mkdir(parents=True, exist_ok=True)
         if args.profile:

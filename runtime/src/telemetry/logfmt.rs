@@ -67,6 +67,17 @@ impl FieldsVisitor<'_> {
         self.is_empty = false;
     }
 
+    /// A number or a boolean: `name=value`, as tracing-subscriber writes them.
+    fn plain(&mut self, field: &Field, value: impl fmt::Display, fallback: impl FnOnce(&mut DefaultVisitor<'_>)) {
+        if Self::skipped(field) {
+            return;
+        }
+        match self.fast(field) {
+            Some(name) => self.write(name, format_args!("{value}")),
+            None => self.fallback(fallback),
+        }
+    }
+
     fn write(&mut self, name: &str, value: fmt::Arguments<'_>) {
         let w = &mut self.writer;
         self.result = w.write_str(name).and_then(|()| w.write_char('=')).and_then(|()| w.write_fmt(value));
@@ -95,33 +106,15 @@ impl Visit for FieldsVisitor<'_> {
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
-        if Self::skipped(field) {
-            return;
-        }
-        match self.fast(field) {
-            Some(name) => self.write(name, format_args!("{value}")),
-            None => self.fallback(|v| v.record_u64(field, value)),
-        }
+        self.plain(field, value, |v| v.record_u64(field, value));
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
-        if Self::skipped(field) {
-            return;
-        }
-        match self.fast(field) {
-            Some(name) => self.write(name, format_args!("{value}")),
-            None => self.fallback(|v| v.record_i64(field, value)),
-        }
+        self.plain(field, value, |v| v.record_i64(field, value));
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
-        if Self::skipped(field) {
-            return;
-        }
-        match self.fast(field) {
-            Some(name) => self.write(name, format_args!("{value}")),
-            None => self.fallback(|v| v.record_bool(field, value)),
-        }
+        self.plain(field, value, |v| v.record_bool(field, value));
     }
 
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
