@@ -20,6 +20,7 @@
 //! samples what reaches it (parent-based, always on), so the ratio applies once.
 
 mod logfmt;
+mod writer;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -107,7 +108,7 @@ pub enum TelemetryError {
 pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
     /// Dropped last: writes out the log lines still queued.
-    _log_writer: tracing_appender::non_blocking::WorkerGuard,
+    _log_writer: writer::WriterGuard,
 }
 
 impl Telemetry {
@@ -223,7 +224,7 @@ pub fn init(opts: &TelemetryOptions) -> Result<Telemetry, TelemetryError> {
         .map_err(|e| TelemetryError::Filter { level: opts.log_level.clone(), message: e.to_string() })?;
     // Colours only for a terminal: a log file or a container's log gets plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
-    let (writer, log_writer) = log_writer(opts.log_queue_lines);
+    let (writer, log_writer) = log_writer(opts.log_queue_lines).map_err(|e| TelemetryError::Init(e.to_string()))?;
     let fmt = tracing_subscriber::fmt::layer().with_writer(writer).with_ansi(ansi);
     // Log lines carry no span context, text and JSON alike (a line says what it is about in its
     // own fields), so the layer sees events only: otherwise it would format every span's fields
@@ -268,28 +269,20 @@ pub fn init(opts: &TelemetryOptions) -> Result<Telemetry, TelemetryError> {
 }
 
 /// Log lines are formatted on the thread that logs them and written to stdout by a thread of
-/// their own, through a queue of `queue_lines`: a request never waits on the write (a slow
-/// terminal, pipe or disk must not hold requests). Lines dropped because
+/// their own, through a queue of `queue_lines` (see [`writer`]): a request never waits on the
+/// write (a slow terminal, pipe or disk must not hold requests). Lines dropped because
 /// the queue was full are counted in `wharf_log_lines_dropped_total` and said once a second in the
 /// log itself.
-fn log_writer(
-    queue_lines: usize,
-) -> (tracing_appender::non_blocking::NonBlocking, tracing_appender::non_blocking::WorkerGuard) {
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(true)
-        .buffered_lines_limit(queue_lines)
-        .thread_name("wharf-log-writer")
-        // Buffered: the writer thread flushes whenever its queue runs empty, so a busy node writes
-        // many lines per syscall and an idle one each line at once.
-        .finish(std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout()));
-    let dropped = writer.error_counter();
+fn log_writer(queue_lines: usize) -> std::io::Result<(writer::LogWriter, writer::WriterGuard)> {
+    let (writer, guard) = writer::spawn(queue_lines, std::io::stdout(), "wharf-log-writer")?;
+    let queue = writer.queue().clone();
     let watch = std::thread::Builder::new().name("wharf-log-drops".into()).spawn(move || {
         let mut reported = 0;
         loop {
             std::thread::sleep(Duration::from_secs(1));
-            let now = dropped.dropped_lines();
+            let now = queue.dropped();
             if now > reported {
-                metrics::counter!("wharf_log_lines_dropped_total").increment((now - reported) as u64);
+                metrics::counter!("wharf_log_lines_dropped_total").increment(now - reported);
                 tracing::warn!(
                     dropped = now - reported,
                     total = now,
@@ -302,7 +295,7 @@ fn log_writer(
     if let Err(e) = watch {
         eprintln!("could not start the thread that reports dropped log lines: {e}");
     }
-    (writer, guard)
+    Ok((writer, guard))
 }
 
 /// The collector to export to, if any: the flag, else the standard variables.
