@@ -119,12 +119,11 @@ def main() -> int:
             cache_port = nginx["CACHE_LOG_PORT" if row == "logs on" else "CACHE_NOLOG_PORT"]
             static_port = nginx["STATIC_LOG_PORT" if row == "logs on" else "STATIC_NOLOG_PORT"]
             wb, nb = f"/v2/{B.WHARF_REPO_KEY}/{B.IMAGE_NAME}", f"/v2/{B.IMAGE_NAME}"
+            of_wharf = lambda port: {"1 MiB blob": (port, f"{wb}/blobs/{blob}", {}),  # noqa: E731
+                                     "manifest by tag": (port, f"{wb}/manifests/{B.IMAGE_TAG}", accept)}
             targets[row] = {
-                "wharf": {"1 MiB blob": (wharf[row], f"{wb}/blobs/{blob}", {}),
-                          "manifest by tag": (wharf[row], f"{wb}/manifests/{B.IMAGE_TAG}", accept)},
-                **({"wharf baseline": {"1 MiB blob": (baseline[row], f"{wb}/blobs/{blob}", {}),
-                                       "manifest by tag": (baseline[row], f"{wb}/manifests/{B.IMAGE_TAG}", accept)}}
-                   if args.baseline_bin else {}),
+                "wharf": of_wharf(wharf[row]),
+                **({"wharf baseline": of_wharf(baseline[row])} if args.baseline_bin else {}),
                 "nginx proxy_cache": {"1 MiB blob": (cache_port, f"{nb}/blobs/{blob}", {}),
                                       "manifest by tag": (cache_port, f"{nb}/manifests/{B.IMAGE_TAG}", accept)},
                 "static sendfile": {"1 MiB blob": (static_port, "/blob", {}),

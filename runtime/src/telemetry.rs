@@ -20,6 +20,8 @@
 //! samples what reaches it (parent-based, always on), so the ratio applies once.
 
 mod logfmt;
+#[cfg(test)]
+mod test_buf;
 mod writer;
 
 use std::sync::Arc;
@@ -102,6 +104,8 @@ pub enum TelemetryError {
     Exporter(String),
     #[error("a global subscriber is already installed: {0}")]
     Init(String),
+    #[error("could not start the log writer thread: {0}")]
+    LogWriter(String),
 }
 
 /// Keeps the tracer provider; [`Telemetry::shutdown`] flushes what is queued.
@@ -224,7 +228,8 @@ pub fn init(opts: &TelemetryOptions) -> Result<Telemetry, TelemetryError> {
         .map_err(|e| TelemetryError::Filter { level: opts.log_level.clone(), message: e.to_string() })?;
     // Colours only for a terminal: a log file or a container's log gets plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
-    let (writer, log_writer) = log_writer(opts.log_queue_lines).map_err(|e| TelemetryError::Init(e.to_string()))?;
+    let (writer, log_writer) =
+        log_writer(opts.log_queue_lines).map_err(|e| TelemetryError::LogWriter(e.to_string()))?;
     let fmt = tracing_subscriber::fmt::layer().with_writer(writer).with_ansi(ansi);
     // Log lines carry no span context, text and JSON alike (a line says what it is about in its
     // own fields), so the layer sees events only: otherwise it would format every span's fields

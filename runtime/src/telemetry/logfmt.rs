@@ -198,32 +198,10 @@ fn write_second(out: &mut String, secs: u64) -> fmt::Result {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{Arc, Mutex};
-
-    use tracing_subscriber::fmt::MakeWriter;
     use tracing_subscriber::layer::SubscriberExt as _;
 
+    use super::super::test_buf::SharedBuf;
     use super::*;
-
-    #[derive(Clone, Default)]
-    struct Buf(Arc<Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Buf {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    impl<'a> MakeWriter<'a> for Buf {
-        type Writer = Buf;
-        fn make_writer(&'a self) -> Self::Writer {
-            self.clone()
-        }
-    }
 
     #[derive(Debug)]
     struct Failure(Option<Box<Failure>>);
@@ -267,14 +245,14 @@ mod tests {
     }
 
     fn render(ours: bool, ansi: bool) -> String {
-        let buf = Buf::default();
+        let buf = SharedBuf::default();
         let layer = tracing_subscriber::fmt::layer().with_writer(buf.clone()).with_ansi(ansi).without_time();
         let subscriber = tracing_subscriber::registry();
         match ours {
             true => tracing::subscriber::with_default(subscriber.with(layer.fmt_fields(Fields)), events),
             false => tracing::subscriber::with_default(subscriber.with(layer), events),
         }
-        String::from_utf8(buf.0.lock().unwrap().clone()).unwrap()
+        buf.text()
     }
 
     #[test]

@@ -159,24 +159,12 @@ fn write_out(queue: &LogQueue, mut out: impl Write) {
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_buf::SharedBuf;
     use super::*;
-
-    #[derive(Clone, Default)]
-    struct Shared(Arc<Mutex<Vec<u8>>>);
-
-    impl Write for Shared {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
 
     #[test]
     fn lines_from_many_threads_come_out_whole_and_all_by_shutdown() {
-        let out = Shared::default();
+        let out = SharedBuf::default();
         let (writer, guard) = spawn(100_000, out.clone(), "test-log-writer").unwrap();
         std::thread::scope(|s| {
             for t in 0..4 {
@@ -190,7 +178,7 @@ mod tests {
             }
         });
         drop(guard);
-        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        let text = out.text();
         assert_eq!(text.lines().count(), 20_000);
         for t in 0..4 {
             let mine: Vec<usize> = text
@@ -204,7 +192,7 @@ mod tests {
     }
 
     /// An output that blocks until told to go on.
-    struct Stuck(mpsc::Receiver<()>, Shared);
+    struct Stuck(mpsc::Receiver<()>, SharedBuf);
 
     impl Write for Stuck {
         fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
@@ -219,20 +207,20 @@ mod tests {
     #[test]
     fn a_stuck_output_drops_and_counts_lines_and_never_blocks_the_logger() {
         let (go, wait) = mpsc::channel();
-        let out = Shared::default();
+        let out = SharedBuf::default();
         let (writer, guard) = spawn(10, Stuck(wait, out.clone()), "test-log-writer").unwrap();
         let started = std::time::Instant::now();
         // The first line wakes the writer, which then blocks in `write` with it (or with the few
         // that gathered): from there on, the queue holds at most 10 lines.
         for i in 0..1000 {
-            (&**writer.queue()).write_all(format!("line {i}\n").as_bytes()).unwrap();
+            writer.make_writer().write_all(format!("line {i}\n").as_bytes()).unwrap();
         }
         assert!(started.elapsed() < Duration::from_secs(5), "logging waited on the output");
         let dropped = writer.queue().dropped();
         // Unblocked, the writer writes what was queued; shutdown waits for it.
         drop(go);
         drop(guard);
-        let written = String::from_utf8(out.0.lock().unwrap().clone()).unwrap().lines().count() as u64;
+        let written = out.text().lines().count() as u64;
         assert_eq!(written + dropped, 1000, "every line written or counted as dropped");
         // The batch the writer held when it blocked, and a full queue behind it.
         assert!((10..=20).contains(&written), "{written} written, {dropped} dropped");
@@ -241,8 +229,8 @@ mod tests {
     #[test]
     fn shutdown_does_not_wait_forever_on_an_output_nobody_reads() {
         let (_go, wait) = mpsc::channel();
-        let (writer, guard) = spawn(10, Stuck(wait, Shared::default()), "test-log-writer").unwrap();
-        (&**writer.queue()).write_all(b"a line\n").unwrap();
+        let (writer, guard) = spawn(10, Stuck(wait, SharedBuf::default()), "test-log-writer").unwrap();
+        writer.make_writer().write_all(b"a line\n").unwrap();
         let started = std::time::Instant::now();
         drop(guard);
         let took = started.elapsed();
