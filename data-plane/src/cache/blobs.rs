@@ -130,12 +130,16 @@ async fn miss(ctx: &Ctx, digest: Digest, log: &mut RequestLog) -> Result<Respons
             {
                 return Ok(r);
             }
-            let body = flight.body(start, Some(end)).await.map_err(|e| fetch_error(&e))?;
+            let Some(body) = fetch_body(&flight, start, Some(end)).await? else {
+                return uncached(ctx, &digest, log).await;
+            };
             let body = on_upstream_if_no_room(ctx, &digest, flight.clone(), body, start, Some(end));
             partial(Body::from_stream(stream_span(ctx, &digest, log.cache, body)), start, end, total)
         }
         None => {
-            let body = flight.body(0, None).await.map_err(|e| fetch_error(&e))?;
+            let Some(body) = fetch_body(&flight, 0, None).await? else {
+                return uncached(ctx, &digest, log).await;
+            };
             let body = on_upstream_if_no_room(ctx, &digest, flight.clone(), body, 0, None);
             let mut r = Response::new(Body::from_stream(stream_span(ctx, &digest, log.cache, body)));
             if let Some(t) = total {
@@ -146,6 +150,21 @@ async fn miss(ctx: &Ctx, digest: Digest, log: &mut RequestLog) -> Result<Respons
     };
     blob_headers(r.headers_mut(), &digest);
     Ok(r)
+}
+
+/// A fetch's body for this client; `None` when the fetch ran out of room before the client began
+/// reading (its staging file is gone): the caller serves the blob uncached, as when
+/// [`Flight::head`] already said so.
+async fn fetch_body(
+    flight: &Flight,
+    start: u64,
+    end: Option<u64>,
+) -> Result<Option<impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static>, RegistryError> {
+    match flight.body(start, end).await {
+        Ok(body) => Ok(Some(body)),
+        Err(FetchFailure::NoSpace) => Ok(None),
+        Err(e) => Err(fetch_error(&e)),
+    }
 }
 
 /// A fetch's body for one client that, when the cache runs out of room in the middle of the fetch
