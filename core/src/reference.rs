@@ -102,12 +102,19 @@ impl Reference {
     }
 }
 
+impl Reference {
+    /// The tag, or the digest's `sha256:...` text.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Reference::Tag(t) => t,
+            Reference::Digest(d) => d.as_str(),
+        }
+    }
+}
+
 impl fmt::Display for Reference {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Reference::Tag(t) => f.write_str(t),
-            Reference::Digest(d) => fmt::Display::fmt(d, f),
-        }
+        f.write_str(self.as_str())
     }
 }
 

@@ -45,8 +45,8 @@ pub fn request_span(method: &Method, path: &str) -> tracing::Span {
         "wharf.request",
         otel.kind = "server",
         otel.status_code = tracing::field::Empty,
-        http.request.method = %method,
-        url.path = %path,
+        http.request.method = method.as_str(),
+        url.path = path,
         repo_key = tracing::field::Empty,
         name = tracing::field::Empty,
         kind = tracing::field::Empty,
@@ -102,20 +102,20 @@ impl RequestLog {
         let duration_ms = (seconds * 1e6).round() / 1e3;
         let span = &self.span;
         if !span.is_disabled() {
-            span.record("repo_key", self.repo_key.as_str());
-            span.record("name", self.name.as_str());
-            span.record("kind", self.kind);
-            span.record("reference", self.reference.as_str());
-            span.record("cache", self.cache);
-            span.record("http.response.status_code", status);
-            span.record("bytes", bytes);
-            span.record("complete", complete);
-            if let Some(e) = &self.error {
-                span.record("error", e.as_str());
-            }
-            if status >= 500 {
-                span.record("otel.status_code", "ERROR");
-            }
+            // One call: each `record` is a dispatch through every layer and a registry lookup.
+            tracing::record_all!(
+                span,
+                repo_key = self.repo_key.as_str(),
+                name = self.name.as_str(),
+                kind = self.kind,
+                reference = self.reference.as_str(),
+                cache = self.cache,
+                http.response.status_code = status,
+                bytes,
+                complete,
+                error = self.error.as_deref(),
+                otel.status_code = (status >= 500).then_some("ERROR"),
+            );
         }
         let trace_id = wharf_runtime::telemetry::trace_id(span);
         tracing::info!(

@@ -1,8 +1,9 @@
 //! An in-process OTLP collector: a tonic `TraceService` on 127.0.0.1:0 that records every span
-//! exported to it, for asserting span trees.
+//! exported to it, for asserting span trees (or, for benchmarks, only counts them).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,6 +24,8 @@ pub struct RecordedSpan {
     pub parent_span_id: String,
     /// `SpanKind` as in the proto (2 = server, 3 = client).
     pub kind: i32,
+    /// `Status.code` as in the proto (0 = unset, 1 = ok, 2 = error).
+    pub status: i32,
     pub attributes: BTreeMap<String, String>,
     /// `(trace_id, span_id)` of each link.
     pub links: Vec<(String, String)>,
@@ -38,12 +41,16 @@ impl RecordedSpan {
 /// The collector; stops serving when dropped.
 pub struct Collector {
     addr: SocketAddr,
-    spans: Arc<Mutex<Vec<RecordedSpan>>>,
+    recorder: Recorder,
     task: tokio::task::JoinHandle<()>,
 }
 
-#[derive(Clone)]
-struct Recorder(Arc<Mutex<Vec<RecordedSpan>>>);
+#[derive(Clone, Default)]
+struct Recorder {
+    /// `None`: spans are only counted.
+    spans: Option<Arc<Mutex<Vec<RecordedSpan>>>>,
+    received: Arc<AtomicUsize>,
+}
 
 #[tonic::async_trait]
 impl TraceService for Recorder {
@@ -51,8 +58,14 @@ impl TraceService for Recorder {
         &self,
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let request = request.into_inner();
+        let n: usize = request.resource_spans.iter().flat_map(|rs| &rs.scope_spans).map(|ss| ss.spans.len()).sum();
+        self.received.fetch_add(n, Ordering::Relaxed);
+        let Some(spans) = &self.spans else {
+            return Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }));
+        };
         let mut out = Vec::new();
-        for rs in request.into_inner().resource_spans {
+        for rs in request.resource_spans {
             let service = rs
                 .resource
                 .as_ref()
@@ -67,13 +80,14 @@ impl TraceService for Recorder {
                         span_id: hex::encode(&s.span_id),
                         parent_span_id: hex::encode(&s.parent_span_id),
                         kind: s.kind,
+                        status: s.status.as_ref().map_or(0, |st| st.code),
                         attributes: attrs(&s.attributes),
                         links: s.links.iter().map(|l| (hex::encode(&l.trace_id), hex::encode(&l.span_id))).collect(),
                     });
                 }
             }
         }
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).extend(out);
+        spans.lock().unwrap_or_else(|e| e.into_inner()).extend(out);
         Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
     }
 }
@@ -94,16 +108,26 @@ fn value(v: &Any) -> String {
 }
 
 impl Collector {
-    /// Starts serving on 127.0.0.1:0.
+    /// Starts serving on 127.0.0.1:0, recording every span.
     pub async fn start() -> anyhow::Result<Self> {
+        Self::serve(Recorder { spans: Some(Arc::default()), ..Recorder::default() }).await
+    }
+
+    /// Starts serving on 127.0.0.1:0, decoding each export (as any collector must) and counting
+    /// its spans, keeping none: for benchmarks, where recording every span as a map of strings
+    /// (and holding them all) would cost more on the shared cores than what is measured.
+    pub async fn start_counting() -> anyhow::Result<Self> {
+        Self::serve(Recorder::default()).await
+    }
+
+    async fn serve(recorder: Recorder) -> anyhow::Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
-        let spans = Arc::new(Mutex::new(Vec::new()));
-        let router = tonic::service::Routes::new(TraceServiceServer::new(Recorder(spans.clone()))).into_axum_router();
+        let router = tonic::service::Routes::new(TraceServiceServer::new(recorder.clone())).into_axum_router();
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, router).await;
         });
-        Ok(Self { addr, spans, task })
+        Ok(Self { addr, recorder, task })
     }
 
     /// `http://127.0.0.1:<port>`, for `--otlp-endpoint`.
@@ -111,9 +135,15 @@ impl Collector {
         format!("http://{}", self.addr)
     }
 
-    /// Every span received so far.
+    /// Every span received so far (none from a counting collector).
     pub fn spans(&self) -> Vec<RecordedSpan> {
-        self.spans.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        let spans = self.recorder.spans.as_ref();
+        spans.map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).clone()).unwrap_or_default()
+    }
+
+    /// How many spans were received so far.
+    pub fn received(&self) -> usize {
+        self.recorder.received.load(Ordering::Relaxed)
     }
 
     /// Polls until `done(spans)` holds; returns the spans then.

@@ -292,6 +292,44 @@ async fn token_requests_are_round_tripped_without_credentials_or_tokens() -> any
     Ok(())
 }
 
+/// A failed request's span says so: an unknown tag (404) carries the error, an upstream that cannot
+/// be reached (5xx) also sets the span's status to error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failed_requests_carry_their_error_and_server_errors_an_error_status() -> anyhow::Result<()> {
+    let collector = Collector::start().await?;
+    let fake = FakeUpstream::start().await?;
+    let config = format!(
+        "{}{}",
+        repo_config("lab", &fake.url(), "generic", "5m"),
+        repo_config("gone", "http://127.0.0.1:1", "generic", "5m")
+    );
+    let proxy = Proxy::spawn_with(ProxyOptions {
+        env: vec![("OTEL_BSP_SCHEDULE_DELAY".into(), "50".into())],
+        ..ProxyOptions::new(&config, &["--otlp-endpoint", &collector.endpoint()])
+    })?;
+    let accept = [("accept", wharf_tests::image::OCI_MANIFEST)];
+    let unknown = get(&proxy.v2("lab/org/img/manifests/nope"), &accept).await?;
+    assert_eq!(unknown.status, 404, "{}", unknown.text());
+    let down = get(&proxy.v2("gone/org/img/manifests/v1"), &accept).await?;
+    assert!(down.status >= 500, "an unreachable upstream answered {}: {}", down.status, down.text());
+    let requests = |spans: &[RecordedSpan]| -> Vec<RecordedSpan> {
+        spans.iter().filter(|s| s.name == "wharf.request").cloned().collect()
+    };
+    let spans =
+        collector.wait_for(Duration::from_secs(15), "both requests' spans", |spans| requests(spans).len() >= 2).await?;
+    let by_key = |key: &str| requests(&spans).into_iter().find(|s| s.attr("repo_key") == Some(key)).unwrap();
+    let (unknown_span, down_span) = (by_key("lab"), by_key("gone"));
+    assert_eq!(unknown_span.attr("http.response.status_code"), Some("404"));
+    assert!(unknown_span.attr("error").is_some_and(|e| !e.is_empty()), "{unknown_span:#?}");
+    assert_eq!(unknown_span.status, 0, "a 404 is the client's error, not the server's: {unknown_span:#?}");
+    assert_eq!(down_span.attr("http.response.status_code"), Some(down.status.to_string().as_str()));
+    assert!(down_span.attr("error").is_some_and(|e| !e.is_empty()), "{down_span:#?}");
+    assert_eq!(down_span.status, 2, "a 5xx sets the span's status to error: {down_span:#?}");
+    assert_eq!(down_span.attr("reference"), Some("v1"));
+    assert_eq!(down_span.attr("kind"), Some("manifest"));
+    Ok(())
+}
+
 /// Head sampling (`OTEL_TRACES_SAMPLER=parentbased_traceidratio`): requests that are not sampled
 /// build no spans at all, and a later sampled one (a `traceparent` with the sampled flag) is
 /// exported whole, also after unsampled requests went through every callsite first.

@@ -118,9 +118,9 @@ pub async fn get(ctx: &Ctx, reference: Reference, log: &mut RequestLog) -> Resul
 fn lookup_span(ctx: &Ctx, reference: &Reference) -> tracing::Span {
     tracing::info_span!(
         "cache.lookup",
-        repo_key = %ctx.repo.key,
-        name = %ctx.name,
-        reference = %reference,
+        repo_key = ctx.repo.key.as_str(),
+        name = ctx.name.as_str(),
+        reference = reference.as_str(),
         cache = tracing::field::Empty,
     )
 }
