@@ -12,8 +12,10 @@
 //!
 //! Incoming and outgoing context is W3C Trace Context (`traceparent`), see [`extract`] and [`inject`].
 //!
-//! Head sampling: with `OTEL_TRACES_SAMPLER=traceidratio|parentbased_traceidratio`, each request is
-//! decided when it arrives ([`head_sampled`]: the incoming `traceparent`'s flag, else the ratio),
+//! Head sampling: with `OTEL_TRACES_SAMPLER=traceidratio|parentbased_traceidratio` (or
+//! `always_off`, `parentbased_always_off`: a ratio of 0, the first ignoring the `traceparent`), each
+//! request is decided when it arrives ([`head_sampled`]: the incoming `traceparent`'s flag, else the
+//! ratio),
 //! and a request that is not sampled runs in [`unsampled`]: none of its spans is even built (the
 //! OpenTelemetry layer would otherwise build every span and drop it at the end), see
 //! [`SkipUnsampled`]. The SDK then
@@ -146,17 +148,24 @@ tokio::task_local! {
     static UNSAMPLED: ();
 }
 
-/// The head sampling ratio as `f64` bits; 1.0 (every request) unless a trace-id ratio sampler is
-/// configured.
+/// The head sampling ratio as `f64` bits; 1.0 (every request) unless a sampler is configured.
 static HEAD_RATIO: AtomicU64 = AtomicU64::new(0x3FF0_0000_0000_0000);
 
+/// Whether an incoming `traceparent`'s sampled flag decides (every sampler but `always_off`).
+static FOLLOW_PARENT: AtomicBool = AtomicBool::new(true);
+
 /// Whether a request with these headers is traced: the `traceparent`'s sampled flag when it has a
-/// valid one, else the head ratio.
+/// valid one (and the sampler follows it), else the head ratio.
 pub fn head_sampled(headers: &HeaderMap) -> bool {
     if !enabled() {
         return true;
     }
-    let flags = headers.get("traceparent").and_then(|v| {
+    let ratio = f64::from_bits(HEAD_RATIO.load(Ordering::Relaxed));
+    decide(headers, ratio, FOLLOW_PARENT.load(Ordering::Relaxed))
+}
+
+fn decide(headers: &HeaderMap, ratio: f64, follow_parent: bool) -> bool {
+    let flags = follow_parent.then(|| headers.get("traceparent")).flatten().and_then(|v| {
         let v = v.to_str().ok()?;
         let parts: Vec<&str> = v.split('-').collect();
         (parts.len() >= 4 && parts[1].len() == 32 && parts[2].len() == 16)
@@ -165,10 +174,7 @@ pub fn head_sampled(headers: &HeaderMap) -> bool {
     });
     match flags {
         Some(f) => f & 1 == 1,
-        None => {
-            let ratio = f64::from_bits(HEAD_RATIO.load(Ordering::Relaxed));
-            ratio >= 1.0 || rand::random::<f64>() < ratio
-        }
+        None => ratio >= 1.0 || (ratio > 0.0 && rand::random::<f64>() < ratio),
     }
 }
 
@@ -206,16 +212,28 @@ pub fn same_sampling<F: std::future::Future>(fut: F) -> impl std::future::Future
     unsampled(UNSAMPLED.try_with(|_| ()).is_err(), fut)
 }
 
-/// The SDK's sampler for the standard variables; a trace-id ratio becomes the head ratio instead.
+/// The SDK's sampler for the standard variables: a ratio (or `always_off`) becomes the head
+/// decision instead, so that requests it leaves out build no span; the others are the SDK's.
 fn sampler_from_env() -> Option<Sampler> {
     let name = std::env::var("OTEL_TRACES_SAMPLER").ok()?;
-    if !matches!(name.trim(), "traceidratio" | "parentbased_traceidratio") {
-        return None;
-    }
-    let ratio = std::env::var("OTEL_TRACES_SAMPLER_ARG").ok().and_then(|v| v.trim().parse::<f64>().ok());
-    let ratio = ratio.filter(|r| (0.0..=1.0).contains(r)).unwrap_or(1.0);
+    let (ratio, follow_parent) = head_sampling(&name, std::env::var("OTEL_TRACES_SAMPLER_ARG").ok().as_deref())?;
     HEAD_RATIO.store(ratio.to_bits(), Ordering::Relaxed);
+    FOLLOW_PARENT.store(follow_parent, Ordering::Relaxed);
     Some(Sampler::ParentBased(Box::new(Sampler::AlwaysOn)))
+}
+
+/// The head ratio and whether an incoming `traceparent` decides, for a sampler decided at the head.
+/// A plain `traceidratio` follows the parent too (a trace is kept or dropped whole).
+fn head_sampling(sampler: &str, arg: Option<&str>) -> Option<(f64, bool)> {
+    match sampler.trim() {
+        "traceidratio" | "parentbased_traceidratio" => {
+            let ratio = arg.and_then(|v| v.trim().parse::<f64>().ok()).filter(|r| (0.0..=1.0).contains(r));
+            Some((ratio.unwrap_or(1.0), true))
+        }
+        "parentbased_always_off" => Some((0.0, true)),
+        "always_off" => Some((0.0, false)),
+        _ => None,
+    }
 }
 
 /// Spans of these crates are exported (libraries' own spans, the OTLP client's included, are not).
@@ -513,6 +531,41 @@ impl Drop for BytesGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn samplers_decided_at_the_head() {
+        assert_eq!(head_sampling("parentbased_traceidratio", Some(" 0.25 ")), Some((0.25, true)));
+        assert_eq!(head_sampling("traceidratio", Some("0")), Some((0.0, true)));
+        // Missing or out of range: every request, as the SDK does.
+        assert_eq!(head_sampling("traceidratio", None), Some((1.0, true)));
+        assert_eq!(head_sampling("traceidratio", Some("1.5")), Some((1.0, true)));
+        assert_eq!(head_sampling("parentbased_always_off", None), Some((0.0, true)));
+        assert_eq!(head_sampling("always_off", None), Some((0.0, false)));
+        assert_eq!(head_sampling("always_on", None), None);
+        assert_eq!(head_sampling("parentbased_always_on", None), None);
+    }
+
+    #[test]
+    fn the_parent_decides_unless_the_sampler_ignores_it() {
+        let with = |flags: &str| {
+            let mut h = HeaderMap::new();
+            let v = format!("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-{flags}");
+            h.insert("traceparent", HeaderValue::from_str(&v).unwrap());
+            h
+        };
+        let none = HeaderMap::new();
+        assert!(decide(&with("01"), 0.0, true));
+        assert!(!decide(&with("00"), 1.0, true));
+        assert!(!decide(&with("01"), 0.0, false), "always_off ignores a sampled parent");
+        assert!(!decide(&none, 0.0, true));
+        assert!(decide(&none, 1.0, true));
+        // A malformed traceparent falls back to the ratio.
+        let mut bad = HeaderMap::new();
+        bad.insert("traceparent", HeaderValue::from_static("00-xyz-01"));
+        assert!(decide(&bad, 1.0, true) && !decide(&bad, 0.0, true));
+        let n = (0..4000).filter(|_| decide(&none, 0.25, true)).count();
+        assert!((700..1300).contains(&n), "a ratio of 0.25 sampled {n} of 4000");
+    }
 
     /// Installs the global subscriber: nextest runs each test in a process of its own.
     #[test]
