@@ -35,7 +35,7 @@ pub async fn get(ctx: &Ctx, reference: Reference, log: &mut RequestLog) -> Resul
     let store = &ctx.state.store;
     match &reference {
         Reference::Digest(d) => {
-            let lookup = lookup_span(ctx, &reference);
+            let lookup = lookup_span();
             let found = lookup.in_scope(|| match store.is_linked(&ctx.repo.key, &ctx.name, d) {
                 true => cached(ctx, d),
                 false => Ok(None),
@@ -52,7 +52,7 @@ pub async fn get(ctx: &Ctx, reference: Reference, log: &mut RequestLog) -> Resul
         }
         Reference::Tag(tag) => {
             let cache_control = format!("public, max-age={}", ctx.repo.tag_ttl.as_secs().min(60));
-            let lookup = lookup_span(ctx, &reference);
+            let lookup = lookup_span();
             let (entry, hit) = lookup.in_scope(|| -> Result<_, RegistryError> {
                 let entry = store.get_tag(&ctx.repo.key, &ctx.name, tag);
                 let hit = match &entry {
@@ -114,15 +114,10 @@ pub async fn get(ctx: &Ctx, reference: Reference, log: &mut RequestLog) -> Resul
     }
 }
 
-/// The `cache.lookup` span of a manifest request (its `cache` field: hit, expired or miss).
-fn lookup_span(ctx: &Ctx, reference: &Reference) -> tracing::Span {
-    tracing::info_span!(
-        "cache.lookup",
-        repo_key = ctx.repo.key.as_str(),
-        name = ctx.name.as_str(),
-        reference = reference.as_str(),
-        cache = tracing::field::Empty,
-    )
+/// The `cache.lookup` span of a manifest request: only its `cache` (hit, expired or miss); its
+/// parent, the request's span, says which repo, name and reference.
+fn lookup_span() -> tracing::Span {
+    tracing::info_span!("cache.lookup", cache = tracing::field::Empty)
 }
 
 /// A cached manifest the client accepts.
