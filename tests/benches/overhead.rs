@@ -28,6 +28,27 @@ fn wrk(url: &str, accept: &str, secs: u64) -> anyhow::Result<f64> {
         .ok_or_else(|| anyhow::anyhow!("no Requests/sec in wrk output: {text}"))
 }
 
+/// CPU seconds (user + system, every thread) process `pid` has used so far.
+fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // After the command name (in parentheses, which may hold spaces) come fields 3 onwards:
+    // utime is field 14, stime 15, in USER_HZ (100 on Linux) ticks.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).ok_or_else(|| anyhow::anyhow!("odd /proc stat: {stat}"))?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    anyhow::ensure!(f.len() > 12, "odd /proc stat: {stat}");
+    Ok((f[11].parse::<f64>()? + f[12].parse::<f64>()?) / 100.0)
+}
+
+/// One wrk run against `node`: GETs/s, the node's CPU microseconds per GET, and the share of a
+/// core this process (the collector, the nodes' log readers) used meanwhile.
+fn round(node: &Proxy, url: &str, accept: &str, secs: u64) -> anyhow::Result<(f64, f64, f64)> {
+    let pid = node.pid().ok_or_else(|| anyhow::anyhow!("the node has exited"))?;
+    let (node0, me0) = (cpu_seconds(pid)?, cpu_seconds(std::process::id())?);
+    let rps = wrk(url, accept, secs)?;
+    let (node1, me1) = (cpu_seconds(pid)?, cpu_seconds(std::process::id())?);
+    Ok((rps, (node1 - node0) * 1e6 / (rps * secs as f64), (me1 - me0) / secs as f64))
+}
+
 fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(f64::total_cmp);
     let n = xs.len();
@@ -79,20 +100,36 @@ fn main() -> anyhow::Result<()> {
                 anyhow::ensure!(r.status == 200, "warming {path}: {}", r.status);
             }
             for _ in 0..rounds {
-                off.push(wrk(&plain.v2(path), accept, secs)?);
-                on.push(wrk(&observed.v2(path), accept, secs)?);
-                m.push(wrk(&metrics_only.v2(path), accept, secs)?);
+                off.push(round(&plain, &plain.v2(path), accept, secs)?);
+                on.push(round(&observed, &observed.v2(path), accept, secs)?);
+                m.push(round(&metrics_only, &metrics_only.v2(path), accept, secs)?);
             }
+            let col = |xs: &[(f64, f64, f64)], i: usize| -> Vec<f64> {
+                xs.iter().map(|r| [r.0, r.1, r.2][i]).collect()
+            };
             let ratio = |xs: &[f64], to: &[f64]| median(xs.iter().zip(to).map(|(x, o)| x / o).collect());
+            let (off_rps, on_rps, m_rps) = (col(&off, 0), col(&on, 0), col(&m, 0));
             println!(
                 "  {what:<16} off {:>7.0}  metrics {:>7.0}  metrics+tracing {:>7.0} GETs/s   tracing {:.2}x of the \
                  same without it (goal >= 0.90x)   metrics {:.2}x of off   both {:.2}x of off",
-                median(off.clone()),
-                median(m.clone()),
-                median(on.clone()),
-                ratio(&on, &m),
-                ratio(&m, &off),
-                ratio(&on, &off)
+                median(off_rps.clone()),
+                median(m_rps.clone()),
+                median(on_rps.clone()),
+                ratio(&on_rps, &m_rps),
+                ratio(&m_rps, &off_rps),
+                ratio(&on_rps, &off_rps)
+            );
+            // The node's own cost, whatever else runs on these cores: CPU per GET.
+            let (on_cpu, m_cpu) = (col(&on, 1), col(&m, 1));
+            println!(
+                "  {:<16} node CPU per GET: metrics {:.1} us  metrics+tracing {:.1} us ({:.2}x)   this process \
+                 (collector, log readers): {:.0}% of a core in tracing rounds, {:.0}% in metrics rounds",
+                "",
+                median(m_cpu.clone()),
+                median(on_cpu.clone()),
+                ratio(&on_cpu, &m_cpu),
+                100.0 * median(col(&on, 2)),
+                100.0 * median(col(&m, 2)),
             );
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
