@@ -100,9 +100,7 @@ impl Reference {
             && b.iter().all(|&x| x.is_ascii_alphanumeric() || matches!(x, b'_' | b'.' | b'-'));
         if ok { Ok(Reference::Tag(s.to_owned())) } else { Err(NameError::Tag(s.chars().take(80).collect())) }
     }
-}
 
-impl Reference {
     /// The tag, or the digest's `sha256:...` text.
     pub fn as_str(&self) -> &str {
         match self {

@@ -15,11 +15,10 @@
 //! Head sampling: with `OTEL_TRACES_SAMPLER=traceidratio|parentbased_traceidratio` (or
 //! `always_off`, `parentbased_always_off`: a ratio of 0, the first ignoring the `traceparent`), each
 //! request is decided when it arrives ([`head_sampled`]: the incoming `traceparent`'s flag, else the
-//! ratio),
-//! and a request that is not sampled runs in [`unsampled`]: none of its spans is even built (the
-//! OpenTelemetry layer would otherwise build every span and drop it at the end), see
-//! [`SkipUnsampled`]. The SDK then
-//! samples what reaches it (parent-based, always on), so the ratio applies once.
+//! ratio), and a request that is not sampled runs in [`unsampled`]: none of its spans is even built
+//! (the OpenTelemetry layer would otherwise build every span and drop it at the end), see
+//! [`SkipUnsampled`]. The SDK then samples what reaches it (parent-based, always on), so the ratio
+//! applies once.
 
 mod logfmt;
 #[cfg(test)]
@@ -164,6 +163,7 @@ pub fn head_sampled(headers: &HeaderMap) -> bool {
     decide(headers, ratio, FOLLOW_PARENT.load(Ordering::Relaxed))
 }
 
+/// [`head_sampled`]'s decision for a given ratio and sampler.
 fn decide(headers: &HeaderMap, ratio: f64, follow_parent: bool) -> bool {
     let flags = follow_parent.then(|| headers.get("traceparent")).flatten().and_then(|v| {
         let v = v.to_str().ok()?;

@@ -39,14 +39,25 @@ fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     Ok((f[11].parse::<f64>()? + f[12].parse::<f64>()?) / 100.0)
 }
 
-/// One wrk run against `node`: GETs/s, the node's CPU microseconds per GET, and the share of a
-/// core this process (the collector, the nodes' log readers) used meanwhile.
-fn round(node: &Proxy, url: &str, accept: &str, secs: u64) -> anyhow::Result<(f64, f64, f64)> {
+/// One wrk run against a node.
+struct Round {
+    gets_per_s: f64,
+    /// The node's CPU microseconds per GET.
+    node_cpu_us: f64,
+    /// The share of a core this process (the collector, the nodes' log readers) used meanwhile.
+    bench_share: f64,
+}
+
+fn round(node: &Proxy, url: &str, accept: &str, secs: u64) -> anyhow::Result<Round> {
     let pid = node.pid().ok_or_else(|| anyhow::anyhow!("the node has exited"))?;
     let (node0, me0) = (cpu_seconds(pid)?, cpu_seconds(std::process::id())?);
-    let rps = wrk(url, accept, secs)?;
+    let gets_per_s = wrk(url, accept, secs)?;
     let (node1, me1) = (cpu_seconds(pid)?, cpu_seconds(std::process::id())?);
-    Ok((rps, (node1 - node0) * 1e6 / (rps * secs as f64), (me1 - me0) / secs as f64))
+    Ok(Round {
+        gets_per_s,
+        node_cpu_us: (node1 - node0) * 1e6 / (gets_per_s * secs as f64),
+        bench_share: (me1 - me0) / secs as f64,
+    })
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {
@@ -104,11 +115,10 @@ fn main() -> anyhow::Result<()> {
                 on.push(round(&observed, &observed.v2(path), accept, secs)?);
                 m.push(round(&metrics_only, &metrics_only.v2(path), accept, secs)?);
             }
-            let col = |xs: &[(f64, f64, f64)], i: usize| -> Vec<f64> {
-                xs.iter().map(|r| [r.0, r.1, r.2][i]).collect()
-            };
+            let col = |xs: &[Round], f: fn(&Round) -> f64| -> Vec<f64> { xs.iter().map(f).collect() };
             let ratio = |xs: &[f64], to: &[f64]| median(xs.iter().zip(to).map(|(x, o)| x / o).collect());
-            let (off_rps, on_rps, m_rps) = (col(&off, 0), col(&on, 0), col(&m, 0));
+            let rps = |r: &Round| r.gets_per_s;
+            let (off_rps, on_rps, m_rps) = (col(&off, rps), col(&on, rps), col(&m, rps));
             println!(
                 "  {what:<16} off {:>7.0}  metrics {:>7.0}  metrics+tracing {:>7.0} GETs/s   tracing {:.2}x of the \
                  same without it (goal >= 0.90x)   metrics {:.2}x of off   both {:.2}x of off",
@@ -120,7 +130,7 @@ fn main() -> anyhow::Result<()> {
                 ratio(&on_rps, &off_rps)
             );
             // The node's own cost, whatever else runs on these cores: CPU per GET.
-            let (on_cpu, m_cpu) = (col(&on, 1), col(&m, 1));
+            let (on_cpu, m_cpu) = (col(&on, |r| r.node_cpu_us), col(&m, |r| r.node_cpu_us));
             println!(
                 "  {:<16} node CPU per GET: metrics {:.1} us  metrics+tracing {:.1} us ({:.2}x)   this process \
                  (collector, log readers): {:.0}% of a core in tracing rounds, {:.0}% in metrics rounds",
@@ -128,8 +138,8 @@ fn main() -> anyhow::Result<()> {
                 median(m_cpu.clone()),
                 median(on_cpu.clone()),
                 ratio(&on_cpu, &m_cpu),
-                100.0 * median(col(&on, 2)),
-                100.0 * median(col(&m, 2)),
+                100.0 * median(col(&on, |r| r.bench_share)),
+                100.0 * median(col(&m, |r| r.bench_share)),
             );
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
